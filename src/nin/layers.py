@@ -1,0 +1,107 @@
+"""The two building blocks of Network In Network, usable in any PyTorch model.
+
+    from nin.layers import MLPConv, GlobalAvgPool
+    block = MLPConv(3, (192, 160, 96), kernel_size=5, padding=2)   # conv1, cccp1, cccp2 of the paper
+
+MLPConv ("mlpconv layer", NiN paper section 3.1) replaces the linear filter of a convolution with a
+micro network: a k×k convolution followed by 1×1 convolutions ("cascaded cross channel parametric
+pooling", cccp), each followed by a ReLU, f = max(w·x + b, 0). Slid over the input, it is a small
+multilayer perceptron applied to every k×k patch.
+
+GlobalAvgPool (section 3.2) averages each feature map into one number; when the last MLPConv emits one
+map per class, these averages are the class scores and the maps are category-confidence maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MLPConv", "GlobalAvgPool"]
+
+
+class MLPConv(nn.Module):
+    """One mlpconv block: a k×k convolution, then 1×1 convolutions, each followed by an activation.
+
+    Args:
+        in_channels: Channels of the input.
+        widths: Output channels of every layer: the k×k convolution's first, then each 1×1 layer's.
+            A single width gives a plain convolution + activation (a "linear" conv layer of the paper).
+        kernel_size: Size k of the first convolution. The 1×1 layers always have kernel 1.
+        stride: Stride of the first convolution.
+        padding: Zero padding of the first convolution; ``None`` keeps the size for odd k (k // 2).
+        last_activation: Whether the last layer is followed by the activation. The paper's class-map
+            layer has one (its ReLU precedes global average pooling); ``False`` leaves it linear.
+        batch_norm: Insert BatchNorm2d before every activation (not in the paper). Layers with a
+            norm have no bias; a last layer without an activation keeps its bias and gets no norm.
+        activation: Factory of the activation module; ``nn.ReLU`` as in the paper.
+
+    Shape:
+        (N, in_channels, H, W) -> (N, widths[-1], H', W'), H' = (H + 2 padding - k) // stride + 1.
+
+    The layers are ``convs[0]`` (the paper's conv layer), ``convs[1:]`` (its cccp layers), and
+    ``norms[i]`` (``nn.Identity`` when ``batch_norm`` is off), so state_dict keys read
+    ``convs.0.weight``, ``convs.1.weight``, ...
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: Sequence[int],
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        last_activation: bool = True,
+        batch_norm: bool = False,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        assert in_channels > 0, f"in_channels must be positive, got {in_channels}"
+        assert len(widths) >= 1 and all(w > 0 for w in widths), f"widths must be positive, got {widths}"
+        assert kernel_size > 0 and stride > 0, f"bad kernel_size={kernel_size} or stride={stride}"
+        if padding is None:
+            padding = kernel_size // 2
+        self.widths = widths
+        self.last_activation = last_activation
+
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.acts = nn.ModuleList()
+        channels = in_channels
+        for i, width in enumerate(widths):
+            first = i == 0
+            has_act = last_activation or i < len(widths) - 1
+            norm = batch_norm and has_act
+            self.convs.append(
+                nn.Conv2d(
+                    channels,
+                    width,
+                    kernel_size=kernel_size if first else 1,
+                    stride=stride if first else 1,
+                    padding=padding if first else 0,
+                    bias=not norm,
+                )
+            )
+            self.norms.append(nn.BatchNorm2d(width) if norm else nn.Identity())
+            self.acts.append(activation() if has_act else nn.Identity())
+            channels = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm, act in zip(self.convs, self.norms, self.acts):
+            x = act(norm(conv(x)))
+        return x
+
+
+class GlobalAvgPool(nn.Module):
+    """Global average pooling: (N, K, H, W) -> (N, K), the spatial mean of every map.
+
+    With one map per class this is the whole classifier of NiN: no fully connected layer and no
+    parameters, so nothing can overfit here (paper section 3.2).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1))

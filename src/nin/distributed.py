@@ -1,0 +1,90 @@
+"""Distributed data-parallel plumbing for torchrun: one process per device, gloo on CPU, nccl on CUDA.
+
+    torchrun --standalone --nproc_per_node=2 -m nin train --dataset mnist --epochs 1
+
+Reads RANK, LOCAL_RANK and WORLD_SIZE as torchrun sets them; without them everything is a no-op
+for a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["setup", "cleanup", "is_distributed", "rank", "world_size", "is_main", "main_first",
+           "all_reduce_sum", "broadcast_object", "barrier"]
+
+
+def setup(device: torch.device | None = None) -> torch.device:
+    """Join the process group when launched by torchrun; return the device this rank uses."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or dist.is_initialized():
+        return device if device is not None else _default_device()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = _default_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return device
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the body first (a download, say); the others wait, then run it."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place; returns it (unchanged in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's object on every rank (between our own processes only; never used on file contents)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,17 @@
+"""Errors that the command line reports as one plain line (no traceback unless --debug)."""
+
+
+class NinError(Exception):
+    """A user-facing error: the message names what is wrong and where."""
+
+
+class TrainingStalled(NinError):
+    """The loss sits at ln K with every class map dead: training would go on learning nothing."""
+
+
+class NonFiniteLoss(NinError):
+    """The training loss became NaN or infinite."""
+
+
+class CheckpointError(NinError):
+    """A checkpoint or weights file is missing, damaged, or belongs to another model."""

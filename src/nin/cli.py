@@ -68,7 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("models", help="list the registered models with their parameter counts")
+
+    p = sub.add_parser("download", help="download a data set's official files (needs internet)")
+    p.add_argument("dataset", choices=[d for d in DATASETS if d != "folder"])
+    p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
+
+    # Subcommands whose module owns its arguments: add_arguments(parser) and run(args) -> int
+    for name, module, help_text in EXTENSIONS:
+        extension = _extension(module)
+        if extension is not None:
+            extension.add_arguments(sub.add_parser(name, help=help_text))
     return parser
+
+
+EXTENSIONS = [
+    ("visualize", "nin.visualize", "confidence maps (Figure 4), overlays, curves, confusion matrix"),
+    ("export", "nin.export", "export a model to ONNX"),
+    ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
+    ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
+]
+
+
+def _extension(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None
+        raise
 
 
 def _device(text: str | None):
@@ -198,7 +227,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+def cmd_download(args: argparse.Namespace) -> int:
+    from nin.data import download
+
+    path = download(args.dataset, args.data_dir)
+    print(f"{args.dataset}: ready in {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
+            "download": cmd_download}
+for _name, _module, _ in EXTENSIONS:
+    COMMANDS[_name] = lambda args, _module=_module: _extension(_module).run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

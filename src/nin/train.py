@@ -50,6 +50,7 @@ class TrainConfig:
     train_split: str = "train"  # paper: final models retrained on all training images
     eval_split: str = "test"  # "val" evaluates on the paper's validation split instead
     train_subset: int = 0  # images; 0 = the whole split, N = its first N (quick experiments)
+    eval_subset: int = 0  # images; 0 = the whole evaluation split, N = its first N
     preprocessing: str = "gcn_zca"  # nin.transforms kind; PAPER.md: GCN + ZCA for CIFAR
     epochs: int = 260  # the authors' CIFAR-10 run: 200 + 30 + 30 epochs
     batch_size: int = 128  # images per step on each rank (global batch = batch_size × world size); NiN paper: 128
@@ -251,6 +252,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {cfg.compile!r}"),
         (0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}"),
+        (cfg.eval_subset >= 0, f"eval_subset must be >= 0, got {cfg.eval_subset}"),
         (cfg.translate >= 0, f"translate must be >= 0, got {cfg.translate}"),
         (0 < cfg.warmup_fraction < 1, f"warmup_fraction must be in (0, 1), got {cfg.warmup_fraction}"),
     ]
@@ -546,18 +548,23 @@ def _prepare_data(cfg: TrainConfig, device: torch.device, preprocess_state: dict
             state = fit_preprocessing(cfg.preprocessing, train_images).state_dict()
         preprocess_state = distributed.broadcast_object(state)
     preprocessing = build_preprocessing(cfg.preprocessing, preprocess_state)
+    eval_images, eval_labels = eval_set.images, eval_set.labels
+    if cfg.eval_subset:
+        eval_images, eval_labels = eval_images[: cfg.eval_subset], eval_labels[: cfg.eval_subset]
     train_x = preprocessing(train_images).to(device)
-    eval_x = preprocessing(eval_set.images).to(device)
-    return (preprocessing, train_set.classes, (train_x, train_labels.to(device)),
-            (eval_x, eval_set.labels.to(device)))
+    eval_x = preprocessing(eval_images).to(device)
+    return (preprocessing, train_set.classes, (train_x, train_labels.to(device)), (eval_x, eval_labels.to(device)))
 
 
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, epochs: int | None = None,
-          command: str | None = None, device: torch.device | None = None, log=print) -> dict:
+          command: str | None = None, device: torch.device | None = None, log=print,
+          interrupt_after: int | None = None) -> dict:
     """Train (or continue) a run in ``out_dir``; returns the last epoch's metrics record.
 
     With ``resume`` the run's own config is read from its checkpoint (``cfg`` is ignored; ``epochs``
     may extend it) and training continues from the exact step where the checkpoint was written.
+    ``interrupt_after`` stops the process-local loop with KeyboardInterrupt after that many steps, as a
+    user's Ctrl-C would (tests use it to check that resuming reproduces an uninterrupted run).
 
     Writes ``config.json``, ``metrics.jsonl`` / ``metrics.csv``, ``checkpoint.safetensors`` (every epoch and
     every ``checkpoint_every`` steps) and, at the end, ``model.safetensors`` for evaluate / predict.
@@ -714,6 +721,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                 partial_time += time.perf_counter() - tick
                 tick = time.perf_counter()
                 save_checkpoint()
+            if interrupt_after is not None and step >= interrupt_after:
+                raise KeyboardInterrupt(f"interrupted after step {step}")
         partial_time += time.perf_counter() - tick
         if use_bar:
             batches.close()

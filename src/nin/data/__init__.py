@@ -1,0 +1,43 @@
+"""Data sets of the paper as uint8 tensors, tensor and folder loaders, and downloads.
+
+    from nin.data import load_dataset, TensorLoader
+    train = load_dataset("cifar10", "train")          # root: argument, else $NIN_DATA, else ~/.cache/nin
+
+Modules: `readers` (one function per file format), `datasets` (names, folder layouts, splits),
+`loader` (TensorLoader, StreamingImageFolderLoader), `download` (official URLs and checksums).
+"""
+
+from nin.data.datasets import (
+    DATASETS,
+    LOSSLESS_CIFAR10_NAME,
+    SPLITS,
+    DatasetInfo,
+    ImageDataset,
+    load_cifar10_lossless_first1000,
+    load_dataset,
+    resolve_root,
+)
+from nin.data.download import RESOURCES, Resource, download, download_file, extract_archive
+from nin.data.loader import StreamingImageFolderLoader, TensorLoader, shard_indices
+from nin.data.readers import DataError, verify_checksum
+
+__all__ = [
+    "DATASETS",
+    "LOSSLESS_CIFAR10_NAME",
+    "RESOURCES",
+    "SPLITS",
+    "DataError",
+    "DatasetInfo",
+    "ImageDataset",
+    "Resource",
+    "StreamingImageFolderLoader",
+    "TensorLoader",
+    "download",
+    "download_file",
+    "extract_archive",
+    "load_cifar10_lossless_first1000",
+    "load_dataset",
+    "resolve_root",
+    "shard_indices",
+    "verify_checksum",
+]

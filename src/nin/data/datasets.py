@@ -1,0 +1,293 @@
+"""The paper's data sets by name: where their files live under a data root, and the paper's splits.
+
+    train = load_dataset("cifar10", "train", "../shared/data")   # ImageDataset: uint8 (50000, 3, 32, 32)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nin.data.readers import (
+    DataError,
+    read_cifar_binary,
+    read_cifar_python,
+    read_cifar_python_names,
+    read_class_names_text,
+    read_idx_dataset,
+    read_image_folder,
+    read_svhn_mat,
+)
+
+SPLITS = ("train", "test", "val", "train_minus_val")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a data set before seeing it."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    paper_preprocessing: str  # "gcn_zca" (CIFAR), "gcn_lcn" (SVHN), "scale" (MNIST): PAPER.md, preprocessing
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, "gcn_zca"),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, "gcn_zca"),
+    "svhn": DatasetInfo("svhn", 10, 3, 32, "gcn_lcn"),
+    "mnist": DatasetInfo("mnist", 10, 1, 28, "scale"),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, "scale"),
+}
+
+LOSSLESS_CIFAR10_NAME = "cifar10-lossless-first1000"  # shared/data's pixel-exact first 1,000 official test images
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MNIST_CLASSES = [str(digit) for digit in range(10)]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+SVHN_CLASSES = MNIST_CLASSES  # label 10 in the .mat files is the digit 0
+
+# Official sizes, checked only with verify=True so that small files in the genuine format load too.
+OFFICIAL_COUNTS = {
+    "cifar10": {"train": 50_000, "test": 10_000},
+    "cifar100": {"train": 50_000, "test": 10_000},
+    "svhn": {"train": 73_257, "test": 26_032, "extra": 531_131},
+    "mnist": {"train": 60_000, "test": 10_000},
+    "fashion-mnist": {"train": 60_000, "test": 10_000},
+}
+
+CIFAR_VALIDATION_SIZE = 10_000  # NIN paper: "the last 10,000 training images" tuned the hyperparameters
+SVHN_VALIDATION_PER_CLASS = {"train": 400, "extra": 200}  # Maxout / NIN papers: 400 per class + 200 per class
+
+
+@dataclass
+class ImageDataset:
+    """A whole split in memory: raw uint8 pixels and int64 labels, ready for `fit_preprocessing`."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """The data root: the argument if given, else $NIN_DATA, else the per-user cache (~/.cache/nin).
+
+    Args:
+        root: An explicit folder, or None.
+
+    Returns:
+        The folder as an absolute-or-user-expanded `Path` (not created).
+    """
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get("NIN_DATA"):
+        return Path(os.environ["NIN_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "nin"
+
+
+def _first_existing(root: Path, folders: list[str], marker: str) -> Path | None:
+    for folder in folders:
+        if (root / folder / marker).is_file():
+            return root / folder
+    return None
+
+
+def _missing(name: str, root: Path, folders: list[str]) -> DataError:
+    searched = ", ".join(str(root / folder) for folder in folders)
+    return DataError(f"{root}: no {name} files found (searched {searched}); run `nin download {name}`?")
+
+
+def _check_count(dataset: str, part: str, count: int, where: Path) -> None:
+    expected = OFFICIAL_COUNTS[dataset][part]
+    if count != expected:
+        raise DataError(f"{where}: {count} {part} images, expected the official {expected}")
+
+
+def _load_cifar(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read CIFAR-10/100 `part` ("train" or "test") from the binary or the python layout."""
+    num_classes = DATASETS[name].num_classes
+    if name == "cifar10":
+        binary_folders, python_folders = ["cifar-10-batches-bin"], ["cifar-10-batches-py"]
+        binary_files = [f"data_batch_{i}.bin" for i in range(1, 6)] if part == "train" else ["test_batch.bin"]
+        python_files = [f"data_batch_{i}" for i in range(1, 6)] if part == "train" else ["test_batch"]
+        label_bytes, label_key = 1, b"labels"
+    else:
+        binary_folders, python_folders = ["cifar-100-binary"], ["cifar-100-python"]
+        binary_files, python_files = [f"{part}.bin"], [part]
+        label_bytes, label_key = 2, b"fine_labels"  # CIFAR-100 records: coarse label byte, then fine label byte
+    binary = _first_existing(root, binary_folders, binary_files[0])
+    python = None if binary else _first_existing(root, python_folders, python_files[0])
+    if binary is not None:
+        parts = [read_cifar_binary(binary / f, num_classes, label_bytes=label_bytes) for f in binary_files]
+        names_file = binary / ("batches.meta.txt" if name == "cifar10" else "fine_label_names.txt")
+        classes = read_class_names_text(names_file) if names_file.is_file() else None
+        folder = binary
+    elif python is not None:
+        parts = [read_cifar_python(python / f, num_classes, label_key) for f in python_files]
+        names_file = python / ("batches.meta" if name == "cifar10" else "meta")
+        key = b"label_names" if name == "cifar10" else b"fine_label_names"
+        classes = read_cifar_python_names(names_file, key) if names_file.is_file() else None
+        folder = python
+    else:
+        raise _missing(name, root, binary_folders + python_folders)
+    if classes is None:
+        classes = CIFAR10_CLASSES if name == "cifar10" else [str(label) for label in range(num_classes)]
+    if len(classes) != num_classes:
+        raise DataError(f"{names_file}: {len(classes)} class names, expected {num_classes}")
+    images = torch.cat([images for images, _ in parts])
+    labels = torch.cat([labels for _, labels in parts])
+    if verify:
+        _check_count(name, part, len(labels), folder)
+    return images, labels, classes
+
+
+def _load_idx(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read MNIST or Fashion-MNIST from the original layout or torchvision's <Name>/raw layout, gzipped or not."""
+    folders = ["mnist", "MNIST/raw"] if name == "mnist" else ["fashion-mnist", "FashionMNIST/raw"]
+    prefix = "train" if part == "train" else "t10k"
+    for folder in folders:
+        for suffix in (".gz", ""):
+            images_path = root / folder / f"{prefix}-images-idx3-ubyte{suffix}"
+            labels_path = root / folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+            if images_path.is_file():
+                images, labels = read_idx_dataset(images_path, labels_path)
+                if verify:
+                    _check_count(name, part, len(labels), root / folder)
+                return images, labels, MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
+    raise _missing(name, root, folders)
+
+
+def _load_svhn_part(part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """SVHN `part` ("train", "test", "extra"); None when the optional extra file is absent."""
+    path = root / "svhn" / f"{part}_32x32.mat"
+    if part == "extra" and not path.is_file():
+        return None
+    if not path.is_file():
+        raise _missing("svhn", root, ["svhn"])
+    images, labels = read_svhn_mat(path)
+    if verify:
+        _check_count("svhn", part, len(labels), path)
+    return images, labels
+
+
+def _first_per_class(labels: torch.Tensor, per_class: int, num_classes: int, where: str) -> torch.Tensor:
+    """Indices of the first `per_class` images of every class, in file order."""
+    chosen = []
+    for label in range(num_classes):
+        indices = torch.nonzero(labels == label).flatten()
+        if len(indices) < per_class:
+            raise DataError(f"{where}: {len(indices)} images of class {label}, the validation split needs {per_class}")
+        chosen.append(indices[:per_class])
+    return torch.cat(chosen).sort().values
+
+
+def _complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[indices] = False
+    return torch.nonzero(keep).flatten()
+
+
+def _load_svhn(split: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVHN splits; "train" is train + extra (when extra is present), "val" the Maxout validation set."""
+    if split == "test":
+        return _load_svhn_part("test", root, verify)
+    parts = {"train": _load_svhn_part("train", root, verify), "extra": _load_svhn_part("extra", root, verify)}
+    parts = {part: value for part, value in parts.items() if value is not None}
+    if split == "train":
+        return torch.cat([images for images, _ in parts.values()]), torch.cat([labels for _, labels in parts.values()])
+    selected_images, selected_labels = [], []
+    for part, (images, labels) in parts.items():
+        where = str(root / "svhn" / f"{part}_32x32.mat")
+        validation = _first_per_class(labels, SVHN_VALIDATION_PER_CLASS[part], 10, where)
+        indices = validation if split == "val" else _complement(validation, len(labels))
+        selected_images.append(images[indices])
+        selected_labels.append(labels[indices])
+    return torch.cat(selected_images), torch.cat(selected_labels)
+
+
+def _convert(images: torch.Tensor, image_size: int | None, channels: int | None) -> torch.Tensor:
+    """Change channel count (gray <-> RGB) and size of a uint8 batch; a no-op when both already match."""
+    if channels is not None and channels != images.shape[1]:
+        assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+        if channels == 3:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+        else:
+            luminance = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601-2, as Pillow's "L"
+            images = (images.float() * luminance).sum(1, keepdim=True).round().to(torch.uint8)
+    if image_size is not None and image_size != images.shape[-1]:
+        resized = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return images
+
+
+def load_cifar10_lossless_first1000(root: str | os.PathLike | None = None) -> ImageDataset:
+    """The pixel-exact first 1,000 official CIFAR-10 test images kept in shared/data (see its README)."""
+    folder = resolve_root(root) / "cifar-10-test-lossless-first1000"
+    images, labels = read_cifar_binary(folder / "test_batch_first1000.bin", 10, expected_records=1000)
+    return ImageDataset(images, labels, list(CIFAR10_CLASSES), LOSSLESS_CIFAR10_NAME)
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    verify: bool = False,
+) -> ImageDataset:
+    """Load one split of a data set into memory as raw uint8 pixels.
+
+    Args:
+        name: A key of `DATASETS`, "folder" (an image folder at `root`), or "cifar10-lossless-first1000".
+        split: "train" (everything the paper's final runs train on), "test", "val" (the paper's validation
+            split: the last 10,000 training images for CIFAR/MNIST, 400 per class of train + 200 per class of
+            extra for SVHN), or "train_minus_val" (train without the val images).
+        root: Data root (see `resolve_root`); for "folder", the image folder itself.
+        image_size: Resize to this height and width (folders default to 32; others keep their size).
+        channels: Convert to 1 or 3 channels (folders default to 3; others keep theirs).
+        verify: Also check the official image counts (structural checks always run).
+
+    Returns:
+        The split as an `ImageDataset`.
+
+    Raises:
+        DataError: A file is missing or damaged.
+    """
+    assert split in SPLITS, f"split must be one of {SPLITS}, got {split!r}"
+    root = resolve_root(root)
+    if name == "folder":
+        folder = root / split if (root / split).is_dir() else root
+        images, labels, classes = read_image_folder(folder, image_size or 32, channels or 3)
+        return ImageDataset(images, labels, classes, "folder")
+    if name == LOSSLESS_CIFAR10_NAME:
+        assert split == "test", f"{LOSSLESS_CIFAR10_NAME} has only a test split"
+        dataset = load_cifar10_lossless_first1000(root)
+        dataset.images = _convert(dataset.images, image_size, channels)
+        return dataset
+    assert name in DATASETS, f"unknown data set {name!r}; known: {sorted(DATASETS)} and 'folder'"
+    if name == "svhn":
+        images, labels = _load_svhn(split, root, verify)
+        classes = list(SVHN_CLASSES)
+    else:
+        reader = _load_cifar if name in ("cifar10", "cifar100") else _load_idx
+        images, labels, classes = reader(name, "test" if split == "test" else "train", root, verify)
+        if split in ("val", "train_minus_val"):
+            if len(labels) <= CIFAR_VALIDATION_SIZE:
+                raise DataError(f"{root}: {len(labels)} {name} training images, too few for a 10,000-image val split")
+            cut = len(labels) - CIFAR_VALIDATION_SIZE
+            part = slice(cut, None) if split == "val" else slice(0, cut)
+            images, labels = images[part].contiguous(), labels[part].contiguous()
+    return ImageDataset(_convert(images, image_size, channels), labels, classes, name)

@@ -1,0 +1,267 @@
+"""The paper's preprocessing (pylearn2's GCN, ZCA, LeCun LCN) and batched augmentation (flip, translate).
+
+Preprocessing runs once per data set on whole tensors; augmentation runs once per batch, never per image.
+
+    preprocessing = fit_preprocessing("gcn_zca", train.images)   # uint8 (N, C, H, W) -> float32, same shape
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PREPROCESSING_KINDS = ("gcn_zca", "gcn_lcn", "scale", "standardize")
+GCN_SCALE = 55.0  # pylearn2 CIFAR-10 gcn=55.: global_contrast_normalize(scale=55, sqrt_bias=0, use_std=False)
+ZCA_FILTER_BIAS = 0.1  # pylearn2 ZCA(filter_bias=0.1), as in the Maxout CIFAR-10 setup
+APPLY_CHUNK = 8192  # images per chunk when preprocessing a whole split (bounds float32 temporaries)
+
+
+def gcn(x: torch.Tensor, scale: float = GCN_SCALE, eps: float = 1e-8) -> torch.Tensor:
+    """Global contrast normalization, exactly pylearn2's `global_contrast_normalize(scale, sqrt_bias=0, use_std=False)`.
+
+    Each image (all C*H*W values together) has its mean subtracted and is divided by `norm / scale`, where norm is
+    its L2 norm; divisors below `eps` (pylearn2's min_divisor) are replaced by 1, so a constant image becomes 0.
+
+    Args:
+        x: (N, ...) images, any numeric dtype (pixel units do not matter except for `eps`).
+        scale: Target L2 norm of every image.
+        eps: pylearn2's min_divisor.
+
+    Returns:
+        float tensor of x's shape (float32 unless x is float64).
+    """
+    flat = x.reshape(len(x), -1)
+    flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+    centered = flat - flat.mean(dim=1, keepdim=True)
+    divisor = centered.square().sum(dim=1, keepdim=True).sqrt() / scale
+    divisor = torch.where(divisor < eps, torch.ones_like(divisor), divisor)
+    return (centered / divisor).reshape(x.shape)
+
+
+class Zca:
+    """ZCA whitening as pylearn2's `ZCA(filter_bias=0.1)`: W = V diag(1/sqrt(λ + bias)) Vᵀ of the data covariance.
+
+    The covariance is XᵀX / N of the mean-centred data (pylearn2 divides by N, not N - 1); it is accumulated with
+    float32 matrix products in chunks summed in float64, and eigendecomposed in float64 by `torch.linalg.eigh`.
+    """
+
+    def __init__(self, filter_bias: float = ZCA_FILTER_BIAS) -> None:
+        self.filter_bias = filter_bias
+        self.mean: torch.Tensor | None = None  # (D,) float32
+        self.matrix: torch.Tensor | None = None  # (D, D) float32, symmetric
+        self.eigenvalues: torch.Tensor | None = None  # (D,) float64 covariance spectrum, ascending; fit() only
+
+    def fit(self, x: torch.Tensor, chunk_size: int = 10_000) -> Zca:
+        """Fit the mean and whitening matrix on (N, D) training features (float), and return self."""
+        assert x.ndim == 2, f"Zca.fit expects (N, D) features, got shape {tuple(x.shape)}"
+        mean = x.double().mean(dim=0)
+        covariance = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for start in range(0, len(x), chunk_size):
+            centered = (x[start : start + chunk_size].double() - mean).float()
+            covariance += (centered.T @ centered).double()
+        covariance /= len(x)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.clamp_min(0.0)  # round-off can make the null directions (GCN) slightly negative
+        matrix = (eigenvectors / (eigenvalues + self.filter_bias).sqrt()) @ eigenvectors.T
+        self.mean, self.matrix, self.eigenvalues = mean.float(), matrix.float(), eigenvalues
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Whiten (N, D) features: (x - mean) @ W, in float32."""
+        assert self.matrix is not None, "Zca is not fitted; call fit() or load_state_dict() first"
+        mean, matrix = self.mean.to(x.device), self.matrix.to(x.device)
+        return (x.float() - mean) @ matrix
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted mean (D,) and matrix (D, D), plus the filter bias as a 0-d tensor."""
+        assert self.matrix is not None, "Zca is not fitted"
+        return {"mean": self.mean, "matrix": self.matrix, "filter_bias": torch.tensor(self.filter_bias)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from `state_dict()` output."""
+        self.mean, self.matrix = state["mean"].float(), state["matrix"].float()
+        self.filter_bias = float(state["filter_bias"]) if "filter_bias" in state else ZCA_FILTER_BIAS
+
+
+def gaussian_kernel(kernel_size: int = 7, sigma: float = 2.0) -> torch.Tensor:
+    """pylearn2's `gaussian_filter`: a (k, k) Gaussian with sigma 2 pixels, normalised to sum 1."""
+    offsets = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def lcn(x: torch.Tensor, kernel_size: int = 7, threshold: float = 1e-4) -> torch.Tensor:
+    """LeCun local contrast normalization, as pylearn2's `lecun_lcn`, on every channel separately.
+
+    Per channel: subtract the Gaussian-weighted local mean; divide by max(per-image mean of d, d, threshold)
+    where d = sqrt(Gaussian-weighted local sum of x²). pylearn2 takes d from x², not from the centred values,
+    and pads with zeros ("full" convolution cropped back to the image); both are kept here.
+
+    Args:
+        x: float (N, C, H, W).
+        kernel_size: Gaussian window (odd); the paper uses 7.
+        threshold: Smallest divisor.
+
+    Returns:
+        float tensor of x's shape and dtype.
+    """
+    channels = x.shape[1]
+    kernel = gaussian_kernel(kernel_size).to(device=x.device, dtype=x.dtype)
+    weight = kernel.expand(channels, 1, kernel_size, kernel_size)
+
+    def local(values: torch.Tensor) -> torch.Tensor:  # Gaussian-weighted neighbourhood sum, zero padding
+        return F.conv2d(values, weight, padding=kernel_size // 2, groups=channels)
+
+    centered = x - local(x)
+    local_norm = local(x.square()).clamp_min(0.0).sqrt()
+    per_image_mean = local_norm.mean(dim=(2, 3), keepdim=True)
+    divisor = torch.maximum(local_norm, per_image_mean).clamp_min(threshold)
+    return centered / divisor
+
+
+class Preprocessing:
+    """A fitted preprocessing: uint8 (N, C, H, W) -> float32 (N, C, H, W), the same for train and test.
+
+    Kinds:
+        "gcn_zca": GCN (scale 55) then ZCA (filter bias 0.1) fitted on the training split. CIFAR-10/100.
+        "gcn_lcn": GCN (scale 55) then 7x7 LeCun LCN per channel. SVHN. Nothing to fit.
+        "scale": x / 255. MNIST.
+        "standardize": per-channel (x / 255 - mean) / std, mean and std of the training split.
+    """
+
+    def __init__(self, kind: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        assert kind in PREPROCESSING_KINDS, f"kind must be one of {PREPROCESSING_KINDS}, got {kind!r}"
+        self.kind = kind
+        self.zca: Zca | None = None
+        self.mean: torch.Tensor | None = None  # standardize: (C,)
+        self.std: torch.Tensor | None = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _apply_chunk(self, images: torch.Tensor) -> torch.Tensor:
+        if self.kind == "scale":
+            return images.float() / 255.0
+        if self.kind == "standardize":
+            mean, std = self.mean.to(images.device), self.std.to(images.device)
+            return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        normalized = gcn(images.float())
+        if self.kind == "gcn_lcn":
+            return lcn(normalized)
+        return self.zca(normalized.reshape(len(images), -1)).reshape(images.shape)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocess a uint8 (N, C, H, W) batch or split, in chunks, on images' device."""
+        assert images.ndim == 4, f"expected (N, C, H, W), got shape {tuple(images.shape)}"
+        if len(images) <= APPLY_CHUNK:
+            return self._apply_chunk(images)
+        return torch.cat([self._apply_chunk(chunk) for chunk in images.split(APPLY_CHUNK)])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-compatible); the kind is stored by the caller (`build_preprocessing`)."""
+        if self.kind == "gcn_zca":
+            return {f"zca.{key}": value for key, value in self.zca.state_dict().items()}
+        if self.kind == "standardize":
+            return {"mean": self.mean, "std": self.std}
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from `state_dict()` output."""
+        if self.kind == "gcn_zca":
+            self.zca = Zca()
+            self.zca.load_state_dict({key[len("zca.") :]: value for key, value in state.items() if key.startswith("zca.")})
+        elif self.kind == "standardize":
+            self.mean, self.std = state["mean"].float(), state["std"].float()
+
+
+def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
+    """Fit a preprocessing on the training split (uint8 (N, C, H, W)).
+
+    Args:
+        kind: One of "gcn_zca", "gcn_lcn", "scale", "standardize".
+        train_images: The training split only; the fitted statistics are then applied unchanged to the test set.
+
+    Returns:
+        The fitted `Preprocessing`.
+    """
+    preprocessing = Preprocessing(kind)
+    if kind == "gcn_zca":
+        flat = torch.cat([gcn(chunk.float()).reshape(len(chunk), -1) for chunk in train_images.split(APPLY_CHUNK)])
+        preprocessing.zca = Zca().fit(flat)
+    elif kind == "standardize":
+        scaled = train_images.float() / 255.0
+        preprocessing.mean = scaled.mean(dim=(0, 2, 3))
+        preprocessing.std = scaled.std(dim=(0, 2, 3))
+    return preprocessing
+
+
+def build_preprocessing(kind: str, state: dict[str, torch.Tensor]) -> Preprocessing:
+    """Rebuild a fitted preprocessing from its `state_dict()` (e.g. from a checkpoint), without training data."""
+    return Preprocessing(kind, state)
+
+
+def batch_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image left-right with probability 0.5, the whole batch at once.
+
+    Args:
+        images: (N, C, H, W) on any device.
+        generator: A CPU generator; the draws are made on the CPU so every device gives the same result.
+
+    Returns:
+        A new tensor of the same shape and dtype.
+    """
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    flip = flip.to(images.device).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
+
+
+def _translate_and_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `padding`, then read each image's crop (mirrored when flipped) with one `gather`."""
+    count, channels, height, width = images.shape
+    device = images.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, count), generator=generator).to(device)  # crop corner (row, col)
+    columns = torch.arange(width, device=device).expand(count, width)
+    if flip:
+        mirrored = (torch.rand(count, generator=generator) < 0.5).to(device).view(-1, 1)
+        columns = torch.where(mirrored, width - 1 - columns, columns)
+    columns = columns + offsets[1].view(-1, 1)  # (N, W)
+    rows = torch.arange(height, device=device).view(1, height) + offsets[0].view(-1, 1)  # (N, H)
+    padded_width = width + 2 * padding
+    flat_index = (rows.view(count, height, 1) * padded_width + columns.view(count, 1, width)).view(count, 1, -1)
+    padded = F.pad(images, (padding, padding, padding, padding)).view(count, channels, -1)
+    return padded.gather(2, flat_index.expand(count, channels, height * width)).view(count, channels, height, width)
+
+
+def batch_translate(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to `padding` pixels each way: zero-pad, then crop at a random offset per image.
+
+    Maxout's CIFAR-10 augmentation (random 32x32 crops of an 8-pixel-padded image) is `padding=8`. One gather
+    does the whole batch.
+
+    Args:
+        images: (N, C, H, W) on any device.
+        padding: Largest shift in pixels; 0 returns the input.
+        generator: A CPU generator.
+
+    Returns:
+        A new tensor of the same shape and dtype.
+    """
+    if padding == 0:
+        return images
+    return _translate_and_flip(images, padding, False, generator)
+
+
+class Augment:
+    """The paper's augmentation for the CIFAR-10 8.81% run: random translation, then horizontal flip."""
+
+    def __init__(self, flip: bool = True, translate: int = 0) -> None:
+        self.flip = flip
+        self.translate = translate
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a (N, C, H, W) batch with draws from `generator`."""
+        if self.translate:
+            return _translate_and_flip(images, self.translate, self.flip, generator)  # one gather does both
+        return batch_flip(images, generator) if self.flip else images
+
+    def __repr__(self) -> str:
+        return f"Augment(flip={self.flip}, translate={self.translate})"

@@ -1,0 +1,380 @@
+"""nin.data: real-data counts, genuine-format round trips, corrupt inputs, TensorLoader order and sharding."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import (
+    balanced_labels,
+    idx_bytes,
+    random_images,
+    write_cifar10_tree,
+    write_cifar100_tree,
+    write_cifar_binary,
+    write_image_folder,
+    write_mnist_tree,
+    write_svhn_mat,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from nin.data import (
+    DATASETS,
+    DataError,
+    StreamingImageFolderLoader,
+    TensorLoader,
+    load_cifar10_lossless_first1000,
+    load_dataset,
+    resolve_root,
+)
+from nin.data.readers import read_cifar_binary, read_cifar_python, read_idx, read_image
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+LOSSLESS_COUNTS = [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
+
+
+@pytest.fixture(scope="module")
+def cifar10_train(data_root):
+    return load_dataset("cifar10", "train", data_root)
+
+
+# ---- real data ------------------------------------------------------------------------------------------------
+
+
+def test_registry_matches_paper():
+    assert DATASETS["cifar10"].paper_preprocessing == "gcn_zca"
+    assert DATASETS["svhn"].paper_preprocessing == "gcn_lcn"
+    assert DATASETS["mnist"].paper_preprocessing == "scale"
+    assert (DATASETS["cifar100"].num_classes, DATASETS["mnist"].in_channels, DATASETS["mnist"].image_size) == (100, 1, 28)
+
+
+@pytest.mark.parametrize(
+    "name, split, counts",
+    [
+        ("mnist", "train", MNIST_TRAIN_COUNTS),
+        ("mnist", "test", MNIST_TEST_COUNTS),
+        ("fashion-mnist", "train", [6000] * 10),
+        ("fashion-mnist", "test", [1000] * 10),
+        ("cifar10", "test", [1000] * 10),
+    ],
+)
+def test_real_counts(data_root, name, split, counts):
+    dataset = load_dataset(name, split, data_root, verify=True)
+    info = DATASETS[name]
+    assert dataset.images.shape == (sum(counts), info.in_channels, info.image_size, info.image_size)
+    assert dataset.images.dtype == torch.uint8 and dataset.labels.dtype == torch.int64
+    assert torch.bincount(dataset.labels, minlength=10).tolist() == counts
+    assert len(dataset.classes) == 10
+
+
+def test_cifar10_train_counts_and_mean(cifar10_train):
+    assert len(cifar10_train) == 50_000
+    assert torch.bincount(cifar10_train.labels).tolist() == [5000] * 10
+    assert cifar10_train.classes[0] == "airplane" and cifar10_train.classes[9] == "truck"
+    mean = (cifar10_train.images.float() / 255).mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=5e-4)
+    assert cifar10_train.labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]  # official first labels
+
+
+def test_cifar10_val_is_last_10000(data_root, cifar10_train):
+    val = load_dataset("cifar10", "val", data_root)
+    rest = load_dataset("cifar10", "train_minus_val", data_root)
+    assert (len(val), len(rest)) == (10_000, 40_000)
+    assert torch.equal(val.images, cifar10_train.images[40_000:])
+    assert torch.equal(rest.labels, cifar10_train.labels[:40_000])
+
+
+def test_lossless_first1000(data_root):
+    dataset = load_cifar10_lossless_first1000(data_root)
+    assert torch.bincount(dataset.labels).tolist() == LOSSLESS_COUNTS
+    assert dataset.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert dataset.images[0, 0, 0, :5].tolist() == [158, 159, 165, 166, 160]  # published first row of test_batch
+    assert torch.equal(load_dataset("cifar10-lossless-first1000", "test", data_root).labels, dataset.labels)
+
+
+def test_resize_and_channel_conversion(data_root):
+    dataset = load_dataset("mnist", "test", data_root, image_size=32, channels=3)
+    assert dataset.images.shape == (10_000, 3, 32, 32) and dataset.images.dtype == torch.uint8
+
+
+def test_resolve_root(monkeypatch, tmp_path):
+    assert resolve_root(tmp_path) == tmp_path
+    monkeypatch.setenv("NIN_DATA", str(tmp_path / "env"))
+    assert resolve_root(None) == tmp_path / "env"
+    monkeypatch.delenv("NIN_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve_root(None) == tmp_path / "cache" / "nin"
+
+
+# ---- genuine-format round trips -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_cifar10_layouts_round_trip(tmp_path, layout):
+    images, labels = write_cifar10_tree(tmp_path, layout)
+    dataset = load_dataset("cifar10", "train", tmp_path)
+    assert torch.equal(dataset.images, torch.from_numpy(images))
+    assert torch.equal(dataset.labels, torch.from_numpy(labels).long())
+    assert dataset.classes == [f"class{i}" for i in range(10)]
+    assert len(load_dataset("cifar10", "test", tmp_path)) == 20
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_cifar100_layouts_round_trip(tmp_path, layout):
+    written = write_cifar100_tree(tmp_path, layout)
+    for split in ("train", "test"):
+        dataset = load_dataset("cifar100", split, tmp_path)
+        images, fine = written[split]
+        assert torch.equal(dataset.images, torch.from_numpy(images))
+        assert torch.equal(dataset.labels, torch.from_numpy(fine).long())  # the fine label, not the coarse one
+        assert len(dataset.classes) == 100 and dataset.classes[7] == "fine7"
+
+
+@pytest.mark.parametrize("folder, compress", [("mnist", True), ("MNIST/raw", False)])
+def test_mnist_layouts_round_trip(tmp_path, folder, compress):
+    written = write_mnist_tree(tmp_path / folder, compress=compress)
+    dataset = load_dataset("mnist", "test", tmp_path)
+    assert torch.equal(dataset.images[:, 0], torch.from_numpy(written["t10k"][0]))
+    write_mnist_tree(tmp_path / "FashionMNIST/raw")
+    assert len(load_dataset("fashion-mnist", "train", tmp_path)) == 30
+
+
+def test_svhn_round_trip_and_splits(tmp_path):
+    train_images, train_labels = random_images(4100, 1), balanced_labels(4100, 10)
+    write_svhn_mat(tmp_path / "svhn" / "train_32x32.mat", train_images, train_labels)
+    write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", random_images(50, 2), balanced_labels(50, 10))
+    test = load_dataset("svhn", "test", tmp_path)
+    assert test.labels.tolist() == balanced_labels(50, 10).tolist()  # stored 10 came back as 0
+    train = load_dataset("svhn", "train", tmp_path)
+    assert torch.equal(train.images, torch.from_numpy(train_images))
+    val = load_dataset("svhn", "val", tmp_path)
+    assert torch.bincount(val.labels).tolist() == [400] * 10
+    assert len(load_dataset("svhn", "train_minus_val", tmp_path)) == 100
+
+    write_svhn_mat(tmp_path / "svhn" / "extra_32x32.mat", random_images(2050, 3), balanced_labels(2050, 10))
+    val = load_dataset("svhn", "val", tmp_path)
+    assert torch.bincount(val.labels).tolist() == [600] * 10  # 400 per class from train + 200 from extra
+    rest = load_dataset("svhn", "train_minus_val", tmp_path)
+    assert len(rest) == 100 + 50 and len(load_dataset("svhn", "train", tmp_path)) == 4100 + 2050
+
+
+def test_image_folder_any_size_and_mode(tmp_path):
+    write_image_folder(tmp_path / "train", {"cat": 3, "dog": 2}, size=(50, 20), mode="RGBA")
+    write_image_folder(tmp_path / "train", {"emu": 1}, size=(7, 9), mode="L")
+    write_image_folder(tmp_path / "test", {"cat": 1, "dog": 1, "emu": 1})
+    dataset = load_dataset("folder", "train", tmp_path, image_size=16)
+    assert dataset.images.shape == (6, 3, 16, 16) and dataset.classes == ["cat", "dog", "emu"]
+    assert dataset.labels.tolist() == [0, 0, 0, 1, 1, 2]
+    assert load_dataset("folder", "test", tmp_path, channels=1).images.shape == (3, 1, 32, 32)
+    flat = tmp_path / "flat"
+    write_image_folder(flat, {"a": 2, "b": 2})
+    assert len(load_dataset("folder", "train", flat)) == 4  # no split sub-folder: the root is the split
+
+
+def test_image_folder_pixels_exact(tmp_path):
+    pixels = random_images(1, 5, (32, 32, 3))[0]
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "0.png")
+    assert torch.equal(read_image(tmp_path / "a" / "0.png", 32, 3), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+# ---- corrupt inputs: DataError naming the file ----------------------------------------------------------------
+
+
+def _raises_naming(path: Path, call, match: str | None = None):
+    with pytest.raises(DataError, match=match) as caught:
+        call()
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_missing_file(tmp_path):
+    _raises_naming(tmp_path / "nope.bin", lambda: read_cifar_binary(tmp_path / "nope.bin", 10), "not found")
+    _raises_naming(tmp_path, lambda: load_dataset("cifar10", "train", tmp_path), "no cifar10 files")
+    _raises_naming(tmp_path, lambda: load_dataset("svhn", "test", tmp_path))
+
+
+def test_cifar_truncated_and_wrong_size(tmp_path):
+    path = tmp_path / "data_batch_1.bin"
+    write_cifar_binary(path, random_images(3), balanced_labels(3, 10))
+    path.write_bytes(path.read_bytes()[:-1])
+    _raises_naming(path, lambda: read_cifar_binary(path, 10), "multiple of 3073")
+    write_cifar_binary(path, random_images(3), balanced_labels(3, 10))
+    _raises_naming(path, lambda: read_cifar_binary(path, 10, label_bytes=2), "multiple of 3074")
+    _raises_naming(path, lambda: read_cifar_binary(path, 10, expected_records=10_000), "expected 10000")
+
+
+def test_cifar_labels_out_of_range(tmp_path):
+    path = tmp_path / "test_batch.bin"
+    write_cifar_binary(path, random_images(2), np.array([3, 10], dtype=np.uint8))
+    _raises_naming(path, lambda: read_cifar_binary(path, 10), "label 10 out of range")
+
+
+def test_cifar_official_count_checked_with_verify(tmp_path):
+    write_cifar10_tree(tmp_path, "bin")
+    _raises_naming(tmp_path / "cifar-10-batches-bin", lambda: load_dataset("cifar10", "test", tmp_path, verify=True))
+
+
+def test_idx_wrong_magic_truncated_and_labels(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    data = idx_bytes(random_images(4, 0, (28, 28)))
+    path.write_bytes(data[:-5])
+    _raises_naming(path, lambda: read_idx(path, 2051), "bytes, expected")
+    path.write_bytes(data)
+    _raises_naming(path, lambda: read_idx(path, 2049), "magic 2051, expected 2049")
+    gz = tmp_path / "t.gz"
+    gz.write_bytes(gzip.compress(data)[:-20])
+    _raises_naming(gz, lambda: read_idx(gz, 2051))
+    folder = tmp_path / "mnist"
+    write_mnist_tree(folder, count=5, compress=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 1, 2, 3, 11], dtype=np.uint8)))
+    _raises_naming(folder / "t10k-labels-idx1-ubyte", lambda: load_dataset("mnist", "test", tmp_path), "out of range")
+
+
+def test_svhn_corrupt(tmp_path):
+    path = tmp_path / "svhn" / "test_32x32.mat"
+    write_svhn_mat(path, random_images(5), np.array([0, 1, 2, 3, 4]))
+    path.write_bytes(path.read_bytes()[:100])
+    _raises_naming(path, lambda: load_dataset("svhn", "test", tmp_path))
+
+
+def test_empty_class_folder(tmp_path):
+    write_image_folder(tmp_path, {"a": 1})
+    (tmp_path / "b").mkdir()
+    _raises_naming(tmp_path / "b", lambda: load_dataset("folder", "train", tmp_path), "empty class folder")
+
+
+def test_unsupported_image(tmp_path):
+    write_image_folder(tmp_path, {"a": 1})
+    (tmp_path / "a" / "notes.jpg").write_text("not an image")
+    _raises_naming(tmp_path / "a" / "notes.jpg", lambda: load_dataset("folder", "train", tmp_path), "unsupported")
+
+
+def test_oversized_image(tmp_path):
+    write_image_folder(tmp_path, {"a": 1}, size=(100, 100))
+    path = tmp_path / "a" / "0.png"
+    _raises_naming(path, lambda: read_image(path, 32, 3, max_pixels=5_000), "exceeds")
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.parent.mkdir()
+    path.write_bytes(pickle.dumps({b"data": _Evil(marker), b"labels": [0]}, protocol=2))
+    _raises_naming(path, lambda: read_cifar_python(path, 10, b"labels"), "refused to unpickle")
+    _raises_naming(path, lambda: load_dataset("cifar10", "test", tmp_path), "refused to unpickle")
+    assert not marker.exists()
+
+
+# ---- property tests -------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(1, 6), seed=st.integers(0, 2**16), cut=st.integers(1, 3072))
+def test_cifar_binary_round_trip_and_truncation(tmp_path_factory, count, seed, cut):
+    path = tmp_path_factory.mktemp("cifar") / "batch.bin"
+    images, labels = random_images(count, seed), np.random.default_rng(seed).integers(0, 10, count).astype(np.uint8)
+    write_cifar_binary(path, images, labels)
+    read_images, read_labels = read_cifar_binary(path, 10)
+    assert torch.equal(read_images, torch.from_numpy(images)) and read_labels.tolist() == labels.tolist()
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(DataError):
+        read_cifar_binary(path, 10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.tuples(st.integers(0, 5), st.integers(1, 9), st.integers(1, 9)), cut=st.integers(1, 50))
+def test_idx_round_trip_and_truncation(tmp_path_factory, shape, cut):
+    path = tmp_path_factory.mktemp("idx") / "images-idx3-ubyte"
+    array = np.arange(np.prod(shape), dtype=np.int64).reshape(shape).astype(np.uint8)
+    path.write_bytes(idx_bytes(array))
+    assert np.array_equal(read_idx(path, 2051), array)
+    path.write_bytes(idx_bytes(array)[: max(0, 16 + array.size - cut)])
+    with pytest.raises(DataError):
+        read_idx(path, 2051)
+
+
+# ---- TensorLoader -------------------------------------------------------------------------------------------
+
+
+def _epoch_indices(loader: TensorLoader) -> list[int]:
+    return [int(i) for _, labels in loader for i in labels]
+
+
+def test_loader_each_index_once_and_reproducible():
+    indices = torch.arange(103)
+    loader = TensorLoader(indices.view(-1, 1).float(), indices, batch_size=10, seed=3)
+    first = _epoch_indices(loader)
+    assert sorted(first) == list(range(103)) and len(loader) == 11
+    assert first == _epoch_indices(TensorLoader(indices.view(-1, 1).float(), indices, batch_size=10, seed=3))
+    loader.set_epoch(1)
+    assert _epoch_indices(loader) != first
+    loader.set_epoch(0)
+    assert _epoch_indices(loader) == first
+    assert _epoch_indices(TensorLoader(indices.float(), indices, 10, seed=4)) != first
+    dropped = TensorLoader(indices.float(), indices, 10, drop_last=True)
+    assert len(dropped) == 10 and len(_epoch_indices(dropped)) == 100
+
+
+def test_loader_rank_shards_disjoint_equal_covering():
+    indices = torch.arange(100)
+    shards = [_epoch_indices(TensorLoader(indices, indices, 7, seed=1, rank=r, world_size=4)) for r in range(4)]
+    assert all(len(shard) == 25 for shard in shards)
+    assert sorted(sum(shards, [])) == list(range(100))
+    uneven = [_epoch_indices(TensorLoader(indices[:103], indices[:103], 7, rank=r, world_size=4)) for r in range(4)]
+    assert {len(shard) for shard in uneven} == {25} and len(set(sum(uneven, []))) == 100  # trimmed to equal steps
+    lengths = {len(TensorLoader(indices[:103], indices[:103], 7, rank=r, world_size=4)) for r in range(4)}
+    assert lengths == {4}
+
+
+def test_loader_eval_sharding_counts_everything_once():
+    indices = torch.arange(103)
+    shards = [
+        _epoch_indices(TensorLoader(indices, indices, 8, shuffle=False, rank=r, world_size=4)) for r in range(4)
+    ]
+    assert sorted(sum(shards, [])) == list(range(103))
+    assert [len(TensorLoader(indices, indices, 8, shuffle=False, rank=r, world_size=4)) for r in range(4)] == [4, 4, 4, 4]
+
+
+def test_loader_skip_resumes_same_batches():
+    indices = torch.arange(64)
+    flip_sign = lambda images, generator: images * (torch.rand(len(images), 1, generator=generator) - 0.5).sign()  # noqa: E731
+    loader = TensorLoader(indices.view(-1, 1).float(), indices, 8, seed=5, augment=flip_sign)
+    loader.set_epoch(2)
+    full = list(loader)
+    resumed = TensorLoader(indices.view(-1, 1).float(), indices, 8, seed=5, augment=flip_sign)
+    resumed.set_epoch(2)
+    resumed.skip(3)
+    rest = list(resumed)
+    assert len(rest) == 5
+    for (a_images, a_labels), (b_images, b_labels) in zip(full[3:], rest):
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    assert len(list(resumed)) == 8  # skip applies to one iteration only
+
+
+def test_streaming_folder_loader_matches_rule(tmp_path):
+    write_image_folder(tmp_path, {"a": 5, "b": 4}, size=(20, 20))
+    batches = [
+        list(StreamingImageFolderLoader(tmp_path, 2, image_size=8, seed=1, rank=r, world_size=2, num_workers=0))
+        for r in range(2)
+    ]
+    assert [len(b) for b in batches] == [2, 2]
+    images, labels = batches[0][0]
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    counted = torch.cat([labels for shard in batches for _, labels in shard])
+    assert len(counted) == 8

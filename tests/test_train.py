@@ -1,0 +1,144 @@
+"""The training engine: lr rules, overrides, a real short run, exact resume, stall and NaN stops."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from nin.checkpoint import load_state, load_weights
+from nin.errors import NinError, NonFiniteLoss, TrainingStalled
+from nin.train import (FAST, PAPER, PlateauRule, TrainConfig, _stalled, apply_overrides, lr_at, recipe,
+                       total_steps, train)
+
+
+def test_paper_recipe_values():
+    cfg = recipe("paper", "cifar10")
+    assert (cfg.model, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == ("nin_cifar10", 128, 0.1, 0.9, 1e-4)
+    assert (cfg.bias_lr_mult, cfg.class_map_lr_mult, cfg.schedule, cfg.preprocessing) == (2.0, 0.1, "plateau", "gcn_zca")
+    c100 = recipe("paper", "cifar100")
+    assert (c100.lr, c100.weight_decay, c100.model) == (0.02, 5e-4, "nin_cifar100")
+    assert recipe("paper", "mnist").preprocessing == "scale"
+    assert recipe("paper", "svhn").preprocessing == "gcn_lcn"
+    caffe = recipe("caffe", "cifar10")
+    assert caffe.model == "nin_cifar10_caffe" and caffe.milestones == (100_000,) and caffe.max_steps == 120_000
+    with pytest.raises(NinError, match="unknown recipe"):
+        recipe("slow", "cifar10")
+
+
+def test_lr_at_known_steps():
+    multistep = dataclasses.replace(PAPER, schedule="multistep", milestones=(200, 230), epochs=260)
+    assert lr_at(0, multistep, 100) == pytest.approx(0.1)
+    assert lr_at(200 * 100 - 1, multistep, 100) == pytest.approx(0.1)
+    assert lr_at(200 * 100, multistep, 100) == pytest.approx(0.01)
+    assert lr_at(230 * 100, multistep, 100) == pytest.approx(0.001)
+    caffe = recipe("caffe", "cifar10")
+    assert lr_at(99_999, caffe, 391) == pytest.approx(0.1) and lr_at(100_000, caffe, 391) == pytest.approx(0.01)
+    assert total_steps(caffe, 391) == 120_000
+    assert lr_at(5, PAPER, 100, lr_drops=2) == pytest.approx(0.001)
+    one = dataclasses.replace(FAST, epochs=10, lr=0.2, warmup_fraction=0.2, start_lr_fraction=0.1)
+    total = 10 * 50
+    assert lr_at(0, one, 50) == pytest.approx(0.02)
+    assert lr_at(100, one, 50) == pytest.approx(0.2)  # the peak at 20% of the steps
+    assert lr_at(300, one, 50) == pytest.approx(0.1)
+    assert lr_at(total, one, 50) == pytest.approx(0.0)
+    values = [lr_at(s, one, 50) for s in range(total)]
+    assert max(values) == pytest.approx(0.2) and all(v >= 0 for v in values)
+
+
+def test_plateau_rule_drops_twice_then_finishes():
+    rule = PlateauRule(patience=2, max_drops=2)
+    events = [rule.update(a) for a in [0.5, 0.6, 0.6, 0.59, 0.7, 0.7, 0.7, 0.71, 0.71, 0.70]]
+    # 0.6 then two epochs without a new best -> drop at index 3; 0.7 best, 2 epochs flat -> drop at 6;
+    # 0.71 best, then two flat epochs -> finish at 9
+    assert events == [None, None, None, "drop", None, None, "drop", None, None, "finish"]
+    assert rule.drops == 2 and rule.finished
+    again = PlateauRule()
+    again.load_state_dict(rule.state_dict())
+    assert again == rule
+
+
+def test_overrides_parse_with_field_types():
+    cfg = apply_overrides(PAPER, ["lr=0.05", "nesterov=true", "milestones=10,20", "model.batch_norm=1",
+                                  "model.dropout=0.3", "data_dir=none"])
+    assert cfg.lr == 0.05 and cfg.nesterov is True and cfg.milestones == (10.0, 20.0) and cfg.data_dir is None
+    assert cfg.model_args == {"batch_norm": True, "dropout": 0.3}
+    for bad, message in [("lr=fast", "expected a number"), ("nesterov=maybe", "expected true or false"),
+                         ("lrr=0.1", "unknown field"), ("model.width=3", "unknown model field"),
+                         ("epochs", "expected key=value"), ("lr=nan", "finite")]:
+        with pytest.raises(NinError, match=message):
+            apply_overrides(PAPER, [bad])
+
+
+def _tiny(tmp_path, **changes) -> TrainConfig:
+    cfg = recipe("fast", "mnist")
+    base = {"train_subset": 512, "eval_subset": 500, "batch_size": 64, "epochs": 2}
+    return dataclasses.replace(cfg, **{**base, **changes})
+
+
+def test_short_real_run_learns_and_writes_its_files(data_root, tmp_path):
+    out = tmp_path / "run"
+    record = train(_tiny(tmp_path, epochs=3), out, log=lambda *_: None)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert record["test_error"] < 0.5  # 512 MNIST digits, 3 epochs: far better than chance (0.9)
+    for key in ("train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_s", "train_time_s"):
+        assert key in lines[0]
+    assert (out / "metrics.csv").read_text().startswith("epoch,")
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_config"]["train_subset"] == 512 and "command" in config
+    model, preprocessing, meta = load_weights(out)
+    assert meta["dataset"] == "mnist" and len(meta["classes"]) == 10
+    _, ckpt = load_state(out / "checkpoint.safetensors")
+    assert ckpt["epoch"] == 3 and ckpt["step"] == 3 * 8
+
+
+def test_resume_mid_epoch_is_bit_identical(data_root, tmp_path):
+    cfg = _tiny(tmp_path, checkpoint_every=3, model_args={**recipe("fast", "mnist").model_args, "dropout": 0.5})
+    full = tmp_path / "full"
+    train(cfg, full, log=lambda *_: None)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cut, log=lambda *_: None, interrupt_after=11)  # a checkpoint at step 9, mid-epoch 2
+    _, meta = load_state(cut / "checkpoint.safetensors")
+    assert (meta["epoch"], meta["batches_done"], meta["step"]) == (1, 1, 9)
+    train(None, cut, resume=True, log=lambda *_: None)
+    a, _ = load_state(full / "checkpoint.safetensors")
+    b, _ = load_state(cut / "checkpoint.safetensors")
+    weights = [k for k in a if k.startswith("model.")]
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)
+    full_metrics = (full / "metrics.jsonl").read_text().splitlines()
+    cut_metrics = (cut / "metrics.jsonl").read_text().splitlines()
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if "time" not in k and "per_s" not in k}
+    assert [strip(r) for r in full_metrics] == [strip(r) for r in cut_metrics]
+
+
+def test_refuses_to_overwrite_a_run(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(_tiny(tmp_path, epochs=1, train_subset=128), out, log=lambda *_: None)
+    with pytest.raises(NinError, match="already holds a run"):
+        train(_tiny(tmp_path, epochs=1, train_subset=128), out, log=lambda *_: None)
+
+
+def test_stall_detector_names_the_dead_class_maps(data_root, tmp_path):
+    # a paper model whose weights start ~0 gives every image the same scores: the dead start of other ports
+    cfg = dataclasses.replace(recipe("paper", "mnist"), train_subset=256, eval_subset=100, epochs=1,
+                              model_args={"init_std": 1e-5}, stall_check_steps=2)
+    with pytest.raises(TrainingStalled, match="ln 10") as info:
+        train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert "class_map_relu=false" in str(info.value)
+    assert _stalled(torch.zeros(8, 10), math.log(10), 10)
+    assert not _stalled(torch.randn(8, 10), math.log(10), 10)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_path):
+    cfg = dataclasses.replace(recipe("paper", "mnist"), train_subset=512, eval_subset=100, epochs=3, lr=1e9,
+                              precision="fp32", stall_check_steps=0)
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+        train(cfg, tmp_path / "run", log=lambda *_: None)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    if ckpt.exists():  # whatever was saved holds finite weights
+        tensors, _ = load_state(ckpt)
+        assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))

@@ -506,7 +506,8 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
         for j, p in enumerate(group["params"]):
             key = f"optim.{index}.{j}"
             if key in tensors:
-                optimizer.state[p]["momentum_buffer"] = tensors[key].to(p.device).clone()
+                # empty_like keeps the parameter's memory format (channels_last): the fused step walks raw memory
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(tensors[key])
 
 
 def _stalled(logits: torch.Tensor, mean_loss: float, num_classes: int) -> bool:

@@ -36,7 +36,8 @@ from nin.evaluate import autocast, evaluate
 from nin.models import NiN, get_model, model_config
 
 __all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "DATASET_DEFAULTS", "recipe", "lr_at",
-           "total_steps", "PlateauRule", "apply_overrides", "train", "select_precision"]
+           "total_steps", "PlateauRule", "apply_overrides", "train", "train_step", "select_precision",
+           "make_optimizer", "param_groups"]
 
 
 @dataclass(frozen=True)
@@ -521,6 +522,28 @@ STALL_ADVICE = ("every class map is dead (the same scores for every image), the 
                 "or --set model.init=kaiming, or use --recipe fast (batch norm)")
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+               lr: float, cfg: TrainConfig, amp_dtype: torch.dtype | None,
+               memory_format: torch.memory_format = torch.channels_last,
+               check_finite: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One SGD step exactly as `train()` takes it: lr per group, autocast forward, fp32 loss, backward, step.
+
+    Returns (loss, logits), or (None, logits) without stepping when ``check_finite`` finds a NaN/inf loss.
+    """
+    images = images.contiguous(memory_format=memory_format)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    with autocast(images.device, amp_dtype):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)  # fp32 loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if check_finite and not torch.isfinite(loss):
+        return None, logits
+    optimizer.step()
+    return loss, logits
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -684,22 +707,15 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         lr_drops = rule.drops
         tick = time.perf_counter()
         for images, labels in batches:
-            images = images.contiguous(memory_format=memory_format)
             lr = lr_at(step, cfg, steps_per_epoch, lr_drops)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            with autocast(device, amp_dtype):
-                logits = train_model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)  # fp32 loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if device.type == "cpu" or (step + 1) % 50 == 0:  # a host sync is free on the CPU, costly on a GPU
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        f"the last good checkpoint stays in {checkpoint_path}. Lower the lr (--set lr=...) "
-                        f"or turn on batch norm (--set model.batch_norm=true)")
-            optimizer.step()
+            check = device.type == "cpu" or (step + 1) % 50 == 0  # a host sync is free on the CPU, costly on a GPU
+            loss, logits = train_step(train_model, optimizer, images, labels, lr=lr, cfg=cfg, amp_dtype=amp_dtype,
+                                      memory_format=memory_format, check_finite=check)
+            if loss is None:
+                raise NonFiniteLoss(
+                    f"the training loss became non-finite at epoch {epoch + 1}, step {step + 1}; the last good "
+                    f"checkpoint stays in {checkpoint_path}. Lower the lr (--set lr=...) or turn on batch norm "
+                    f"(--set model.batch_norm=true)")
             if ema is not None:
                 ema.update(model)
             n = labels.shape[0]

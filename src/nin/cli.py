@@ -118,6 +118,13 @@ def _device(text: str | None):
     return device
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, train() joined the process group: leave it before the process exits."""
+    from nin import distributed
+
+    distributed.cleanup()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -129,7 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.resume)
         if not (run / "checkpoint.safetensors").is_file():
             raise NinError(f"--resume {run}: no checkpoint.safetensors there")
-        train(None, run, resume=True, epochs=args.epochs, command=command, device=_device(args.device))
+        try:
+            train(None, run, resume=True, epochs=args.epochs, command=command, device=_device(args.device))
+        finally:
+            _leave_process_group()
         return 0
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
@@ -146,7 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"out": str(out), "train_config": cfg.to_dict()}, indent=2))
         return 0
-    train(cfg, out, command=command, device=_device(args.device))
+    try:
+        train(cfg, out, command=command, device=_device(args.device))
+    finally:
+        _leave_process_group()
     return 0
 
 
@@ -155,15 +168,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from nin.checkpoint import load_weights
     from nin.data import TensorLoader, load_dataset
+    from nin.errors import NinError
     from nin.evaluate import evaluate
     from nin.train import select_precision
 
     device = _device(args.device)
     model, preprocessing, meta = load_weights(args.weights, device)
-    dataset = args.dataset or meta["dataset"]
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise NinError(f"{args.weights}: names no data set; pass --dataset")
     config = model.config
     size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
     data = load_dataset(dataset, args.split, args.data_dir, **size_args)
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if tuple(data.images.shape[1:]) != expected:
+        raise NinError(f"{args.weights}: the model expects {'×'.join(map(str, expected))} images; {dataset} "
+                       f"{args.split} has {'×'.join(map(str, data.images.shape[1:]))}")
+    if len(data.labels) and int(data.labels.max()) >= config.num_classes:
+        raise NinError(f"{args.weights}: the model has {config.num_classes} classes; {dataset} {args.split} has "
+                       f"labels up to {int(data.labels.max())}")
     images = preprocessing(data.images).to(device).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
     result = evaluate(model, TensorLoader(images, data.labels.to(device), args.batch_size, shuffle=False),
@@ -255,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (NinError, DataError) as e:
-        print(f"nin {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, even when a library's message had several
+        print(f"nin {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"nin {args.command}: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["setup", "cleanup", "is_distributed", "rank", "world_size", "is_main", "main_first",
-           "all_reduce_sum", "broadcast_object", "barrier"]
+           "all_reduce_sum", "all_true", "broadcast_object", "broadcast_buffers", "barrier"]
 
 
 def setup(device: torch.device | None = None) -> torch.device:
@@ -79,6 +79,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_true(flag: bool | torch.Tensor, device: torch.device | None = None) -> bool:
+    """True when ``flag`` holds on every rank, so that all ranks take the same branch (raise, stop, step).
+
+    A tensor flag stays on its device for the reduction (nccl needs CUDA tensors); a bool travels on ``device``.
+    """
+    if isinstance(flag, torch.Tensor):
+        value = flag.detach().reshape(()).to(torch.int32)
+    else:
+        value = torch.tensor(int(bool(flag)), dtype=torch.int32, device=device or _collective_device())
+    if is_distributed():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value)
+
+
+def _collective_device() -> torch.device:
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics) to every rank, in place.
+
+    Under DDP the parameters stay identical on all ranks but each rank updates its running statistics
+    from its own batches; evaluating after this uses the statistics rank 0 saves in its checkpoints.
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        if buffer.is_contiguous():
+            dist.broadcast(buffer, src=0)
+        else:
+            dense = buffer.contiguous()
+            dist.broadcast(dense, src=0)
+            buffer.copy_(dense)
 
 
 def broadcast_object(obj: object) -> object:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLPConv", "GlobalAvgPool"]
+__all__ = ["MLPConv", "GlobalAvgPool", "Dropout"]
 
 
 class MLPConv(nn.Module):
@@ -105,3 +105,27 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(-2, -1))
+
+
+class Dropout(nn.Dropout):
+    """Inverted dropout (zero with probability p, scale the rest by 1/(1 - p)) with a cheaper random mask.
+
+    ``nn.Dropout`` draws one random float per element (``bernoulli_``), about a sixth of a bf16 training step on
+    a CPU. This draws 64 random bits per four elements and keeps an element when its 16 bits fall below
+    ``round((1 - p)·65536)``: the keep probability is p rounded to 1/65536 (exact for p = 0.25, 0.5), and the
+    scale is the inverse of that exact keep probability, so the expectation is unchanged. Same module, no
+    state, identity in eval mode; draws from the default generator, like ``nn.Dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep_count = round((1.0 - self.p) * 65536)
+        if not self.training or self.p == 0.0 or keep_count == 0 or not _dense(x):
+            return super().forward(x)
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+        bits = words.view(torch.int16)[: x.numel()].as_strided(x.shape, x.stride())  # the mask in x's memory layout
+        mask = (bits < keep_count - 32768).to(x.dtype).mul_(65536 / keep_count)
+        return x.mul_(mask) if self.inplace else x * mask
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nin.layers import GlobalAvgPool, MLPConv
+from nin.layers import Dropout, GlobalAvgPool, MLPConv
 
 __all__ = [
     "MLPConvSpec",
@@ -169,7 +169,7 @@ class NiN(nn.Module):
                 )
             )
             self.pools.append(_pool(spec.pool, config.pool_kernel, config.pool_stride))
-            self.drops.append(nn.Dropout(config.dropout) if spec.dropout and config.dropout > 0 else nn.Identity())
+            self.drops.append(Dropout(config.dropout) if spec.dropout and config.dropout > 0 else nn.Identity())
             channels = spec.widths[-1]
 
         if config.head == "gap":

@@ -257,6 +257,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.translate >= 0, f"translate must be >= 0, got {cfg.translate}"),
         (0 < cfg.warmup_fraction < 1, f"warmup_fraction must be in (0, 1), got {cfg.warmup_fraction}"),
     ]
+    from nin.data.datasets import SPLITS
+    from nin.transforms import PREPROCESSING_KINDS
+
+    checks += [(getattr(cfg, key) in SPLITS, f"{key} must be one of {', '.join(SPLITS)}, got {getattr(cfg, key)!r}")
+               for key in ("train_split", "eval_split")]
+    checks.append((cfg.preprocessing in PREPROCESSING_KINDS,
+                   f"preprocessing must be one of {', '.join(PREPROCESSING_KINDS)}, got {cfg.preprocessing!r}"))
     for ok, message in checks:
         if not ok:
             raise NinError(message)
@@ -438,11 +445,13 @@ class MetricsLog:
         self.records: list[dict] = []
         jsonl = out / "metrics.jsonl"
         if jsonl.exists():  # a resumed run keeps the epochs its checkpoint already covers
-            for line in jsonl.read_text().splitlines():
-                if line.strip():
+            for line in jsonl.read_text(errors="replace").splitlines():
+                try:
                     record = json.loads(line)
-                    if record["epoch"] <= keep_epochs:
-                        self.records.append(record)
+                except json.JSONDecodeError:  # blank, or the tail of a line torn by a kill mid-append
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= keep_epochs:
+                    self.records.append(record)
         self._rewrite()
         self.tensorboard = None
         try:
@@ -453,7 +462,9 @@ class MetricsLog:
             pass
 
     def _rewrite(self) -> None:
-        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        from nin.checkpoint import atomic_write_bytes  # a kill mid-rewrite must not lose the earlier epochs
+
+        atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
         if self.records:
             with open(self.out / "metrics.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(self.records[0]))
@@ -538,7 +549,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)  # fp32 loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if check_finite and not torch.isfinite(loss):
+    if check_finite and not distributed.all_true(torch.isfinite(loss)):  # under DDP: non-finite on any rank
         return None, logits
     optimizer.step()
     return loss, logits
@@ -580,6 +591,33 @@ def _prepare_data(cfg: TrainConfig, device: torch.device, preprocess_state: dict
     return (preprocessing, train_set.classes, (train_x, train_labels.to(device)), (eval_x, eval_labels.to(device)))
 
 
+def _checkpoint_config(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> TrainConfig:
+    """The run's TrainConfig from its checkpoint, once the checkpoint is known to hold all that resuming reads."""
+    from nin.errors import CheckpointError
+
+    try:
+        cfg = TrainConfig.from_dict(meta["train_config"])
+        validate(cfg)
+        for key in ("epoch", "batches_done", "step"):
+            if not isinstance(meta[key], int) or meta[key] < 0:
+                raise ValueError(f"{key} is {meta[key]!r}")
+        float(meta["partial_time"])
+        PlateauRule().load_state_dict(meta["plateau_rule"])
+        expected = {k: v.shape for k, v in get_model(cfg.model, **cfg.model_args).state_dict().items()}
+    except (KeyError, TypeError, ValueError, AttributeError, NinError) as e:
+        reason = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{path}: damaged training state ({reason})") from None
+    saved = {k[len("model."):]: v.shape for k, v in tensors.items() if k.startswith("model.")}
+    wrong = sorted(set(expected) ^ set(saved)) or [k for k in expected if expected[k] != saved[k]]
+    if wrong:
+        raise CheckpointError(f"{path}: its model tensors do not match its own config ({cfg.model} "
+                              f"{cfg.model_args}; first difference: {wrong[0]})")
+    missing = [k for k in ("rng.cpu", "partial.loss_sum", "partial.correct", "partial.seen") if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: damaged training state (no {missing[0]})")
+    return cfg
+
+
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, epochs: int | None = None,
           command: str | None = None, device: torch.device | None = None, log=print,
           interrupt_after: int | None = None) -> dict:
@@ -606,7 +644,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         saved_tensors, saved_meta = load_state(checkpoint_path)
         if saved_meta.get("kind") != "checkpoint":
             raise NinError(f"{checkpoint_path}: not a training checkpoint")
-        cfg = TrainConfig.from_dict(saved_meta["train_config"])
+        cfg = _checkpoint_config(checkpoint_path, saved_tensors, saved_meta)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
     validate(cfg)
@@ -649,10 +687,21 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
             ema.model.load_state_dict({k[len("ema."):]: v for k, v in saved_tensors.items() if k.startswith("ema.")})
         rule.load_state_dict(saved_meta["plateau_rule"])
         epoch, batches_done, step = saved_meta["epoch"], saved_meta["batches_done"], saved_meta["step"]
-        for key in partial:
-            partial[key] = saved_tensors[f"partial.{key}"].to(device)
+        for key in partial:  # the checkpoint holds the counts summed over ranks: rank 0 carries them on
+            if main:
+                partial[key] = saved_tensors[f"partial.{key}"].to(device)
         partial_time = saved_meta["partial_time"]
         _restore_rng(saved_tensors, device)
+        saved_world = saved_meta.get("world_size", 1)
+        if saved_world != world:  # batches_done counts per-rank batches of the old shards: restart the epoch
+            if main:
+                log(f"nin: resuming a {saved_world}-process run with {world} process(es): the global batch changes "
+                    f"from {cfg.batch_size * saved_world} to {cfg.batch_size * world} (the lr is not rescaled)"
+                    + (f"; epoch {epoch + 1} was interrupted after {batches_done} of its steps and restarts from "
+                       f"its first batch" if batches_done else ""))
+            batches_done, step, partial_time = 0, epoch * steps_per_epoch, 0.0
+            for key in partial:
+                partial[key].zero_()
 
     train_model: nn.Module = model
     if cfg.compile == "on":
@@ -661,13 +710,14 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_checkpoint() -> None:
+        summed = {k: distributed.all_reduce_sum(v.clone()) for k, v in partial.items()}  # every rank's counts
         if not main:
             return
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"preprocess.{k}": v for k, v in preprocessing.state_dict().items()})
         tensors.update(_optimizer_tensors(optimizer))
         tensors.update(_rng_tensors(device))
-        tensors.update({f"partial.{k}": v for k, v in partial.items()})
+        tensors.update({f"partial.{k}": v for k, v in summed.items()})
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
         meta = {"kind": "checkpoint", "train_config": cfg.to_dict(), "model_config": model.config.to_dict(),
@@ -728,7 +778,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                 batches.set_postfix(loss=f"{float(partial['loss_sum']) / max(int(partial['seen']), 1):.4f}", lr=f"{lr:.4g}")
             if epoch == 0 and cfg.stall_check_steps and (step == cfg.stall_check_steps or batches_done == steps_per_epoch):
                 mean_loss = float(partial["loss_sum"]) / max(int(partial["seen"]), 1)
-                if _stalled(logits.detach(), mean_loss, num_classes):
+                if distributed.all_true(_stalled(logits.detach(), mean_loss, num_classes), device):
                     raise TrainingStalled(f"after {step} steps the loss is {mean_loss:.4f} ≈ ln {num_classes} = "
                                           f"{math.log(num_classes):.4f}: {STALL_ADVICE}")
             if step >= last_step:
@@ -753,8 +803,11 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                                 f"checkpoint stays in {checkpoint_path}. Lower the lr (--set lr=...)")
         train_time = partial_time
         eval_tick = time.perf_counter()
-        result = evaluate(ema.model if ema is not None else train_model, eval_loader, num_classes=num_classes,
-                          amp_dtype=amp_dtype, tta_flip=cfg.tta_flip)
+        eval_model = ema.model if ema is not None else train_model
+        if isinstance(eval_model, nn.parallel.DistributedDataParallel):
+            eval_model = eval_model.module  # no collectives per batch: ranks may hold different numbers of batches
+        distributed.broadcast_buffers(eval_model)  # rank 0's batch-norm statistics, the ones its checkpoint saves
+        result = evaluate(eval_model, eval_loader, num_classes=num_classes, amp_dtype=amp_dtype, tta_flip=cfg.tta_flip)
         eval_time = time.perf_counter() - eval_tick
         train_accuracy = train_correct / max(seen, 1)
         event = rule.update(train_accuracy) if cfg.schedule == "plateau" else None

@@ -264,20 +264,23 @@ def load_dataset(
         The split as an `ImageDataset`.
 
     Raises:
-        DataError: A file is missing or damaged.
+        DataError: A file is missing or damaged, or the name or split is unknown.
     """
-    assert split in SPLITS, f"split must be one of {SPLITS}, got {split!r}"
+    if split not in SPLITS:  # a user's typo (nin evaluate --split): one line, not an assertion
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     root = resolve_root(root)
     if name == "folder":
         folder = root / split if (root / split).is_dir() else root
         images, labels, classes = read_image_folder(folder, image_size or 32, channels or 3)
         return ImageDataset(images, labels, classes, "folder")
     if name == LOSSLESS_CIFAR10_NAME:
-        assert split == "test", f"{LOSSLESS_CIFAR10_NAME} has only a test split"
+        if split != "test":
+            raise DataError(f"{LOSSLESS_CIFAR10_NAME} has only a test split, not {split!r}")
         dataset = load_cifar10_lossless_first1000(root)
         dataset.images = _convert(dataset.images, image_size, channels)
         return dataset
-    assert name in DATASETS, f"unknown data set {name!r}; known: {sorted(DATASETS)} and 'folder'"
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}, folder")
     if name == "svhn":
         images, labels = _load_svhn(split, root, verify)
         classes = list(SVHN_CLASSES)

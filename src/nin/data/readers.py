@@ -220,7 +220,8 @@ def read_pickle_dict(path: Path) -> dict[bytes, object]:
     except DataError:
         raise
     except Exception as error:  # a damaged pickle can raise almost anything: EOFError, UnpicklingError, ...
-        raise DataError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
+        message = " ".join(str(error).split())  # one line, whatever the unpickler said
+        raise DataError(f"{path}: not a readable pickle ({type(error).__name__}: {message})") from None
     if not isinstance(content, dict):
         raise DataError(f"{path}: pickle holds {type(content).__name__}, expected a dict")
     return {key.encode() if isinstance(key, str) else key: value for key, value in content.items()}
@@ -276,7 +277,8 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         content = scipy.io.loadmat(str(path))
     except Exception as error:  # scipy raises ValueError, TypeError, OSError... on damaged files
-        raise DataError(f"{path}: not a readable MATLAB file ({type(error).__name__}: {error})") from None
+        message = " ".join(str(error).split())
+        raise DataError(f"{path}: not a readable MATLAB file ({type(error).__name__}: {message})") from None
     images, labels = content.get("X"), content.get("y")
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[:3] != (32, 32, 3):
         raise DataError(f"{path}: X must have shape (32, 32, 3, N)")

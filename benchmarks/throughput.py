@@ -1,0 +1,16 @@
+"""Training and inference throughput of nin's engine against a plain PyTorch port (see nin.bench).
+
+    NIN_DATA=../shared/data .venv/bin/python benchmarks/throughput.py --steps 20
+    .venv/bin/python benchmarks/throughput.py --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nin import bench
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bench.add_arguments(parser)
+    raise SystemExit(bench.run(parser.parse_args()))

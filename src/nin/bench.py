@@ -1,0 +1,344 @@
+"""Training and inference throughput: nin's engine against the plain PyTorch port most NiN repos are.
+
+    nin bench                              # CIFAR-10 from $NIN_DATA, batch 128
+    nin bench --steps 30 --json            # one JSON object
+    nin bench --quick                      # a few steps (the test suite); a synthetic batch without data
+    python benchmarks/throughput.py        # the same
+
+Both sides train nin_cifar10 on the same CIFAR-10 images in one process:
+- baseline: the paper model (`get_model("nin_cifar10")`), NCHW fp32 eager, a per-image augmentation
+  (pad-crop 4 + flip) `Dataset` in a `DataLoader`, plain `torch.optim.SGD`;
+- nin: exactly what `nin train --recipe fast` runs: the FAST model_args, channels_last, `select_precision("auto")`,
+  `make_optimizer`, `TensorLoader` + `Augment`, `lr_at` and `train_step`.
+Each step's time is split into the batch (loader + augmentation) and the step; medians after warm-up.
+Inference: the baseline in NCHW fp32, nin with bf16 autocast, and `optimize_for_inference` (eager and jit).
+FLOPs come from the convolutions' shapes; peaks from a large torch.mm in fp32 and bf16 timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from nin.errors import NinError
+
+__all__ = ["add_arguments", "run", "forward_flops", "matmul_peak", "PerImageCifar"]
+
+BASELINE_PADDING = 4  # the usual port: RandomCrop(32, padding=4) + RandomHorizontalFlip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (default 128, the paper's)")
+    parser.add_argument("--eval-batch-size", type=int, default=500, help="inference batch (default 500, as train())")
+    parser.add_argument("--eval-repeats", type=int, default=5, help="timed inference batches per variant")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers (default 0)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd inference (slow to build)")
+    parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
+    parser.add_argument("--quick", action="store_true", help="tiny run for tests: 2 steps, small batches")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: medians, FLOPs, the machine's matmul peak, peak memory
+# ---------------------------------------------------------------------------------------------
+
+def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """FLOPs (2 per multiply-add) of one image's forward pass, counted over Conv2d and Linear layers."""
+    total = 0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * output[0].numel() * per_output
+        else:
+            total += 2 * module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a size×size torch.mm in ``dtype``: the practical peak of this machine for that dtype."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    seconds = median_seconds(lambda: torch.mm(a, b), repeats, warmup=2)
+    return 2 * size**3 / seconds / 1e9
+
+
+class PeakRss:
+    """Peak resident memory (MiB) while the block runs: /proc/self/statm sampled every 2 ms (Linux), else maxrss."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page / 2**20
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak_mib = max(self.peak_mib, self._rss())
+
+    def __enter__(self) -> PeakRss:
+        self.peak_mib = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self._rss())
+
+
+def timed_steps(batches: Iterator, step: Callable, steps: int, warmup: int) -> dict:
+    """Run warmup + steps iterations of ``step(*next(batches))``; medians of the batch, step and total times."""
+    data, compute, total = [], [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        step(*batch)
+        done = time.perf_counter()
+        if i >= warmup:
+            data.append(fetched - start)
+            compute.append(done - fetched)
+            total.append(done - start)
+    return {"data_s": statistics.median(data), "step_s": statistics.median(compute),
+            "total_s": statistics.median(total), "outside_compute": sum(data) / sum(total)}
+
+
+def _forever(loader) -> Iterator:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: what a typical PyTorch port of NiN does
+# ---------------------------------------------------------------------------------------------
+
+class PerImageCifar(Dataset):
+    """torchvision-style: per image, RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = F.pad(self.images[i], (BASELINE_PADDING,) * 4)
+        top, left = torch.randint(0, 2 * BASELINE_PADDING + 1, (2,)).tolist()
+        image = image[:, top : top + 32, left : left + 32]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return (image.float() / 255 - self.mean) / self.std, int(self.labels[i])
+
+
+def _baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def _images(args, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``count`` CIFAR-10 training images (uint8) and labels; a synthetic batch under --quick without data."""
+    from nin.data import DataError, load_dataset
+
+    try:
+        train = load_dataset("cifar10", "train", args.data_dir)
+        return train.images[:count], train.labels[:count], "cifar10 train"
+    except (DataError, NinError, OSError) as e:
+        if not args.quick:
+            raise NinError(f"nin bench needs CIFAR-10 ({e}); set NIN_DATA or --data-dir, or use --quick") from None
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        return images, torch.randint(0, 10, (count,), generator=generator), "synthetic"
+
+
+def measure(args) -> dict:
+    from nin.data import TensorLoader
+    from nin.evaluate import predict_logits
+    from nin.inference import optimize_for_inference
+    from nin.models import get_model
+    from nin.train import lr_at, make_optimizer, recipe, select_precision, train_step
+    from nin.transforms import Augment, fit_preprocessing
+
+    if args.quick:
+        args.steps, args.warmup, args.batch_size = min(args.steps, 2), min(args.warmup, 1), min(args.batch_size, 16)
+        args.eval_batch_size, args.eval_repeats = min(args.eval_batch_size, 32), min(args.eval_repeats, 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    batch, steps, warmup = args.batch_size, args.steps, args.warmup
+    count = max(batch * (steps + warmup), args.eval_batch_size)
+    images, labels, source = _images(args, count)
+    scaled = images.float() / 255
+    mean, std = scaled.mean(dim=(0, 2, 3)), scaled.std(dim=(0, 2, 3))
+    result: dict = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+                    "data": source, "batch_size": batch, "steps": steps, "warmup": warmup,
+                    "eval_batch_size": args.eval_batch_size}
+
+    peaks = {"fp32": matmul_peak(torch.float32, 512 if args.quick else 2048),
+             "bf16": matmul_peak(torch.bfloat16, 512 if args.quick else 2048)}
+    result["matmul_peak_gflops"] = peaks
+
+    # baseline training
+    base_model = get_model("nin_cifar10")
+    base_optimizer = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    base_loader = DataLoader(PerImageCifar(images, labels, mean, std), batch_size=batch, shuffle=True,
+                             drop_last=True, num_workers=args.workers)
+    flops = forward_flops(base_model, (3, 32, 32))
+    base_model.train()
+    with PeakRss() as memory:
+        base = timed_steps(_forever(base_loader), _baseline_step(base_model, base_optimizer), steps, warmup)
+    base["peak_rss_mib"] = memory.peak_mib
+
+    # nin's engine, as `nin train --recipe fast` runs it
+    cfg = dataclasses.replace(recipe("fast", "cifar10"), batch_size=batch)
+    amp_dtype = select_precision(cfg.precision, cpu)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = get_model(cfg.model, **cfg.model_args).to(memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg)
+    preprocessing = fit_preprocessing(cfg.preprocessing, images)
+    train_x = preprocessing(images)
+    augment = Augment(flip=cfg.flip, translate=cfg.translate) if cfg.augment else None
+    loader = TensorLoader(train_x, labels, batch, shuffle=True, seed=cfg.seed, augment=augment)
+    steps_per_epoch, counter = len(loader), iter(range(10**9))
+
+    def nin_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        lr = lr_at(next(counter), cfg, steps_per_epoch)
+        train_step(model, optimizer, x, y, lr=lr, cfg=cfg, amp_dtype=amp_dtype, memory_format=memory_format,
+                   check_finite=True)
+
+    model.train()
+    with PeakRss() as memory:
+        engine = timed_steps(_forever(loader), nin_step, steps, warmup)
+    engine["peak_rss_mib"] = memory.peak_mib
+    result["precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+    result["channels_last"] = cfg.channels_last
+
+    # inference, on the same images
+    eval_base = ((scaled[: args.eval_batch_size] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)).contiguous()
+    eval_x = train_x[: args.eval_batch_size].contiguous(memory_format=memory_format)
+    base_model.eval()
+    model.eval()
+    repeats = args.eval_repeats
+    with torch.no_grad():
+        inference = {"baseline": median_seconds(lambda: base_model(eval_base), repeats),
+                     "nin_autocast": median_seconds(lambda: predict_logits(model, eval_x, amp_dtype=amp_dtype),
+                                                    repeats)}
+        methods = ["eager", "jit"] + (["compile"] if args.compile else [])
+        for method in methods:
+            start = time.perf_counter()
+            fast = optimize_for_inference(model, amp_dtype=amp_dtype, channels_last=cfg.channels_last, method=method,
+                                          example=eval_x)
+            fast(eval_x)  # build
+            built = time.perf_counter() - start
+            inference[f"nin_{method}"] = median_seconds(lambda: fast(eval_x), repeats)
+            result.setdefault("inference_build_s", {})[method] = built
+
+    # derived numbers
+    n_eval = args.eval_batch_size
+    result["forward_mflop_per_image"] = flops / 1e6
+    nin_peak = peaks.get(result["precision"], peaks["bf16"])
+    for name, timing, peak in (("baseline", base, peaks["fp32"]), ("nin", engine, nin_peak)):
+        timing["images_per_s"] = batch / timing["total_s"]
+        timing["gflops"] = 3 * flops * batch / timing["total_s"] / 1e9
+        timing["peak_fraction"] = timing["gflops"] / peak
+        result[f"train_{name}"] = timing
+    result["train_ratio"] = engine["images_per_s"] / base["images_per_s"]
+    result["inference"] = {
+        name: {"images_per_s": n_eval / seconds, "gflops": flops * n_eval / seconds / 1e9,
+               "peak_fraction": flops * n_eval / seconds / 1e9 / (peaks["fp32"] if name == "baseline" else nin_peak)}
+        for name, seconds in inference.items()}
+    best = max((k for k in inference if k != "baseline"), key=lambda k: result["inference"][k]["images_per_s"])
+    result["inference_best"] = best
+    speeds = {name: r["images_per_s"] for name, r in result["inference"].items()}
+    result["inference_ratio"] = speeds[best] / speeds["baseline"]
+    result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def report(result: dict) -> str:
+    b, n = result["train_baseline"], result["train_nin"]
+    lines = [
+        f"nin bench: {result['data']}, batch {result['batch_size']}, {result['steps']} timed steps after "
+        f"{result['warmup']} warm-up; torch {result['machine']['torch']}, {result['machine']['threads']} threads",
+        f"matmul peak: fp32 {result['matmul_peak_gflops']['fp32']:.0f} GFLOP/s, "
+        f"bf16 {result['matmul_peak_gflops']['bf16']:.0f} GFLOP/s; "
+        f"nin_cifar10 forward {result['forward_mflop_per_image']:.0f} MFLOP/image (training step ≈ 3×)",
+        "",
+        f"{'training':<26}{'img/s':>9}{'GFLOP/s':>9}{'of peak':>9}{'outside compute':>17}{'peak RSS':>11}",
+    ]
+    for name, t, peak in (("baseline (fp32 NCHW)", b, "fp32"), (f"nin fast ({result['precision']}, NHWC)", n,
+                                                                  result["precision"])):
+        lines.append(f"{name:<26}{t['images_per_s']:>9.1f}{t['gflops']:>9.1f}{t['peak_fraction']:>8.1%} "
+                     f"{t['outside_compute']:>16.1%}{t['peak_rss_mib']:>8.0f} MiB")
+    lines.append(f"{'ratio nin / baseline':<26}{result['train_ratio']:>8.2f}×")
+    lines += ["", f"{'inference (batch ' + str(result['eval_batch_size']) + ')':<26}{'img/s':>9}{'GFLOP/s':>9}"
+                  f"{'of peak':>9}"]
+    for name, r in result["inference"].items():
+        lines.append(f"{name:<26}{r['images_per_s']:>9.1f}{r['gflops']:>9.1f}{r['peak_fraction']:>8.1%}")
+    lines.append(f"{'ratio best / baseline':<26}{result['inference_ratio']:>8.2f}×  ({result['inference_best']})")
+    lines.append(f"process max RSS {result['max_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    result = measure(args)
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0

@@ -1,0 +1,50 @@
+"""`nin bench --quick` runs end to end and reports every field; timings are not asserted."""
+
+import json
+
+import torch
+
+from nin.bench import forward_flops
+from nin.cli import main
+from nin.inference import optimize_for_inference
+from nin.models import get_model
+
+
+def test_bench_quick_prints_the_expected_fields(capsys):
+    assert main(["bench", "--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for side in ("train_baseline", "train_nin"):
+        for key in ("images_per_s", "gflops", "peak_fraction", "outside_compute", "peak_rss_mib"):
+            assert result[side][key] >= 0, (side, key)
+    assert result["train_ratio"] > 0 and result["inference_ratio"] > 0
+    assert {"baseline", "nin_autocast", "nin_eager", "nin_jit"} <= set(result["inference"])
+    assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+
+
+def test_bench_quick_text_report(capsys):
+    assert main(["bench", "--quick"]) == 0
+    out = capsys.readouterr().out
+    for text in ("img/s", "ratio nin / baseline", "outside compute", "of peak", "peak RSS", "matmul peak"):
+        assert text in out
+
+
+def test_forward_flops_of_the_paper_model():
+    # PAPER.md: ≈ 222.5 M multiply-adds per CIFAR-10 image, 2 FLOPs each
+    assert abs(forward_flops(get_model("nin_cifar10"), (3, 32, 32)) / 445e6 - 1) < 0.01
+
+
+def test_optimized_inference_matches_the_model():
+    torch.manual_seed(0)
+    model = get_model("nin_cifar10", batch_norm=True, class_map_relu=False, init="kaiming").eval()
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial statistics
+        norm.running_mean.uniform_(-0.1, 0.1)
+        norm.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        for method in ("eager", "jit"):
+            fp32 = optimize_for_inference(model, amp_dtype=None, channels_last=False, method=method, example=images)
+            torch.testing.assert_close(fp32(images), expected, rtol=1e-4, atol=1e-4)
+            bf16 = optimize_for_inference(model, method=method, example=images)
+            assert bf16(images[:3]).dtype == torch.float32 and bf16(images[:3]).shape == (3, 10)  # other batch sizes
+            assert (bf16(images) - expected).abs().max() < 0.1 * expected.abs().max() + 0.05

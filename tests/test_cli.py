@@ -1,0 +1,81 @@
+"""The command line: every --help, a dry run, and train -> evaluate -> predict on a tiny real run."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nin.cli import build_parser, main
+from nin.train import recipe, train
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_every_subcommand_has_help(capsys):
+    names = _subcommands()
+    assert {"train", "evaluate", "predict", "models", "download"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: nin" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs():
+    out = subprocess.run([sys.executable, "-m", "nin", "models"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "nin_cifar10 " in out.stdout and "966,986" in out.stdout
+
+
+def test_dry_run_resolves_recipe_and_overrides(capsys, tmp_path):
+    assert main(["train", "--dataset", "cifar100", "--recipe", "paper", "--dry-run", "--out", str(tmp_path / "r"),
+                 "--set", "model.dropout=0.3", "--epochs", "7"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["train_config"]
+    assert (cfg["model"], cfg["lr"], cfg["weight_decay"], cfg["epochs"]) == ("nin_cifar100", 0.02, 5e-4, 7)
+    assert cfg["model_args"] == {"dropout": 0.3}
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_flags_give_one_line_and_exit_nonzero(capsys):
+    assert main(["train", "--dataset", "mnist", "--set", "lr=abc", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set lr" in err and "Traceback" not in err
+    assert main(["train", "--dataset", "mnist", "--model", "nin_foo", "--dry-run"]) == 1
+    assert "unknown model 'nin_foo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--dataset", "imagenet21k"])
+    assert exit_info.value.code == 2
+
+
+def test_train_evaluate_predict(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(recipe("fast", "mnist"), train_subset=1024, eval_subset=300, epochs=1, batch_size=64)
+    train(cfg, run, log=lambda *_: None)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json", "--data-dir", str(data_root)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 10_000 and 0 <= result["error"] <= 1
+    assert abs(result["accuracy"] + result["error"] - 1) < 1e-12
+    assert len(result["confusion"]) == 10 and sum(map(sum, result["confusion"])) == 10_000
+    assert main(["evaluate", str(run / "model.safetensors")]) == 0
+    assert "confusion matrix" in capsys.readouterr().out
+
+    odd = tmp_path / "odd.png"  # any size and mode: a 45×17 RGBA image
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (17, 45, 4), dtype=np.uint8), "RGBA").save(odd)
+    assert main(["predict", str(run), str(odd), "--top-k", "3", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+    assert {t["class"] for t in top} <= {str(i) for i in range(10)} | {f"{i} - " for i in range(10)} or top
+
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("hello")
+    assert main(["predict", str(run), str(not_image)]) == 1
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and err.count("\n") == 1

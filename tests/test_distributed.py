@@ -1,0 +1,277 @@
+"""DDP on this CPU: two gloo processes on 127.0.0.1 (torch.multiprocessing.spawn), one thread each.
+
+One spawn (a module fixture) runs every distributed job; the workers write what they computed into a
+temporary folder and the tests compare it with one process doing the same work. Checks: sharding, DDP
+optimizer steps == steps on the global batch, every test image counted once, bit-exact resume under DDP,
+and resuming with a different number of processes. About 35 s of CPU time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from nin import distributed
+from nin.checkpoint import load_state, load_weights
+from nin.data import TensorLoader, load_dataset
+from nin.data.loader import shard_indices
+from nin.evaluate import evaluate
+from nin.models import get_model
+from nin.train import TrainConfig, make_optimizer, recipe, train, train_step
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    # what torchrun sets; distributed.setup() then joins a gloo group (no CUDA here, or forced to the CPU)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    device = distributed.setup(torch.device("cpu"))
+    assert device.type == "cpu" and dist.get_backend() == "gloo"
+    assert (distributed.rank(), distributed.world_size()) == (rank, world)
+    try:
+        fn(rank, *args)
+    finally:
+        distributed.cleanup()
+
+
+def _spawn(fn, *args, world: int = WORLD) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: the same permutation, disjoint equal-length shards
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_disjoint_equal_slices_of_one_permutation(world):
+    size = 1001
+    shards = [shard_indices(size, shuffle=True, seed=5, epoch=2, rank=r, world_size=world) for r in range(world)]
+    assert {len(s) for s in shards} == {size // world}  # equal steps on every rank
+    flat = torch.cat(shards)
+    assert len(set(flat.tolist())) == len(flat)  # disjoint
+    permutation = torch.stack(shards, dim=1).reshape(-1)  # interleaving the shards gives back the permutation
+    single = shard_indices(size, shuffle=True, seed=5, epoch=2, rank=0, world_size=1)
+    assert torch.equal(permutation, single[: len(permutation)])
+    evaluation = torch.cat([shard_indices(size, shuffle=False, seed=0, epoch=0, rank=r, world_size=world)
+                            for r in range(world)])
+    assert sorted(evaluation.tolist()) == list(range(size))  # evaluation: every image exactly once
+
+
+# ---------------------------------------------------------------------------------------------
+# One spawn of two gloo workers does all the distributed work; the tests below read what it wrote
+# ---------------------------------------------------------------------------------------------
+
+B, STEPS = 8, 2
+STEP_CFG = TrainConfig(model="nin_mnist", precision="fp32", momentum=0.9, weight_decay=1e-4)
+N_EVAL = 333  # odd: rank 0 gets 167 images, rank 1 166; batches of 83 give them 3 and 2 batches
+TINY = [{"kernel_size": 5, "widths": [16, 16], "pool": "max"},  # a small NiN: these tests run on 2 shared cores
+        {"kernel_size": 3, "widths": [16, 10], "pool": None, "dropout": False}]
+
+
+def _global_batches():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(WORLD * B, 1, 28, 28, generator=generator), torch.randint(0, 10, (WORLD * B,), generator=generator))
+            for _ in range(STEPS)]
+
+
+def _fresh_model() -> nn.Module:
+    torch.manual_seed(0)
+    return get_model("nin_mnist", batch_norm=False, dropout=0.0).to(memory_format=torch.channels_last)
+
+
+def _eval_data():
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(N_EVAL, 1, 28, 28, generator=generator), torch.randint(0, 10, (N_EVAL,), generator=generator)
+
+
+def _eval_model() -> nn.Module:
+    torch.manual_seed(3)
+    return get_model("nin_mnist", batch_norm=True, dropout=0.0)
+
+
+def _tiny_fast(data_dir: str, **changes) -> TrainConfig:
+    fast = recipe("fast", "mnist")
+    return dataclasses.replace(fast, data_dir=data_dir, model_args={**fast.model_args, "blocks": TINY}, **changes)
+
+
+def _resume_cfg(data_dir: str) -> TrainConfig:
+    # 192 images in batches of 16: 6 steps per rank and epoch with 2 processes, 12 with one
+    cfg = _tiny_fast(data_dir, train_subset=192, eval_subset=100, batch_size=16, epochs=2, checkpoint_every=4)
+    return dataclasses.replace(cfg, model_args={**cfg.model_args, "dropout": 0.5})  # dropout: the RNG must resume too
+
+
+def _workers(rank: int, out: str, data_dir: str | None) -> None:
+    # (a) STEPS DDP steps, each rank on its half of the global batch
+    model = _fresh_model()
+    optimizer = make_optimizer(model, STEP_CFG)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for images, labels in _global_batches():
+        mine = slice(rank * B, (rank + 1) * B)
+        loss, _ = train_step(ddp, optimizer, images[mine], labels[mine], lr=0.05, cfg=STEP_CFG, amp_dtype=None)
+        assert loss is not None
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/step{rank}.pt")
+    # a non-finite loss on one rank stops every rank at the same step: none steps, none waits forever
+    bad = images[mine].clone()
+    if rank == 1:
+        bad[0] = float("nan")
+    loss, _ = train_step(ddp, optimizer, bad, labels[mine], lr=0.05, cfg=STEP_CFG, amp_dtype=None)
+    assert loss is None, f"rank {rank} stepped on a non-finite loss"
+    assert not distributed.all_true(rank == 0) and distributed.all_true(True)
+
+    # (b) evaluate() on uneven shards and uneven batch counts
+    images, labels = _eval_data()
+    loader = TensorLoader(images, labels, 83, shuffle=False, rank=rank, world_size=WORLD)
+    assert len(loader) == (3 if rank == 0 else 2)
+    result = evaluate(_eval_model(), loader, num_classes=10)
+    torch.save({"confusion": result.confusion, "loss": result.loss}, f"{out}/eval{rank}.pt")
+    if data_dir is None:
+        return
+
+    # (b) the same through train(): batch-norm statistics differ per rank until rank 0's are broadcast
+    cfg = _tiny_fast(data_dir, train_subset=256, eval_subset=N_EVAL, batch_size=32, epochs=1, precision="fp32",
+                     eval_batch_size=83)
+    train(cfg, f"{out}/eval-run", log=_quiet)
+
+    # (c) uninterrupted, interrupted, resumed
+    cfg = _resume_cfg(data_dir)
+    train(cfg, f"{out}/full", log=_quiet)
+    try:
+        train(cfg, f"{out}/cut", log=_quiet, interrupt_after=9)  # last checkpoint: step 8, mid-epoch 2
+        raise AssertionError("interrupt_after did not interrupt")
+    except KeyboardInterrupt:
+        pass
+    distributed.barrier()
+    if rank == 0:
+        shutil.copytree(f"{out}/cut", f"{out}/cut-for-1")  # a 2-process mid-epoch checkpoint for (d)
+    distributed.barrier()
+    train(None, f"{out}/cut", resume=True, log=_quiet)
+
+    # (d) a 1-process mid-epoch checkpoint (written by the test process) resumed by 2 processes
+    messages: list[str] = []
+    train(None, f"{out}/single-for-2", resume=True, log=messages.append)
+    if rank == 0:  # only rank 0 logs
+        with open(f"{out}/messages-2.json", "w") as f:
+            json.dump(messages, f)
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    root = Path(os.environ.get("NIN_DATA", ""))
+    data_dir = str(root) if (root / "mnist").is_dir() else None
+    if data_dir is not None:
+        with pytest.raises(KeyboardInterrupt):  # 12 steps per epoch in one process; last checkpoint at step 16
+            train(_resume_cfg(data_dir), out / "single-for-2", log=_quiet, interrupt_after=17)
+    _spawn(_workers, str(out), data_dir)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) one DDP step on 2 × B images == one step of one process on the 2B-image global batch
+# ---------------------------------------------------------------------------------------------
+
+def test_ddp_step_equals_one_process_on_the_global_batch(ddp_out):
+    model = _fresh_model()
+    optimizer = make_optimizer(model, STEP_CFG)
+    for images, labels in _global_batches():  # F.cross_entropy's mean over 2B = DDP's average of the two B-means
+        train_step(model, optimizer, images, labels, lr=0.05, cfg=STEP_CFG, amp_dtype=None)
+    rank0, rank1 = torch.load(ddp_out / "step0.pt"), torch.load(ddp_out / "step1.pt")
+    start = _fresh_model().state_dict()
+    for name, single in model.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name  # DDP keeps the replicas identical
+        assert not torch.equal(single, start[name]), name  # the steps did move every weight
+        torch.testing.assert_close(rank0[name], single, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) evaluation: each test image once, whatever the split into ranks and batches
+# ---------------------------------------------------------------------------------------------
+
+def test_evaluate_counts_every_image_once(ddp_out):
+    images, labels = _eval_data()
+    single = evaluate(_eval_model(), TensorLoader(images, labels, 500, shuffle=False), num_classes=10)
+    for rank in range(WORLD):  # every rank holds the reduced numbers
+        got = torch.load(ddp_out / f"eval{rank}.pt")
+        assert int(got["confusion"].sum()) == N_EVAL
+        assert torch.equal(got["confusion"], single.confusion)
+        assert got["loss"] == pytest.approx(single.loss, rel=1e-5)
+
+
+def test_training_run_evaluates_every_image_once(data_root, ddp_out):
+    run = ddp_out / "eval-run"
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    wrong = record["test_error"] * N_EVAL  # the logged error has denominator 333
+    assert wrong == pytest.approx(round(wrong), abs=1e-6)
+    model, preprocessing, _ = load_weights(run)  # rank 0's weights and batch-norm statistics
+    test = load_dataset("mnist", "test", str(data_root))
+    x, y = preprocessing(test.images[:N_EVAL]), test.labels[:N_EVAL]
+    again = evaluate(model, TensorLoader(x, y, 500, shuffle=False), num_classes=10)
+    assert again.n == N_EVAL
+    assert abs(round(wrong) - (N_EVAL - again.correct)) <= 1  # equal but for a float near-tie in an argmax
+    assert json.loads((run / "config.json").read_text())["world_size"] == WORLD
+    _, meta = load_state(run / "checkpoint.safetensors")
+    assert meta["world_size"] == WORLD and meta["step"] == 256 // WORLD // 32
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) resume under DDP: bit-identical to the uninterrupted run; (d) resume with another world size
+# ---------------------------------------------------------------------------------------------
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    tensors, _ = load_state(run / "checkpoint.safetensors")
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _metrics(run) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if "time" not in k and "per_s" not in k} for l in lines]
+
+
+def test_resumed_ddp_run_is_bit_identical(data_root, ddp_out):
+    full, cut = _weights(ddp_out / "full"), _weights(ddp_out / "cut")
+    assert full and all(torch.equal(full[k], cut[k]) for k in full)
+    assert _metrics(ddp_out / "full") == _metrics(ddp_out / "cut")  # train loss/error summed over both ranks too
+    _, meta = load_state(ddp_out / "full" / "checkpoint.safetensors")
+    assert (meta["epoch"], meta["step"], meta["world_size"]) == (2, 12, 2)
+
+
+def test_resume_with_fewer_processes_restarts_the_interrupted_epoch(data_root, ddp_out):
+    run = ddp_out / "cut-for-1"
+    _, before = load_state(run / "checkpoint.safetensors")
+    assert (before["epoch"], before["batches_done"], before["step"], before["world_size"]) == (1, 2, 8, 2)
+    messages: list[str] = []
+    train(None, run, resume=True, log=messages.append)
+    assert any("restarts from its first batch" in m and "from 32 to 16" in m for m in messages)
+    _, after = load_state(run / "checkpoint.safetensors")
+    assert (after["epoch"], after["batches_done"], after["step"], after["world_size"]) == (2, 0, 24, 1)
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+def test_resume_with_more_processes_restarts_the_interrupted_epoch(data_root, ddp_out):
+    messages = json.loads((ddp_out / "messages-2.json").read_text())
+    assert any("restarts from its first batch" in m and "from 16 to 32" in m for m in messages)
+    _, after = load_state(ddp_out / "single-for-2" / "checkpoint.safetensors")
+    assert (after["epoch"], after["batches_done"], after["step"], after["world_size"]) == (2, 0, 12, 2)
+    assert [r["epoch"] for r in _metrics(ddp_out / "single-for-2")] == [1, 2]

@@ -1,0 +1,108 @@
+"""nin reproduce: every experiment's dry run parses back as nin train; record_run on a tiny real run; RESULTS.md."""
+
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nin.cli import build_parser, main
+from nin.reproduce import EXPERIMENTS, PAPER_ROWS, multiply_adds, plan, record_run, write_report
+from nin.train import recipe, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_dry_run_prints_valid_train_commands(experiment, capsys, tmp_path):
+    out_root = tmp_path / "runs"
+    assert main(["reproduce", experiment, "--dry-run", "--out-root", str(out_root), "--epochs", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(EXPERIMENTS[experiment][1]) >= 1
+    parser = build_parser()
+    for line, planned in zip(lines, plan(experiment, out_root=out_root, epochs=3)):
+        words = shlex.split(line)
+        assert words[:2] == ["nin", "train"]
+        args = parser.parse_args(words[1:])
+        assert args.command == "train" and args.out == str(out_root / planned.name) and args.epochs == 3
+        # the command resolves to a valid config, as `nin train --dry-run` would
+        assert main([*words[1:], "--dry-run"]) == 0
+        assert json.loads(capsys.readouterr().out)["train_config"]["epochs"] == 3
+    assert not out_root.exists()
+
+
+def test_table5_trains_six_heads_on_one_schedule():
+    runs = plan("table5", gpu=True)
+    models = [r.argv[r.argv.index("--model") + 1] for r in runs]
+    assert models == ["nin_cifar10_fc", "nin_cifar10_fc_dropout", "nin_cifar10",
+                      "cnn_cifar10_fc", "cnn_cifar10_fc_dropout", "cnn_cifar10_gap"]
+    tails = {r.argv[r.argv.index("--epochs"):] for r in runs}
+    assert tails == {("--epochs", "260", "--set", "schedule=multistep", "--set", "milestones=200,230",
+                      "--device", "cuda")}
+    aug = plan("table1-aug")[0].argv
+    assert "--augment" in aug and "--recipe" in aug and aug[aug.index("--recipe") + 1] == "paper"
+
+
+def test_multiply_adds_match_the_paper():
+    assert round(multiply_adds("nin_cifar10") / 1e6, 1) == 222.5  # PAPER.md: ≈ 222.5 M per CIFAR-10 image
+
+
+def test_record_run_and_report(data_root, tmp_path):
+    run = tmp_path / "runs" / "tiny-mnist"
+    cfg = dataclasses.replace(recipe("fast", "mnist"), train_subset=512, eval_subset=300, epochs=1, batch_size=64)
+    last = train(cfg, run, command="nin train --dataset mnist --recipe fast (tiny)", log=lambda *_: None)
+    results, weights = tmp_path / "results", tmp_path / "weights"
+
+    record = record_run(run, "tiny-mnist", results, weights, log=lambda *_: None)
+    saved = json.loads((results / "tiny-mnist.json").read_text())
+    assert saved == record
+    for key in ("command", "git_revision", "machine", "cores", "wall_time_s", "epochs", "final_error",
+                "evaluated_error", "curve", "dataset_label", "weights"):
+        assert key in saved, key
+    assert saved["command"] == "nin train --dataset mnist --recipe fast (tiny)"
+    assert saved["dataset_label"] == "MNIST" and saved["epochs"] == 1 and saved["eval_subset"] == 300
+    assert saved["curve"][0].keys() == {"epoch", "train_error", "test_error", "train_loss", "test_loss", "lr"}
+    assert saved["final_error"] == last["test_error"]
+    assert saved["evaluated_n"] == 300
+    assert saved["evaluated_error"] == saved["final_error"]  # the weights file alone reproduces the error exactly
+    assert (weights / "tiny-mnist.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+
+    report = write_report(results, tmp_path / "RESULTS.md", data_dir=str(data_root))
+    text = report.read_text()
+    for row in PAPER_ROWS:
+        assert f"| {row.table} | {row.label} | {row.paper} |" in text
+    assert "not run here: needs data (CIFAR-100/SVHN not on this machine)" in text
+    assert "not run here: needs a GPU" in text
+    assert "tiny-mnist" in text and "## Other recorded runs" in text
+    pytest.importorskip("matplotlib")
+    assert (results / "curves" / "tiny-mnist.png").stat().st_size > 1000
+
+
+def test_python_dash_m_reproduce_report(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "nin.reproduce", "report", "--results-dir", str(tmp_path / "none"),
+                           "--output", str(tmp_path / "R.md"), "--no-curves"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "R.md").read_text().count("| Table ") == len(PAPER_ROWS)
+
+
+def test_pack_and_unpack_data_round_trip(tmp_path):
+    source = tmp_path / "data"
+    (source / "mnist").mkdir(parents=True)
+    (source / "mnist" / "a.bin").write_bytes(bytes(range(256)) * 9000)  # 2.3 MB
+    (source / "b.txt").write_text("hello")
+    parts = tmp_path / "parts"
+    tool = REPO / "experiments" / "pack_data.py"
+    packed = subprocess.run([sys.executable, str(tool), "pack", str(source), str(parts), "--part-mib", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert packed.returncode == 0, packed.stderr
+    manifest = json.loads((parts / "manifest.json").read_text())
+    assert len(manifest["parts"]) == 3 and all((parts / p["name"]).stat().st_size <= 2**20 for p in manifest["parts"])
+    unpacked = subprocess.run([sys.executable, str(tool), "unpack", str(parts), str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=60)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert (tmp_path / "out" / "mnist" / "a.bin").read_bytes() == (source / "mnist" / "a.bin").read_bytes()
+    assert (tmp_path / "out" / "b.txt").read_text() == "hello"

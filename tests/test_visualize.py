@@ -1,0 +1,175 @@
+"""nin.visualize: the maps are the model's own pre-pooling output, the statistic counts right, every PNG has its size."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("matplotlib")
+
+from nin import visualize  # noqa: E402
+from nin.checkpoint import load_weights  # noqa: E402
+from nin.cli import main  # noqa: E402
+from nin.data import load_dataset  # noqa: E402
+from nin.models import get_model  # noqa: E402
+from nin.transforms import Preprocessing  # noqa: E402
+
+CLASSES = [f"class {k}" for k in range(10)]
+
+
+def _png_size(path) -> tuple[int, int]:
+    assert path.is_file() and path.stat().st_size > 0, f"{path} missing or empty"
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_model("nin_mnist", batch_norm=True, class_map_relu=False)  # the fast recipe's variant
+
+
+def test_confidence_maps_are_the_pre_pooling_output_and_average_to_the_logits():
+    model = _model().train()
+    images = torch.randn(4, 1, 28, 28)
+    maps = visualize.confidence_maps(model, images)
+    assert model.training, "confidence_maps must leave the model's mode as it found it"
+    model.eval()
+    with torch.no_grad():
+        expected = model.forward_features(images)
+        logits = model(images)
+    assert maps.shape == (4, 10, 7, 7) and not maps.requires_grad
+    torch.testing.assert_close(maps, expected, rtol=0, atol=0)
+    torch.testing.assert_close(maps.mean(dim=(2, 3)), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_map_scores_in_batches_match_one_pass():
+    model = _model().eval()
+    images = torch.randint(0, 256, (13, 1, 28, 28), dtype=torch.uint8)
+    preprocessing = Preprocessing("scale")
+    peaks, logits = visualize.map_scores(model, preprocessing, images, batch_size=5)
+    maps = visualize.confidence_maps(model, preprocessing(images))
+    torch.testing.assert_close(peaks, maps.amax(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, maps.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_map_statistics_counts():
+    peaks = torch.tensor([[5.0, 1.0, 0.0], [0.0, 4.0, 1.0], [0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, 1])
+    # max map: 0, 1, 2, 0 -> true 3/4; GAP: 0, 2, 2, 1 -> agree 2/4, accurate 3/4
+    stats = visualize.map_statistics(peaks, logits, labels)
+    assert stats == {"n": 4, "max_map_true_class": 0.75, "max_map_agrees_with_gap": 0.5, "gap_accuracy": 0.75,
+                     "chance": pytest.approx(1 / 3)}
+
+
+def test_upsample_maps_takes_the_chosen_class_bilinearly():
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[0, 2] = 7.0
+    maps[1, 1, 0, 0] = 1.0
+    heat = visualize.upsample_maps(maps, torch.tensor([2, 1]), (32, 32))
+    assert heat.shape == (2, 32, 32)
+    torch.testing.assert_close(heat[0], torch.full((32, 32), 7.0))  # a constant map stays constant
+    assert heat[1, 0, 0] == heat[1].max() and heat[1, -1, -1] == 0 and 0 < heat[1, 5, 5] < 1
+
+
+def test_select_per_class_takes_the_first_images_of_each_class():
+    labels = torch.tensor([3, 0, 3, 3, 1, 0])
+    assert visualize.select_per_class(labels, 2, 4).tolist() == [1, 5, 4, 0, 2]  # class 2 absent: skipped
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_map_figures_have_their_pixel_size(tmp_path, channels):
+    images = torch.randint(0, 256, (3, channels, 32, 32), dtype=torch.uint8)
+    maps = torch.randn(3, 10, 8, 8)
+    labels, predictions = torch.tensor([0, 1, 2]), torch.tensor([0, 4, 2])
+    path = visualize.plot_confidence_maps(images, maps, labels, predictions, CLASSES, tmp_path / "maps.png")
+    assert _png_size(path) == (11 * 120 + 40, 3 * 120 + 60)
+    path = visualize.plot_overlays(images, maps, predictions, CLASSES, tmp_path / "overlays.png", labels=labels)
+    assert _png_size(path) == (3 * 160, 160 + 60)
+
+
+def test_many_images_and_many_classes(tmp_path):
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    maps = torch.randn(10, 100, 8, 8)
+    predictions = torch.arange(10)
+    classes = [f"c{k}" for k in range(100)]
+    path = visualize.plot_overlays(images, maps, predictions, classes, tmp_path / "overlays.png",
+                                   names=[f"image_{i}.png" for i in range(10)])
+    assert _png_size(path) == (8 * 160, 2 * 160 + 60)  # rows of 8
+    path = visualize.plot_confidence_maps(images[:2], maps[:2], torch.tensor([50, 99]), predictions[:2], classes,
+                                          tmp_path / "maps.png")
+    assert _png_size(path) == (11 * 120 + 40, 2 * 120 + 60)  # the true class and the 9 top scorers
+    confusion = torch.randint(0, 5, (100, 100))
+    assert _png_size(visualize.plot_confusion(confusion, classes, tmp_path / "confusion.png")) == (2200, 2200)
+
+
+def test_confusion_figure(tmp_path):
+    confusion = torch.diag(torch.full((10,), 90)) + 1
+    assert _png_size(visualize.plot_confusion(confusion, CLASSES, tmp_path / "confusion.png")) == (700, 700)
+
+
+def _write_run(folder, split, errors):
+    folder.mkdir()
+    lines = [json.dumps({"epoch": e + 1, "step": 4 * (e + 1), "lr": 0.1 / 10**e, "train_loss": 2.0 - e / 2,
+                         "train_error": error + 0.05, f"{split}_loss": 2.1 - e / 2, f"{split}_error": error})
+             for e, error in enumerate(errors)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 4, "tr')  # a torn last line
+    return folder
+
+
+def test_curves_of_several_runs(tmp_path):
+    first = _write_run(tmp_path / "a", "test", [0.5, 0.3, 0.2])
+    second = _write_run(tmp_path / "b", "val", [0.6, 0.4])
+    assert [r["epoch"] for r in visualize.read_metrics(first)] == [1, 2, 3]
+    assert _png_size(visualize.plot_curves([first, second], tmp_path / "curves.png")) == (1500, 450)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root):
+    from nin.train import recipe, train
+
+    cfg = dataclasses.replace(recipe("fast", "mnist"), train_subset=256, eval_subset=200, epochs=2, batch_size=64)
+    out = tmp_path_factory.mktemp("visualize") / "run"
+    train(cfg, out, log=lambda *_: None)
+    return out
+
+
+def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys):
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (17, 45, 4), dtype=np.uint8), "RGBA").save(odd)
+    palette = tmp_path / "palette.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8)).convert("P").save(palette)
+    out = tmp_path / "figures"
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "200", "--per-class", "1",
+                 "--images", str(odd), str(palette), "--runs", str(tiny_run), str(tiny_run)]) == 0
+    printed = capsys.readouterr().out
+    assert "largest activation is the true class" in printed
+
+    sizes = {name: _png_size(out / name) for name in
+             ["confidence_maps.png", "overlays.png", "overlays_images.png", "curves.png", "confusion.png"]}
+    assert sizes["confidence_maps.png"] == (11 * 120 + 40, 10 * 120 + 60)  # the first 200 hold every digit
+    assert sizes["overlays.png"] == (8 * 160, 2 * 160 + 60)
+    assert sizes["overlays_images.png"] == (3 * 160, 160 + 60)  # at least 3 panels wide
+    assert sizes["curves.png"] == (1500, 450) and sizes["confusion.png"] == (700, 700)
+
+    stats = json.loads((out / "maps.json").read_text())
+    assert {"n", "max_map_true_class", "max_map_agrees_with_gap", "gap_accuracy", "chance", "weights",
+            "dataset", "precision"} <= set(stats)
+    assert stats["n"] == 200 and stats["dataset"] == "mnist"
+    for key in ("max_map_true_class", "max_map_agrees_with_gap", "gap_accuracy"):
+        assert 0.0 <= stats[key] <= 1.0
+    model, preprocessing, _ = load_weights(tiny_run)
+    test = load_dataset("mnist", "test")
+    with torch.no_grad():
+        predictions = model(preprocessing(test.images[:200])).argmax(dim=1)
+    accuracy = float((predictions == test.labels[:200]).double().mean())
+    assert stats["gap_accuracy"] == pytest.approx(accuracy, abs=0.02)  # the command may run in bf16
+
+
+def test_missing_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["visualize", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
+    assert "error" in capsys.readouterr().err

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -167,26 +166,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from nin.checkpoint import load_weights
-    from nin.data import TensorLoader, load_dataset
-    from nin.errors import NinError
-    from nin.evaluate import evaluate
+    from nin.data import TensorLoader
+    from nin.evaluate import evaluate, load_matching_dataset
     from nin.train import select_precision
 
     device = _device(args.device)
     model, preprocessing, meta = load_weights(args.weights, device)
-    dataset = args.dataset or meta.get("dataset")
-    if not dataset:
-        raise NinError(f"{args.weights}: names no data set; pass --dataset")
     config = model.config
-    size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
-    data = load_dataset(dataset, args.split, args.data_dir, **size_args)
-    expected = (config.in_channels, config.input_size, config.input_size)
-    if tuple(data.images.shape[1:]) != expected:
-        raise NinError(f"{args.weights}: the model expects {'×'.join(map(str, expected))} images; {dataset} "
-                       f"{args.split} has {'×'.join(map(str, data.images.shape[1:]))}")
-    if len(data.labels) and int(data.labels.max()) >= config.num_classes:
-        raise NinError(f"{args.weights}: the model has {config.num_classes} classes; {dataset} {args.split} has "
-                       f"labels up to {int(data.labels.max())}")
+    dataset, data = load_matching_dataset(args.weights, config, meta, args.dataset, args.split, args.data_dir)
     images = preprocessing(data.images).to(device).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
     result = evaluate(model, TensorLoader(images, data.labels.to(device), args.batch_size, shuffle=False),

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from nin import distributed
 
-__all__ = ["EvalResult", "evaluate", "autocast"]
+__all__ = ["EvalResult", "evaluate", "autocast", "load_matching_dataset"]
 
 
 @dataclass
@@ -93,3 +93,27 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = int(confusion.sum())
     return EvalResult(loss=float(loss_sum) / max(n, 1), confusion=confusion)
+
+
+def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None):
+    """The split a model can be evaluated on: its own data set (or ``dataset``), checked against its shape.
+
+    Raises NinError naming ``weights`` when the data set is unknown, its images have another shape, or its
+    labels exceed the model's classes.
+    """
+    from nin.data import load_dataset
+    from nin.errors import NinError
+
+    dataset = dataset or meta.get("dataset")
+    if not dataset:
+        raise NinError(f"{weights}: names no data set; pass --dataset")
+    size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
+    data = load_dataset(dataset, split, data_dir, **size_args)
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if tuple(data.images.shape[1:]) != expected:
+        raise NinError(f"{weights}: the model expects {'×'.join(map(str, expected))} images; {dataset} "
+                       f"{split} has {'×'.join(map(str, data.images.shape[1:]))}")
+    if len(data.labels) and int(data.labels.max()) >= config.num_classes:
+        raise NinError(f"{weights}: the model has {config.num_classes} classes; {dataset} {split} has "
+                       f"labels up to {int(data.labels.max())}")
+    return dataset, data

@@ -421,7 +421,7 @@ def _output_folder(weights: Path, out: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     """``nin visualize``: every figure of the module docstring, and maps.json, into ``--out``."""
     from nin.checkpoint import load_weights
-    from nin.data import load_dataset
+    from nin.evaluate import load_matching_dataset
     from nin.data.readers import read_image
     from nin.train import select_precision
 
@@ -438,18 +438,7 @@ def run(args: argparse.Namespace) -> int:
         raise NinError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
     model, preprocessing, meta = load_weights(weights, device)
     config = model.config
-    dataset = meta.get("dataset")
-    if not dataset:
-        raise NinError(f"{weights}: names no data set")
-    size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
-    data = load_dataset(dataset, "test", args.data_dir, **size_args)
-    expected = (config.in_channels, config.input_size, config.input_size)
-    if tuple(data.images.shape[1:]) != expected:
-        raise NinError(f"{weights}: the model expects {'×'.join(map(str, expected))} images; {dataset} test has "
-                       f"{'×'.join(map(str, data.images.shape[1:]))}")
-    if len(data.labels) and int(data.labels.max()) >= config.num_classes:
-        raise NinError(f"{weights}: the model has {config.num_classes} classes; {dataset} test has labels up to "
-                       f"{int(data.labels.max())}")
+    dataset, data = load_matching_dataset(weights, config, meta, None, "test", args.data_dir)
     images, labels = data.images[: args.limit], data.labels[: args.limit]
     classes = list(meta.get("classes") or data.classes or [str(k) for k in range(config.num_classes)])
     amp_dtype = select_precision("auto", device)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from nin.bench import forward_flops
@@ -13,12 +14,13 @@ from nin.models import get_model
 def test_bench_quick_prints_the_expected_fields(capsys):
     assert main(["bench", "--quick", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for side in ("train_baseline", "train_nin"):
+    for side in ("train_baseline", "train_nin_malloc_defaults", "train_nin"):
         for key in ("images_per_s", "gflops", "peak_fraction", "outside_compute", "peak_rss_mib"):
             assert result[side][key] >= 0, (side, key)
     assert result["train_ratio"] > 0 and result["inference_ratio"] > 0
     assert {"baseline", "nin_autocast", "nin_eager", "nin_jit"} <= set(result["inference"])
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    assert isinstance(result["keep_freed_memory"], bool) and result["machine"]["device"] == "cpu"
 
 
 def test_bench_quick_text_report(capsys):
@@ -48,3 +50,10 @@ def test_optimized_inference_matches_the_model():
             bf16 = optimize_for_inference(model, method=method, example=images)
             assert bf16(images[:3]).dtype == torch.float32 and bf16(images[:3]).shape == (3, 10)  # other batch sizes
             assert (bf16(images) - expected).abs().max() < 0.1 * expected.abs().max() + 0.05
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_bench_on_a_missing_gpu_says_so(capsys):
+    assert main(["bench", "--quick", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda" in err and "CUDA" in err

@@ -79,3 +79,23 @@ def test_train_evaluate_predict(data_root, tmp_path, capsys):
     assert main(["predict", str(run), str(not_image)]) == 1
     err = capsys.readouterr().err
     assert "notes.txt" in err and err.count("\n") == 1
+
+
+def test_resume_refuses_flags_that_would_change_the_run(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(recipe("fast", "mnist"), train_subset=256, eval_subset=100, epochs=1, batch_size=64)
+    train(cfg, run, log=lambda *_: None)
+    before = (run / "metrics.jsonl").read_text()
+    for flags in (["--set", "lr=1"], ["--seed", "3"], ["--dataset", "cifar10"], ["--batch-size", "32"]):
+        assert main(["train", "--resume", str(run), *flags]) == 1, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flags[0].split("=")[0] in err, err
+    assert (run / "metrics.jsonl").read_text() == before  # nothing ran, nothing lost
+
+    # what may change: more epochs, how often to checkpoint
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--checkpoint-every", "2", "--device", "cpu"]) == 0
+    saved = json.loads((run / "config.json").read_text())["train_config"]
+    assert saved["checkpoint_every"] == 2 and saved["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert main(["train", "--resume", str(run), "--checkpoint-every", "-1"]) == 1
+    assert "checkpoint_every" in capsys.readouterr().err

@@ -46,6 +46,20 @@ def test_table5_trains_six_heads_on_one_schedule():
     assert "--augment" in aug and "--recipe" in aug and aug[aug.index("--recipe") + 1] == "paper"
 
 
+def test_table5_small_runs_three_heads_identically_but_for_the_head(capsys):
+    runs = plan("table5-small")
+    models = [r.argv[r.argv.index("--model") + 1] for r in runs]
+    assert models == ["nin_cifar10_fc", "nin_cifar10_fc_dropout", "nin_cifar10"]
+    for r in runs:
+        assert "--no-augment" in r.argv and r.argv[r.argv.index("--train-subset") + 1] == "10000"
+        assert r.argv[r.argv.index("--epochs") + 1] == "6"
+    strip = [[a for a in r.argv if a not in models and "table5-small" not in a] for r in runs]
+    assert strip[0] == strip[1] == strip[2]  # nothing else differs
+    assert main([*runs[2].argv, "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["train_config"]
+    assert cfg["eval_subset"] == 5000 and cfg["tta_flip"] is False and cfg["augment"] is False
+
+
 def test_multiply_adds_match_the_paper():
     assert round(multiply_adds("nin_cifar10") / 1e6, 1) == 222.5  # PAPER.md: ≈ 222.5 M per CIFAR-10 image
 

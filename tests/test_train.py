@@ -115,6 +115,21 @@ def test_resume_mid_epoch_is_bit_identical(data_root, tmp_path):
     assert [strip(r) for r in full_metrics] == [strip(r) for r in cut_metrics]
 
 
+def test_resume_removes_temp_files_of_killed_writes(data_root, tmp_path):
+    run = tmp_path / "run"
+    cfg = _tiny(tmp_path, epochs=1, train_subset=128)
+    train(cfg, run, log=lambda *_: None)
+    torn = [run / ".checkpoint.safetensors.k1ll3d.tmp", run / ".model.safetensors.x.tmp"]
+    for path in torn:
+        path.write_bytes(b"half a file")
+    keep = run / ".notes.tmp"  # not one of ours
+    keep.write_text("mine")
+    said = []
+    train(None, run, resume=True, epochs=2, log=said.append)
+    assert not any(path.exists() for path in torn) and keep.read_text() == "mine"
+    assert sum("left by a write that was killed" in line for line in said) == 2
+
+
 def test_refuses_to_overwrite_a_run(data_root, tmp_path):
     out = tmp_path / "run"
     train(_tiny(tmp_path, epochs=1, train_subset=128), out, log=lambda *_: None)

@@ -11,6 +11,8 @@ Both sides train nin_cifar10 on the same CIFAR-10 images in one process:
 - nin: exactly what `nin train --recipe fast` runs: the FAST model_args, channels_last, `select_precision("auto")`,
   `make_optimizer`, `TensorLoader` + `Augment`, `lr_at` and `train_step`.
 Each step's time is split into the batch (loader + augmentation) and the step; medians after warm-up.
+The baseline runs first, with glibc malloc at its defaults; nin's engine is timed once with those defaults
+and once after `nin.runtime.keep_freed_memory()`, as `nin train` runs it (`--device cuda`: GPU, no malloc step).
 Inference: the baseline in NCHW fp32, nin with bf16 autocast, and `optimize_for_inference` (eager and jit).
 FLOPs come from the convolutions' shapes; peaks from a large torch.mm in fp32 and bf16 timed here.
 """
@@ -48,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers (default 0)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd inference (slow to build)")
+    parser.add_argument("--compile-train", action="store_true",
+                        help="torch.compile nin's training model (`--set compile=on`); off by default: it did not "
+                             "pay on CPU")
+    parser.add_argument("--device", help="cpu (default) or cuda[:N]: on CUDA both sides run there, nin's data "
+                                         "resident on the GPU")
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--quick", action="store_true", help="tiny run for tests: 2 steps, small batches")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,13 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Measuring: medians, FLOPs, the machine's matmul peak, peak memory
 # ---------------------------------------------------------------------------------------------
 
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1,
+                   sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``function()``; ``sync`` (torch.cuda.synchronize) waits for queued GPU work."""
     for _ in range(warmup):
         function()
     times = []
     for _ in range(repeats):
+        if sync:
+            sync()
         start = time.perf_counter()
         function()
+        if sync:
+            sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -93,10 +106,12 @@ def forward_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     return total
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> float:
     """GFLOP/s of a size×size torch.mm in ``dtype``: the practical peak of this machine for that dtype."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b), repeats, warmup=2)
+    device = torch.device(device)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    seconds = median_seconds(lambda: torch.mm(a, b), repeats, warmup=2, sync=sync)
     return 2 * size**3 / seconds / 1e9
 
 
@@ -131,14 +146,23 @@ class PeakRss:
         self.peak_mib = max(self.peak_mib, self._rss())
 
 
-def timed_steps(batches: Iterator, step: Callable, steps: int, warmup: int) -> dict:
-    """Run warmup + steps iterations of ``step(*next(batches))``; medians of the batch, step and total times."""
+def timed_steps(batches: Iterator, step: Callable, steps: int, warmup: int,
+                sync: Callable[[], None] | None = None) -> dict:
+    """Run warmup + steps iterations of ``step(*next(batches))``; medians of the batch, step and total times.
+
+    With ``sync`` (GPU) the queue is drained after fetching the batch and after the step, so each part is
+    charged its own device time.
+    """
     data, compute, total = [], [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
         batch = next(batches)
+        if sync:
+            sync()
         fetched = time.perf_counter()
         step(*batch)
+        if sync:
+            sync()
         done = time.perf_counter()
         if i >= warmup:
             data.append(fetched - start)
@@ -180,8 +204,9 @@ class PerImageCifar(Dataset):
         return (image.float() / 255 - self.mean) / self.std, int(self.labels[i])
 
 
-def _baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+def _baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
@@ -213,6 +238,7 @@ def measure(args) -> dict:
     from nin.evaluate import predict_logits
     from nin.inference import optimize_for_inference
     from nin.models import get_model
+    from nin.runtime import keep_freed_memory
     from nin.train import lr_at, make_optimizer, recipe, select_precision, train_step
     from nin.transforms import Augment, fit_preprocessing
 
@@ -221,86 +247,111 @@ def measure(args) -> dict:
         args.eval_batch_size, args.eval_repeats = min(args.eval_batch_size, 32), min(args.eval_repeats, 2)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
     batch, steps, warmup = args.batch_size, args.steps, args.warmup
     count = max(batch * (steps + warmup), args.eval_batch_size)
     images, labels, source = _images(args, count)
     scaled = images.float() / 255
     mean, std = scaled.mean(dim=(0, 2, 3)), scaled.std(dim=(0, 2, 3))
-    result: dict = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
-                    "data": source, "batch_size": batch, "steps": steps, "warmup": warmup,
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+               "device": str(device)}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    result: dict = {"machine": machine, "data": source, "batch_size": batch, "steps": steps, "warmup": warmup,
                     "eval_batch_size": args.eval_batch_size}
 
-    peaks = {"fp32": matmul_peak(torch.float32, 512 if args.quick else 2048),
-             "bf16": matmul_peak(torch.bfloat16, 512 if args.quick else 2048)}
+    size = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
+    peaks = {"fp32": matmul_peak(torch.float32, size, device=device),
+             "bf16": matmul_peak(torch.bfloat16, size, device=device)}
     result["matmul_peak_gflops"] = peaks
 
-    # baseline training
-    base_model = get_model("nin_cifar10")
+    # 1. The baseline, with everything at its defaults (malloc included): train, then infer.
+    base_model = get_model("nin_cifar10").to(device)
     base_optimizer = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     base_loader = DataLoader(PerImageCifar(images, labels, mean, std), batch_size=batch, shuffle=True,
-                             drop_last=True, num_workers=args.workers)
+                             drop_last=True, num_workers=args.workers, pin_memory=device.type == "cuda")
     flops = forward_flops(base_model, (3, 32, 32))
     base_model.train()
     with PeakRss() as memory:
-        base = timed_steps(_forever(base_loader), _baseline_step(base_model, base_optimizer), steps, warmup)
+        base = timed_steps(_forever(base_loader), _baseline_step(base_model, base_optimizer, device), steps, warmup,
+                           sync=sync)
     base["peak_rss_mib"] = memory.peak_mib
+    eval_base = ((scaled[: args.eval_batch_size] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)).contiguous().to(device)
+    base_model.eval()
+    with torch.no_grad():
+        inference = {"baseline": median_seconds(lambda: base_model(eval_base), args.eval_repeats, sync=sync)}
 
-    # nin's engine, as `nin train --recipe fast` runs it
-    cfg = dataclasses.replace(recipe("fast", "cifar10"), batch_size=batch)
-    amp_dtype = select_precision(cfg.precision, cpu)
+    # 2. nin's engine, as `nin train --recipe fast` runs it: data resident on the device, batched augmentation.
+    cfg = dataclasses.replace(recipe("fast", "cifar10"), batch_size=batch, compile="on" if args.compile_train else "off")
+    amp_dtype = select_precision(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = get_model(cfg.model, **cfg.model_args).to(memory_format=memory_format)
-    optimizer = make_optimizer(model, cfg)
     preprocessing = fit_preprocessing(cfg.preprocessing, images)
-    train_x = preprocessing(images)
+    train_x = preprocessing(images).to(device)
     augment = Augment(flip=cfg.flip, translate=cfg.translate) if cfg.augment else None
-    loader = TensorLoader(train_x, labels, batch, shuffle=True, seed=cfg.seed, augment=augment)
-    steps_per_epoch, counter = len(loader), iter(range(10**9))
 
-    def nin_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        lr = lr_at(next(counter), cfg, steps_per_epoch)
-        train_step(model, optimizer, x, y, lr=lr, cfg=cfg, amp_dtype=amp_dtype, memory_format=memory_format,
-                   check_finite=True)
+    def engine(label: str) -> tuple[nn.Module, dict]:
+        torch.manual_seed(0)
+        model = get_model(cfg.model, **cfg.model_args).to(device=device, memory_format=memory_format)
+        optimizer = make_optimizer(model, cfg)
+        train_model = torch.compile(model) if cfg.compile == "on" else model
+        loader = TensorLoader(train_x, labels.to(device), batch, shuffle=True, seed=cfg.seed, augment=augment)
+        steps_per_epoch, counter = len(loader), iter(range(10**9))
 
-    model.train()
-    with PeakRss() as memory:
-        engine = timed_steps(_forever(loader), nin_step, steps, warmup)
-    engine["peak_rss_mib"] = memory.peak_mib
+        def nin_step(x: torch.Tensor, y: torch.Tensor) -> None:
+            lr = lr_at(next(counter), cfg, steps_per_epoch)
+            train_step(train_model, optimizer, x, y, lr=lr, cfg=cfg, amp_dtype=amp_dtype,
+                       memory_format=memory_format, check_finite=True)
+
+        model.train()
+        with PeakRss() as memory:
+            timing = timed_steps(_forever(loader), nin_step, steps, warmup, sync=sync)
+        timing["peak_rss_mib"] = memory.peak_mib
+        result[label] = timing
+        return model, timing
+
+    if device.type == "cpu":  # the malloc setting's own gain, measured before it is switched on
+        engine("train_nin_malloc_defaults")
+    result["keep_freed_memory"] = keep_freed_memory() if device.type == "cpu" else False
+    model, _ = engine("train_nin")
     result["precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
     result["channels_last"] = cfg.channels_last
 
-    # inference, on the same images
-    eval_base = ((scaled[: args.eval_batch_size] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)).contiguous()
+    # 3. nin inference on the same images: what `evaluate` runs, then optimize_for_inference's variants.
     eval_x = train_x[: args.eval_batch_size].contiguous(memory_format=memory_format)
-    base_model.eval()
     model.eval()
     repeats = args.eval_repeats
     with torch.no_grad():
-        inference = {"baseline": median_seconds(lambda: base_model(eval_base), repeats),
-                     "nin_autocast": median_seconds(lambda: predict_logits(model, eval_x, amp_dtype=amp_dtype),
-                                                    repeats)}
+        inference["nin_autocast"] = median_seconds(lambda: predict_logits(model, eval_x, amp_dtype=amp_dtype),
+                                                   repeats, sync=sync)
         methods = ["eager", "jit"] + (["compile"] if args.compile else [])
         for method in methods:
             start = time.perf_counter()
             fast = optimize_for_inference(model, amp_dtype=amp_dtype, channels_last=cfg.channels_last, method=method,
                                           example=eval_x)
             fast(eval_x)  # build
+            if sync:
+                sync()
             built = time.perf_counter() - start
-            inference[f"nin_{method}"] = median_seconds(lambda: fast(eval_x), repeats)
+            inference[f"nin_{method}"] = median_seconds(lambda: fast(eval_x), repeats, sync=sync)
             result.setdefault("inference_build_s", {})[method] = built
 
     # derived numbers
     n_eval = args.eval_batch_size
     result["forward_mflop_per_image"] = flops / 1e6
     nin_peak = peaks.get(result["precision"], peaks["bf16"])
-    for name, timing, peak in (("baseline", base, peaks["fp32"]), ("nin", engine, nin_peak)):
+    sides = [("baseline", base, peaks["fp32"]), ("nin", result["train_nin"], nin_peak)]
+    if "train_nin_malloc_defaults" in result:
+        sides.append(("nin_malloc_defaults", result["train_nin_malloc_defaults"], nin_peak))
+    for name, timing, peak in sides:
         timing["images_per_s"] = batch / timing["total_s"]
         timing["gflops"] = 3 * flops * batch / timing["total_s"] / 1e9
         timing["peak_fraction"] = timing["gflops"] / peak
         result[f"train_{name}"] = timing
-    result["train_ratio"] = engine["images_per_s"] / base["images_per_s"]
+    result["train_ratio"] = result["train_nin"]["images_per_s"] / base["images_per_s"]
+    if device.type == "cuda":
+        result["seconds_per_cifar10_epoch"] = 50_000 / result["train_nin"]["images_per_s"]
     result["inference"] = {
         name: {"images_per_s": n_eval / seconds, "gflops": flops * n_eval / seconds / 1e9,
                "peak_fraction": flops * n_eval / seconds / 1e9 / (peaks["fp32"] if name == "baseline" else nin_peak)}
@@ -310,31 +361,54 @@ def measure(args) -> dict:
     speeds = {name: r["images_per_s"] for name, r in result["inference"].items()}
     result["inference_ratio"] = speeds[best] / speeds["baseline"]
     result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["max_cuda_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NinError(f"--device {name}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise NinError(f"--device {name}: expected cpu or cuda[:N]")
+    return device
 
 
 def report(result: dict) -> str:
     b, n = result["train_baseline"], result["train_nin"]
+    machine = result["machine"]
+    where = machine.get("gpu", f"CPU, {machine['threads']} threads")
     lines = [
         f"nin bench: {result['data']}, batch {result['batch_size']}, {result['steps']} timed steps after "
-        f"{result['warmup']} warm-up; torch {result['machine']['torch']}, {result['machine']['threads']} threads",
+        f"{result['warmup']} warm-up; torch {machine['torch']}, {where}",
         f"matmul peak: fp32 {result['matmul_peak_gflops']['fp32']:.0f} GFLOP/s, "
         f"bf16 {result['matmul_peak_gflops']['bf16']:.0f} GFLOP/s; "
         f"nin_cifar10 forward {result['forward_mflop_per_image']:.0f} MFLOP/image (training step ≈ 3×)",
         "",
-        f"{'training':<26}{'img/s':>9}{'GFLOP/s':>9}{'of peak':>9}{'outside compute':>17}{'peak RSS':>11}",
+        f"{'training':<34}{'img/s':>9}{'GFLOP/s':>9}{'of peak':>9}{'outside compute':>17}{'peak RSS':>11}",
     ]
-    for name, t, peak in (("baseline (fp32 NCHW)", b, "fp32"), (f"nin fast ({result['precision']}, NHWC)", n,
-                                                                  result["precision"])):
-        lines.append(f"{name:<26}{t['images_per_s']:>9.1f}{t['gflops']:>9.1f}{t['peak_fraction']:>8.1%} "
+    rows = [("baseline (fp32 NCHW)", b)]
+    if "train_nin_malloc_defaults" in result:
+        rows.append(("nin fast, malloc defaults", result["train_nin_malloc_defaults"]))
+    rows.append((f"nin fast ({result['precision']}, NHWC)", n))
+    for name, t in rows:
+        lines.append(f"{name:<34}{t['images_per_s']:>9.1f}{t['gflops']:>9.1f}{t['peak_fraction']:>8.1%} "
                      f"{t['outside_compute']:>16.1%}{t['peak_rss_mib']:>8.0f} MiB")
-    lines.append(f"{'ratio nin / baseline':<26}{result['train_ratio']:>8.2f}×")
-    lines += ["", f"{'inference (batch ' + str(result['eval_batch_size']) + ')':<26}{'img/s':>9}{'GFLOP/s':>9}"
+    lines.append(f"{'ratio nin / baseline':<34}{result['train_ratio']:>8.2f}×")
+    if "seconds_per_cifar10_epoch" in result:
+        lines.append(f"{'one CIFAR-10 epoch (50,000 images)':<34}{result['seconds_per_cifar10_epoch']:>8.1f} s")
+    lines += ["", f"{'inference (batch ' + str(result['eval_batch_size']) + ')':<34}{'img/s':>9}{'GFLOP/s':>9}"
                   f"{'of peak':>9}"]
     for name, r in result["inference"].items():
-        lines.append(f"{name:<26}{r['images_per_s']:>9.1f}{r['gflops']:>9.1f}{r['peak_fraction']:>8.1%}")
-    lines.append(f"{'ratio best / baseline':<26}{result['inference_ratio']:>8.2f}×  ({result['inference_best']})")
-    lines.append(f"process max RSS {result['max_rss_mib']:.0f} MiB")
+        lines.append(f"{name:<34}{r['images_per_s']:>9.1f}{r['gflops']:>9.1f}{r['peak_fraction']:>8.1%}")
+    lines.append(f"{'ratio best / baseline':<34}{result['inference_ratio']:>8.2f}×  ({result['inference_best']})")
+    memory = f"process max RSS {result['max_rss_mib']:.0f} MiB"
+    if "max_cuda_memory_mib" in result:
+        memory += f", max CUDA memory {result['max_cuda_memory_mib']:.0f} MiB"
+    lines.append(memory)
     return "\n".join(lines)
 
 

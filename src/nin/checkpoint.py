@@ -27,7 +27,8 @@ from safetensors import safe_open
 from nin.errors import CheckpointError
 from nin.models import NiN, NiNConfig
 
-__all__ = ["atomic_write_bytes", "save_state", "load_state", "save_weights", "load_weights", "git_revision"]
+__all__ = ["atomic_write_bytes", "save_state", "load_state", "save_weights", "load_weights", "git_revision",
+           "remove_stale_temp_files"]
 
 FORMAT = "nin-1"
 
@@ -41,6 +42,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that killed writes of ``folder/<name>`` left behind; returns what went.
+
+    Only call it when no other process is writing into ``folder`` (the training run owning it, at its start).
+    """
+    removed = []
+    for name in names:
+        for temp in Path(folder).glob(f".{name}.*.tmp"):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
 
 
 def _atomic(path: Path, write) -> None:

@@ -135,8 +135,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.resume)
         if not (run / "checkpoint.safetensors").is_file():
             raise NinError(f"--resume {run}: no checkpoint.safetensors there")
+        fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
+                 "--data-dir": args.data_dir, "--out": args.out, "--seed": args.seed,
+                 "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
+                 "--set": args.set or None}
+        given = [flag for flag, value in fixed.items() if value is not None]
+        if given:
+            raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
+                           "(only --epochs, --checkpoint-every and --device can)")
         try:
-            train(None, run, resume=True, epochs=args.epochs, command=command, device=_device(args.device))
+            train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
+                  device=_device(args.device))
         finally:
             _leave_process_group()
         return 0
@@ -257,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command != "bench":  # bench measures its baseline with malloc's defaults, then sets this itself
+        from nin.runtime import keep_freed_memory
+
+        keep_freed_memory()
     if args.debug:
         return COMMANDS[args.command](args)
     from nin.data import DataError

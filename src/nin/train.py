@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin import distributed
-from nin.checkpoint import git_revision, load_state, save_state, save_weights
+from nin.checkpoint import git_revision, load_state, remove_stale_temp_files, save_state, save_weights
 from nin.errors import NinError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import autocast, evaluate
 from nin.models import NiN, get_model, model_config
@@ -255,6 +255,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}"),
         (cfg.eval_subset >= 0, f"eval_subset must be >= 0, got {cfg.eval_subset}"),
         (cfg.translate >= 0, f"translate must be >= 0, got {cfg.translate}"),
+        (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = every epoch), got {cfg.checkpoint_every}"),
         (0 < cfg.warmup_fraction < 1, f"warmup_fraction must be in (0, 1), got {cfg.warmup_fraction}"),
     ]
     from nin.data.datasets import SPLITS
@@ -619,12 +620,13 @@ def _checkpoint_config(path: Path, tensors: dict[str, torch.Tensor], meta: dict)
 
 
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, epochs: int | None = None,
-          command: str | None = None, device: torch.device | None = None, log=print,
+          checkpoint_every: int | None = None, command: str | None = None, device: torch.device | None = None, log=print,
           interrupt_after: int | None = None) -> dict:
     """Train (or continue) a run in ``out_dir``; returns the last epoch's metrics record.
 
     With ``resume`` the run's own config is read from its checkpoint (``cfg`` is ignored; ``epochs``
-    may extend it) and training continues from the exact step where the checkpoint was written.
+    may extend it, ``checkpoint_every`` may change how often it checkpoints) and training continues from the
+    exact step where the checkpoint was written.
     ``interrupt_after`` stops the process-local loop with KeyboardInterrupt after that many steps, as a
     user's Ctrl-C would (tests use it to check that resuming reproduces an uninterrupted run).
 
@@ -632,8 +634,10 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     every ``checkpoint_every`` steps) and, at the end, ``model.safetensors`` for evaluate / predict.
     """
     from nin.data import TensorLoader
+    from nin.runtime import keep_freed_memory
     from nin.transforms import Augment
 
+    keep_freed_memory()  # reuse each step's activation memory (nin.runtime); NIN_KEEP_FREED_MEMORY=0 turns it off
     out = Path(out_dir)
     device = distributed.setup(device)
     main = distributed.is_main()
@@ -647,9 +651,14 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         cfg = _checkpoint_config(checkpoint_path, saved_tensors, saved_meta)
     if epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=epochs)
+    if checkpoint_every is not None:
+        cfg = dataclasses.replace(cfg, checkpoint_every=checkpoint_every)
     validate(cfg)
     if main:
         check_output_dir(out, resume=resume)
+        for temp in remove_stale_temp_files(out, ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl",
+                                                  "metrics.csv", "config.json")):
+            log(f"nin: removed {temp.name}, left by a write that was killed")
 
     torch.manual_seed(cfg.seed)
     amp_dtype = select_precision(cfg.precision, device)

@@ -157,3 +157,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_pat
     if ckpt.exists():  # whatever was saved holds finite weights
         tensors, _ = load_state(ckpt)
         assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
+
+
+def test_config_json_keeps_the_starting_command_across_resumes(data_root, tmp_path):
+    run = tmp_path / "run"
+    cfg = _tiny(tmp_path, epochs=1, train_subset=128)
+    train(cfg, run, command="nin train --dataset mnist (start)", log=lambda *_: None)
+    train(None, run, resume=True, epochs=2, command="nin train --resume run --epochs 2", log=lambda *_: None)
+    train(None, run, resume=True, epochs=3, command="nin train --resume run --epochs 3", log=lambda *_: None)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["command"] == "nin train --dataset mnist (start)" and saved["resumed"] is True
+    assert [r["command"] for r in saved["resumes"]] == ["nin train --resume run --epochs 2",
+                                                       "nin train --resume run --epochs 3"]
+    _, meta = load_state(run / "checkpoint.safetensors")
+    assert meta["command"] == saved["command"] and len(meta["resumes"]) == 2

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import shlex
 import sys
 import time
 import types
@@ -619,6 +620,31 @@ def _checkpoint_config(path: Path, tensors: dict[str, torch.Tensor], meta: dict)
     return cfg
 
 
+def _run_history(out: Path, command: str | None, resume: bool, saved_meta: dict) -> tuple[str | None, str | None, list]:
+    """The command and git revision that started the run, and each resume since (command, revision, step).
+
+    config.json and results quote the command that started the run, not the last ``--resume``. Checkpoints
+    carry the history; for checkpoints written before they did, it comes from config.json when that still
+    holds the starting command (None when it does not).
+    """
+    this = command or shlex.join(["nin", *sys.argv[1:]])
+    if not resume:
+        return this, git_revision(), []
+    if "command" in saved_meta:
+        started, revision, resumes = saved_meta["command"], saved_meta.get("started_revision"), saved_meta.get("resumes", [])
+    else:
+        try:
+            previous = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+        fresh = isinstance(previous, dict) and previous.get("resumed") is False
+        started = previous.get("command") if fresh else None
+        revision = previous.get("git_revision") if fresh else None
+        resumes = []
+    resumes = [*resumes, {"command": this, "git_revision": git_revision(), "step": saved_meta.get("step")}]
+    return started, revision, resumes
+
+
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, epochs: int | None = None,
           checkpoint_every: int | None = None, command: str | None = None, device: torch.device | None = None, log=print,
           interrupt_after: int | None = None) -> dict:
@@ -678,6 +704,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
 
     augment = Augment(flip=cfg.flip, translate=cfg.translate) if cfg.augment else None
     rank, world = distributed.rank(), distributed.world_size()
+    run_command, started_revision, resumes = _run_history(out, command, resume, saved_meta)
     loader = TensorLoader(train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                           world_size=world, augment=augment)
     eval_loader = TensorLoader(eval_x, eval_y, cfg.eval_batch_size, shuffle=False, rank=rank, world_size=world)
@@ -733,16 +760,18 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                 "preprocessing": cfg.preprocessing, "dataset": cfg.dataset, "classes": classes,
                 "epoch": epoch, "batches_done": batches_done, "step": step, "partial_time": partial_time,
                 "plateau_rule": rule.state_dict(), "use_ema": ema is not None, "tta_flip": cfg.tta_flip,
-                "git_revision": git_revision(), "world_size": world}
+                "git_revision": git_revision(), "world_size": world,
+                "command": run_command, "started_revision": started_revision, "resumes": resumes}
         save_state(checkpoint_path, tensors, meta)
 
     metrics = MetricsLog(out, keep_epochs=epoch) if main else None
     if main:
         (out / "config.json").write_text(json.dumps({
             "train_config": cfg.to_dict(), "model_config": model.config.to_dict(),
-            "command": command or " ".join(sys.argv), "git_revision": git_revision(),
+            "command": run_command, "git_revision": started_revision,
             "device": str(device), "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "world_size": world, "torch": torch.__version__, "resumed": resume,
+            "resumes": resumes,
         }, indent=2) + "\n")
         if not resume:
             log(f"nin: training {cfg.model} on {cfg.dataset} ({len(train_x)} images, {steps_per_epoch} steps/epoch"

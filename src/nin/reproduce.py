@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -251,6 +252,7 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
     record = {
         "name": name,
         "command": config.get("command"),
+        "resumes": config.get("resumes", []),
         "git_revision": config.get("git_revision"),
         "machine": machine_name(config.get("device", "cpu")),
         "device": config.get("device"),
@@ -269,7 +271,8 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
         "epochs_planned": cfg["epochs"],
         "wall_time_s": sum(e["train_time_s"] + e["eval_time_s"] for e in epochs),
         "train_time_s": sum(e["train_time_s"] for e in epochs),
-        "images_per_s": sum(e["images_per_s"] for e in epochs) / len(epochs),  # training throughput, mean over epochs
+        # training throughput: the median epoch's, so that epochs slowed by other work on a shared host do not skew it
+        "images_per_s": statistics.median(e["images_per_s"] for e in epochs),
         "final_error": final_error,
         "evaluated_error": result.error,
         "evaluated_n": result.n,

@@ -120,3 +120,25 @@ def test_pack_and_unpack_data_round_trip(tmp_path):
     assert unpacked.returncode == 0, unpacked.stderr
     assert (tmp_path / "out" / "mnist" / "a.bin").read_bytes() == (source / "mnist" / "a.bin").read_bytes()
     assert (tmp_path / "out" / "b.txt").read_text() == "hello"
+
+
+REPO = Path(__file__).resolve().parent.parent
+CHEAP_RESULTS = ("fast-mnist", "fast-fashion-mnist")  # 10,000 small test images each: seconds to evaluate
+
+
+@pytest.mark.parametrize("name", CHEAP_RESULTS)
+def test_published_weights_reproduce_their_recorded_error(name, data_root, capsys):
+    """`nin evaluate weights/<name>.safetensors` on the real test set gives exactly the recorded test error."""
+    import hashlib
+
+    path = REPO / "results" / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"{name} not recorded")
+    record = json.loads(path.read_text())
+    weights = REPO / record["weights"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == record["weights_sha256"]
+    assert main(["evaluate", str(weights), "--json", "--data-dir", str(data_root), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == record["evaluated_n"] == 10_000
+    assert result["error"] == record["final_error"] == record["evaluated_error"]
+    assert record["curve"][-1]["test_error"] == record["final_error"]

@@ -98,7 +98,7 @@ def forward_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *image_shape))
+            model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()

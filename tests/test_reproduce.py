@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nin.cli import build_parser, main
-from nin.reproduce import EXPERIMENTS, PAPER_ROWS, multiply_adds, plan, record_run, write_report
+from nin.reproduce import EXPERIMENTS, PAPER_ROWS, TABLE5_SMALL_ROWS, multiply_adds, plan, record_run, write_report
 from nin.train import recipe, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,9 @@ def test_python_dash_m_reproduce_report(tmp_path):
                            "--output", str(tmp_path / "R.md"), "--no-curves"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "R.md").read_text().count("| Table ") == len(PAPER_ROWS)
+    report = (tmp_path / "R.md").read_text()
+    assert report.count("| Table ") == len(PAPER_ROWS) + len(TABLE5_SMALL_ROWS)
+    assert report.count("| Table 5, reduced |") == len(TABLE5_SMALL_ROWS) == 3
 
 
 def test_pack_and_unpack_data_round_trip(tmp_path):

@@ -437,6 +437,9 @@ def plot_curve(record: dict, path: Path) -> Path | None:
 
 def _ours(record: dict) -> str:
     notes = [f"{record['epochs']} epochs"]
+    spec = next((spec for _, specs in EXPERIMENTS.values() for spec in specs if spec.name == record["name"]), None)
+    if spec is not None and spec.recipe == "paper" and record["epochs"] < PAPER_EPOCHS:
+        notes = [f"only {record['epochs']} of the paper recipe's up to {PAPER_EPOCHS} epochs: a curve, not a result"]
     if record.get("train_subset"):
         notes.append(f"first {record['train_subset']} training images")
     if record.get("eval_subset"):

@@ -391,8 +391,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
 
 
-def _spec(name: str) -> RunSpec:
-    return next(spec for _, specs in EXPERIMENTS.values() for spec in specs if spec.name == name)
+def _spec(name: str) -> RunSpec | None:
+    """The RunSpec whose run folder / result is ``name``; None for a run recorded by hand under another name."""
+    return next((spec for _, specs in EXPERIMENTS.values() for spec in specs if spec.name == name), None)
 
 
 def _not_run(row: Row, data_root: Path, reference: dict | None) -> str:
@@ -437,7 +438,7 @@ def plot_curve(record: dict, path: Path) -> Path | None:
 
 def _ours(record: dict) -> str:
     notes = [f"{record['epochs']} epochs"]
-    spec = next((spec for _, specs in EXPERIMENTS.values() for spec in specs if spec.name == record["name"]), None)
+    spec = _spec(record["name"])
     if spec is not None and spec.recipe == "paper" and record["epochs"] < PAPER_EPOCHS:
         notes = [f"only {record['epochs']} of the paper recipe's up to {PAPER_EPOCHS} epochs: a curve, not a result"]
     if record.get("train_subset"):

@@ -23,7 +23,9 @@ from nin.bench import matmul_peak
 from nin.inference import optimize_for_inference
 from nin.models import get_model
 from nin.runtime import keep_freed_memory
-from nin.train import recipe, make_optimizer, select_precision, train_step
+from nin.config import recipe
+from nin.runtime import select_precision
+from nin.train import make_optimizer, train_step
 
 
 def conv_table(model: nn.Module, images: torch.Tensor, repeats: int, peak: float) -> list[str]:

@@ -14,10 +14,10 @@ from nin.models import get_model
 def test_bench_quick_prints_the_expected_fields(capsys):
     assert main(["bench", "--quick", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for side in ("train_baseline", "train_nin_malloc_defaults", "train_nin"):
+    for side in ("train_baseline", "train_nin_malloc_defaults", "train_nin", "train_nin_same_model"):
         for key in ("images_per_s", "gflops", "peak_fraction", "outside_compute", "peak_rss_mib"):
             assert result[side][key] >= 0, (side, key)
-    assert result["train_ratio"] > 0 and result["inference_ratio"] > 0
+    assert result["train_ratio"] > 0 and result["inference_ratio"] > 0 and result["train_ratio_same_model"] > 0
     assert {"baseline", "nin_autocast", "nin_eager", "nin_jit"} <= set(result["inference"])
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert isinstance(result["keep_freed_memory"], bool) and result["machine"]["device"] == "cpu"
@@ -26,12 +26,13 @@ def test_bench_quick_prints_the_expected_fields(capsys):
 def test_bench_quick_text_report(capsys):
     assert main(["bench", "--quick"]) == 0
     out = capsys.readouterr().out
-    for text in ("img/s", "ratio nin / baseline", "outside compute", "of peak", "peak RSS", "matmul peak"):
+    for text in ("img/s", "ratio nin fast model / baseline", "ratio nin same model / baseline", "outside compute",
+                 "of peak", "peak RSS", "matmul peak"):
         assert text in out
 
 
 def test_forward_flops_of_the_paper_model():
-    # PAPER.md: ≈ 222.5 M multiply-adds per CIFAR-10 image, 2 FLOPs each
+    # NiN paper's CIFAR-10 model: ≈ 222.5 M multiply-adds per CIFAR-10 image, 2 FLOPs each
     assert abs(forward_flops(get_model("nin_cifar10"), (3, 32, 32)) / 445e6 - 1) < 0.01
 
 

@@ -28,7 +28,6 @@ from PIL import Image
 from nin.data import (
     DATASETS,
     DataError,
-    StreamingImageFolderLoader,
     TensorLoader,
     load_cifar10_lossless_first1000,
     load_dataset,
@@ -365,16 +364,3 @@ def test_loader_skip_resumes_same_batches():
     for (a_images, a_labels), (b_images, b_labels) in zip(full[3:], rest):
         assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
     assert len(list(resumed)) == 8  # skip applies to one iteration only
-
-
-def test_streaming_folder_loader_matches_rule(tmp_path):
-    write_image_folder(tmp_path, {"a": 5, "b": 4}, size=(20, 20))
-    batches = [
-        list(StreamingImageFolderLoader(tmp_path, 2, image_size=8, seed=1, rank=r, world_size=2, num_workers=0))
-        for r in range(2)
-    ]
-    assert [len(b) for b in batches] == [2, 2]
-    images, labels = batches[0][0]
-    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and labels.dtype == torch.int64
-    counted = torch.cat([labels for shard in batches for _, labels in shard])
-    assert len(counted) == 8

@@ -12,7 +12,7 @@ from nin.models import NiN, NiNConfig, get_model, list_models, model_config, ori
 
 EXPECT = Path(__file__).parent / "expect"
 
-# PAPER.md's counts; the ablations and ImageNet computed from their definitions (documented in docs/models.md)
+# The paper's architectures' counts; the ablations and ImageNet computed from their definitions (documented in docs/models.md)
 PARAMETERS = {
     "nin_cifar10": 966_986,
     "nin_cifar10_caffe": 966_986,

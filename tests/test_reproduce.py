@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from nin.cli import build_parser, main
-from nin.reproduce import EXPERIMENTS, PAPER_ROWS, TABLE5_SMALL_ROWS, multiply_adds, plan, record_run, write_report
+from nin.models import get_model, multiply_adds
+from nin.reproduce import EXPERIMENTS, PAPER_ROWS, TABLE5_SMALL_ROWS, plan, record_run, write_report
 from nin.train import recipe, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_table5_small_runs_three_heads_identically_but_for_the_head(capsys):
 
 
 def test_multiply_adds_match_the_paper():
-    assert round(multiply_adds("nin_cifar10") / 1e6, 1) == 222.5  # PAPER.md: ≈ 222.5 M per CIFAR-10 image
+    assert round(multiply_adds(get_model("nin_cifar10")) / 1e6, 1) == 222.5  # the CIFAR-10 model's ≈ 222.5 M per image
 
 
 def test_record_run_and_report(data_root, tmp_path):

@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+
+from nin.metrics import read_metrics
 import torch
 from PIL import Image
 
@@ -76,9 +78,11 @@ def test_upsample_maps_takes_the_chosen_class_bilinearly():
     assert heat[1, 0, 0] == heat[1].max() and heat[1, -1, -1] == 0 and 0 < heat[1, 5, 5] < 1
 
 
-def test_select_per_class_takes_the_first_images_of_each_class():
+def test_first_per_class_takes_the_first_images_of_each_class():
+    from nin.data.datasets import first_per_class
+
     labels = torch.tensor([3, 0, 3, 3, 1, 0])
-    assert visualize.select_per_class(labels, 2, 4).tolist() == [1, 5, 4, 0, 2]  # class 2 absent: skipped
+    assert first_per_class(labels, 2, 4).tolist() == [1, 5, 4, 0, 2]  # class 2 absent: skipped
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -124,7 +128,7 @@ def _write_run(folder, split, errors):
 def test_curves_of_several_runs(tmp_path):
     first = _write_run(tmp_path / "a", "test", [0.5, 0.3, 0.2])
     second = _write_run(tmp_path / "b", "val", [0.6, 0.4])
-    assert [r["epoch"] for r in visualize.read_metrics(first)] == [1, 2, 3]
+    assert [r["epoch"] for r in read_metrics(first)] == [1, 2, 3]
     assert _png_size(visualize.plot_curves([first, second], tmp_path / "curves.png")) == (1500, 450)
 
 

@@ -82,28 +82,10 @@ def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1
 
 
 def forward_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
-    """FLOPs (2 per multiply-add) of one image's forward pass, counted over Conv2d and Linear layers."""
-    total = 0
+    """FLOPs (2 per multiply-add) of one image's forward pass (`nin.models.multiply_adds`)."""
+    from nin.models import multiply_adds
 
-    def count(module: nn.Module, inputs, output) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += 2 * output[0].numel() * per_output
-        else:
-            total += 2 * module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return total
+    return 2 * multiply_adds(model, tuple(image_shape))
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> float:
@@ -244,122 +226,164 @@ def _images(args, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def measure(args) -> dict:
-    from nin.data import TensorLoader
-    from nin.evaluate import predict_logits
-    from nin.inference import optimize_for_inference
-    from nin.models import get_model
-    from nin.runtime import keep_freed_memory
-    from nin.train import lr_at, make_optimizer, recipe, select_precision, train_step
-    from nin.transforms import Augment, fit_preprocessing
+    """Every number of one `nin bench` run: the baseline, nin's engine (fast model and paper model), inference."""
+    from nin.runtime import keep_freed_memory, resolve_device
 
     if args.quick:
         args.steps, args.warmup, args.batch_size = min(args.steps, 2), min(args.warmup, 1), min(args.batch_size, 16)
         args.eval_batch_size, args.eval_repeats = min(args.eval_batch_size, 32), min(args.eval_repeats, 2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    device = resolve_device(args.device or "cpu")
     torch.manual_seed(0)
-    batch, steps, warmup = args.batch_size, args.steps, args.warmup
-    count = max(batch * (steps + warmup), args.eval_batch_size)
+    count = max(args.batch_size * (args.steps + args.warmup), args.eval_batch_size)
     images, labels, source = _images(args, count)
-    scaled = images.float() / 255
-    mean, std = scaled.mean(dim=(0, 2, 3)), scaled.std(dim=(0, 2, 3))
     machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                "device": str(device)}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
-    result: dict = {"machine": machine, "data": source, "batch_size": batch, "steps": steps, "warmup": warmup,
-                    "eval_batch_size": args.eval_batch_size}
-
+    result: dict = {"machine": machine, "data": source, "batch_size": args.batch_size, "steps": args.steps,
+                    "warmup": args.warmup, "eval_batch_size": args.eval_batch_size}
     size = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
     peaks = {"fp32": matmul_peak(torch.float32, size, device=device),
              "bf16": matmul_peak(torch.bfloat16, size, device=device)}
     result["matmul_peak_gflops"] = peaks
 
     # 1. The baseline, with everything at its defaults (malloc included): train, then infer.
+    inference = _measure_baseline(args, images, labels, device, result)
+    # 2. nin's engine, as `nin train` runs it: the fast recipe's model, and the baseline's own model and recipe.
+    if device.type == "cpu":  # the malloc setting's own gain, measured before it is switched on
+        _measure_engine(args, _fast_config(args), images, labels, device, result, "train_nin_malloc_defaults")
+    result["keep_freed_memory"] = keep_freed_memory() if device.type == "cpu" else False
+    model, train_x, cfg = _measure_engine(args, _fast_config(args), images, labels, device, result, "train_nin")
+    _measure_engine(args, _same_model_config(args), images, labels, device, result, "train_nin_same_model")
+    # 3. nin inference on the same images: what `evaluate` runs, then optimize_for_inference's variants.
+    inference.update(_measure_inference(args, model, train_x, cfg, device, result))
+    _derive(result, inference, peaks, args, device)
+    return result
+
+
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _measure_baseline(args, images: torch.Tensor, labels: torch.Tensor, device: torch.device, result: dict) -> dict:
+    """The plain port: per-image Dataset + DataLoader, fp32, the paper model; returns its inference timing."""
+    from nin.models import get_model
+
+    scaled = images.float() / 255
+    mean, std = scaled.mean(dim=(0, 2, 3)), scaled.std(dim=(0, 2, 3))
     base_model = get_model("nin_cifar10").to(device)
     base_optimizer = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    base_loader = DataLoader(PerImageCifar(images, labels, mean, std), batch_size=batch, shuffle=True,
+    base_loader = DataLoader(PerImageCifar(images, labels, mean, std), batch_size=args.batch_size, shuffle=True,
                              drop_last=True, num_workers=args.workers, pin_memory=device.type == "cuda")
-    flops = forward_flops(base_model, (3, 32, 32))
+    result["forward_mflop_per_image"] = forward_flops(base_model, (3, 32, 32)) / 1e6
     base_model.train()
     with PeakRss() as memory:
-        base = timed_steps(_forever(base_loader), _baseline_step(base_model, base_optimizer, device), steps, warmup,
-                           sync=sync)
-    base["peak_rss_mib"] = memory.peak_mib
+        result["train_baseline"] = timed_steps(_forever(base_loader), _baseline_step(base_model, base_optimizer, device),
+                                               args.steps, args.warmup, sync=_sync(device))
+    result["train_baseline"]["peak_rss_mib"] = memory.peak_mib
     eval_base = ((scaled[: args.eval_batch_size] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)).contiguous().to(device)
     base_model.eval()
     with torch.no_grad():
-        inference = {"baseline": median_seconds(lambda: base_model(eval_base), args.eval_repeats, sync=sync)}
+        return {"baseline": median_seconds(lambda: base_model(eval_base), args.eval_repeats, sync=_sync(device))}
 
-    # 2. nin's engine, as `nin train --recipe fast` runs it: data resident on the device, batched augmentation.
-    cfg = dataclasses.replace(recipe("fast", "cifar10"), batch_size=batch, compile="on" if args.compile_train else "off")
+
+def _fast_config(args):
+    from nin.config import recipe
+
+    return dataclasses.replace(recipe("fast", "cifar10"), batch_size=args.batch_size, compile=bool(args.compile_train))
+
+
+def _same_model_config(args):
+    """nin's engine on exactly the baseline's model and recipe: the paper model (no batch norm), per-channel
+    standardization, pad-4 crops + flips, SGD momentum 0.9 at a constant lr 0.01, weight decay 1e-4."""
+    from nin.config import recipe
+
+    return dataclasses.replace(recipe("paper", "cifar10"), batch_size=args.batch_size, preprocessing="standardize",
+                               augment=True, translate=BASELINE_PADDING, flip=True, schedule="constant", lr=0.01,
+                               bias_lr_mult=1.0, class_map_lr_mult=1.0, compile=bool(args.compile_train))
+
+
+def _measure_engine(args, cfg, images: torch.Tensor, labels: torch.Tensor, device: torch.device, result: dict,
+                    label: str):
+    """Time `train_step` as `nin train` runs it for ``cfg``; returns (model, preprocessed images, cfg)."""
+    from nin.data import TensorLoader
+    from nin.models import get_model
+    from nin.runtime import select_precision
+    from nin.schedule import lr_at
+    from nin.train import make_optimizer, train_step
+    from nin.transforms import Augment, fit_preprocessing
+
     amp_dtype = select_precision(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    preprocessing = fit_preprocessing(cfg.preprocessing, images)
-    train_x = preprocessing(images).to(device)
+    train_x = fit_preprocessing(cfg.preprocessing, images)(images).to(device)
     augment = Augment(flip=cfg.flip, translate=cfg.translate) if cfg.augment else None
+    torch.manual_seed(0)
+    model = get_model(cfg.model, **cfg.model_args).to(device=device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg)
+    train_model = torch.compile(model) if cfg.compile else model
+    loader = TensorLoader(train_x, labels.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment)
+    steps_per_epoch, counter = len(loader), iter(range(10**9))
 
-    def engine(label: str) -> tuple[nn.Module, dict]:
-        torch.manual_seed(0)
-        model = get_model(cfg.model, **cfg.model_args).to(device=device, memory_format=memory_format)
-        optimizer = make_optimizer(model, cfg)
-        train_model = torch.compile(model) if cfg.compile == "on" else model
-        loader = TensorLoader(train_x, labels.to(device), batch, shuffle=True, seed=cfg.seed, augment=augment)
-        steps_per_epoch, counter = len(loader), iter(range(10**9))
+    def nin_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        train_step(train_model, optimizer, x, y, lr=lr_at(next(counter), cfg, steps_per_epoch), cfg=cfg,
+                   amp_dtype=amp_dtype, memory_format=memory_format, check_finite=True)
 
-        def nin_step(x: torch.Tensor, y: torch.Tensor) -> None:
-            lr = lr_at(next(counter), cfg, steps_per_epoch)
-            train_step(train_model, optimizer, x, y, lr=lr, cfg=cfg, amp_dtype=amp_dtype,
-                       memory_format=memory_format, check_finite=True)
-
-        model.train()
-        with PeakRss() as memory:
-            timing = timed_steps(_forever(loader), nin_step, steps, warmup, sync=sync)
-        timing["peak_rss_mib"] = memory.peak_mib
-        result[label] = timing
-        return model, timing
-
-    if device.type == "cpu":  # the malloc setting's own gain, measured before it is switched on
-        engine("train_nin_malloc_defaults")
-    result["keep_freed_memory"] = keep_freed_memory() if device.type == "cpu" else False
-    model, _ = engine("train_nin")
+    model.train()
+    with PeakRss() as memory:
+        timing = timed_steps(_forever(loader), nin_step, args.steps, args.warmup, sync=_sync(device))
+    timing["peak_rss_mib"] = memory.peak_mib
+    timing["model"] = f"{cfg.model} ({'batch norm' if cfg.model_args.get('batch_norm') else 'paper, no batch norm'})"
+    result[label] = timing
     result["precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
     result["channels_last"] = cfg.channels_last
+    return model, train_x, cfg
 
-    # 3. nin inference on the same images: what `evaluate` runs, then optimize_for_inference's variants.
+
+def _measure_inference(args, model: nn.Module, train_x: torch.Tensor, cfg, device: torch.device,
+                       result: dict) -> dict:
+    """Seconds per batch: what `evaluate` runs (autocast), then each `optimize_for_inference` method."""
+    from nin.evaluate import predict_logits
+    from nin.inference import optimize_for_inference
+    from nin.runtime import select_precision
+
+    amp_dtype = select_precision(cfg.precision, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     eval_x = train_x[: args.eval_batch_size].contiguous(memory_format=memory_format)
+    sync, repeats, inference = _sync(device), args.eval_repeats, {}
     model.eval()
-    repeats = args.eval_repeats
     with torch.no_grad():
         inference["nin_autocast"] = median_seconds(lambda: predict_logits(model, eval_x, amp_dtype=amp_dtype),
                                                    repeats, sync=sync)
-        methods = ["eager", "jit"] + (["compile"] if args.compile else [])
-        for method in methods:
+        for method in ["eager", "jit"] + (["compile"] if args.compile else []):
             start = time.perf_counter()
             fast = optimize_for_inference(model, amp_dtype=amp_dtype, channels_last=cfg.channels_last, method=method,
                                           example=eval_x)
             fast(eval_x)  # build
             if sync:
                 sync()
-            built = time.perf_counter() - start
+            result.setdefault("inference_build_s", {})[method] = time.perf_counter() - start
             inference[f"nin_{method}"] = median_seconds(lambda: fast(eval_x), repeats, sync=sync)
-            result.setdefault("inference_build_s", {})[method] = built
+    return inference
 
-    # derived numbers
-    n_eval = args.eval_batch_size
-    result["forward_mflop_per_image"] = flops / 1e6
+
+def _derive(result: dict, inference: dict, peaks: dict, args, device: torch.device) -> None:
+    """Images/s, GFLOP/s, fractions of the matmul peak, and the ratios against the baseline."""
+    batch, n_eval = args.batch_size, args.eval_batch_size
+    flops = result["forward_mflop_per_image"] * 1e6
     nin_peak = peaks.get(result["precision"], peaks["bf16"])
-    sides = [("baseline", base, peaks["fp32"]), ("nin", result["train_nin"], nin_peak)]
-    if "train_nin_malloc_defaults" in result:
-        sides.append(("nin_malloc_defaults", result["train_nin_malloc_defaults"], nin_peak))
-    for name, timing, peak in sides:
+    for name in ("baseline", "nin", "nin_malloc_defaults", "nin_same_model"):
+        timing = result.get(f"train_{name}")
+        if timing is None:
+            continue
+        peak = peaks["fp32"] if name == "baseline" else nin_peak
         timing["images_per_s"] = batch / timing["total_s"]
         timing["gflops"] = 3 * flops * batch / timing["total_s"] / 1e9
         timing["peak_fraction"] = timing["gflops"] / peak
-        result[f"train_{name}"] = timing
-    result["train_ratio"] = result["train_nin"]["images_per_s"] / base["images_per_s"]
+    base = result["train_baseline"]["images_per_s"]
+    result["train_ratio"] = result["train_nin"]["images_per_s"] / base
+    result["train_ratio_same_model"] = result["train_nin_same_model"]["images_per_s"] / base
     if device.type == "cuda":
         result["seconds_per_cifar10_epoch"] = 50_000 / result["train_nin"]["images_per_s"]
     result["inference"] = {
@@ -374,17 +398,6 @@ def measure(args) -> dict:
     if device.type == "cuda":
         result["max_cuda_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NinError(f"--device {name}: CUDA is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise NinError(f"--device {name}: expected cpu or cuda[:N]")
-    return device
 
 
 def report(result: dict) -> str:
@@ -403,11 +416,13 @@ def report(result: dict) -> str:
     rows = [("baseline (fp32 NCHW)", b)]
     if "train_nin_malloc_defaults" in result:
         rows.append(("nin fast, malloc defaults", result["train_nin_malloc_defaults"]))
-    rows.append((f"nin fast ({result['precision']}, NHWC)", n))
+    rows.append((f"nin fast model ({result['precision']}, NHWC)", n))
+    rows.append((f"nin, baseline's model and recipe", result["train_nin_same_model"]))
     for name, t in rows:
         lines.append(f"{name:<34}{t['images_per_s']:>9.1f}{t['gflops']:>9.1f}{t['peak_fraction']:>8.1%} "
                      f"{t['outside_compute']:>16.1%}{t['peak_rss_mib']:>8.0f} MiB")
-    lines.append(f"{'ratio nin / baseline':<34}{result['train_ratio']:>8.2f}×")
+    lines.append(f"{'ratio nin fast model / baseline':<34}{result['train_ratio']:>8.2f}×")
+    lines.append(f"{'ratio nin same model / baseline':<34}{result['train_ratio_same_model']:>8.2f}×  (the engine alone)")
     if "seconds_per_cifar10_epoch" in result:
         lines.append(f"{'one CIFAR-10 epoch (50,000 images)':<34}{result['seconds_per_cifar10_epoch']:>8.1f} s")
     lines += ["", f"{'inference (batch ' + str(result['eval_batch_size']) + ')':<34}{'img/s':>9}{'GFLOP/s':>9}"

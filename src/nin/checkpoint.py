@@ -2,6 +2,10 @@
 
     save_weights("weights/mnist.safetensors", model, preprocessing, meta)
     model, preprocessing, meta = load_weights("weights/mnist.safetensors")
+    save_checkpoint("runs/x/checkpoint.safetensors", state.state_dict(), preprocessing, meta)
+    state, preprocess_state, meta = load_checkpoint("runs/x/checkpoint.safetensors")
+
+This module owns both formats: every tensor prefix and every key of the header is written and read here.
 
 Every file is one safetensors file: tensors under prefixes (``model.``, ``preprocess.``, ``ema.``,
 ``optim.``, ``rng.``) and a JSON document in the header's metadata under the key ``nin``. Loading
@@ -13,6 +17,7 @@ and predict need: the model config, the weights and the fitted preprocessing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -27,8 +32,8 @@ from safetensors import safe_open
 from nin.errors import CheckpointError
 from nin.models import NiN, NiNConfig
 
-__all__ = ["atomic_write_bytes", "save_state", "load_state", "save_weights", "load_weights", "git_revision",
-           "remove_stale_temp_files"]
+__all__ = ["atomic_write_bytes", "save_state", "load_state", "save_weights", "load_weights", "save_checkpoint",
+           "load_checkpoint", "git_revision", "remove_stale_temp_files"]
 
 FORMAT = "nin-1"
 
@@ -137,7 +142,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """Rebuild (model, preprocessing, meta) from a weights file or a run folder.
 
     A run folder is read through its ``model.safetensors`` (the final weights) or, while the run is
-    still going, through its ``checkpoint.safetensors``.
+    still going, through its ``checkpoint.safetensors`` (its averaged weights when the run keeps an EMA).
     """
     from nin.transforms import build_preprocessing
 
@@ -152,18 +157,68 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
     try:
         config = NiNConfig.from_dict(meta["model_config"])
         model = NiN(config)
-        state = _unprefixed("ema", tensors) if meta.get("kind") == "checkpoint" and meta.get("use_ema") else {}
-        state = state or _unprefixed("model", tensors)
-        model.load_state_dict(state)
+        model.load_state_dict(_unprefixed("ema", tensors) or _unprefixed("model", tensors))
         preprocessing = build_preprocessing(meta["preprocessing"], _unprefixed("preprocess", tensors))
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise CheckpointError(f"{path}: does not match its own model config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: does not match its own model config ({_first_line(e)})") from None
     model.to(device).eval()
     return model, preprocessing, meta
 
 
+def _first_line(error: BaseException) -> str:
+    """A load_state_dict error's first line names the problem; the tensor it names is on the next line."""
+    lines = [line.strip() for line in str(error).strip("'\"").splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+# The training state's plain values (the rest are tensors), and the tensors resuming cannot do without.
+_COUNTERS = ("epoch", "batches_done", "step", "partial_time", "plateau_rule")
+_REQUIRED = ("rng.cpu", "partial.loss_sum", "partial.correct", "partial.seen")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, preprocessing, meta: dict) -> None:
+    """Atomically write a training checkpoint: a run's state (`RunState.state_dict()`), its preprocessing, ``meta``.
+
+    ``state`` holds ``model``, ``optimizer``, ``rng`` and ``partial`` (dicts of tensors), ``ema`` (a dict of
+    tensors or None) and the counters epoch, batches_done, step, partial_time, plateau_rule.
+    """
+    tensors = {**_prefixed("model", state["model"]), **_prefixed("preprocess", preprocessing.state_dict()),
+               **_prefixed("optim", state["optimizer"]), **_prefixed("rng", state["rng"]),
+               **_prefixed("partial", state["partial"]), **_prefixed("ema", state.get("ema") or {})}
+    save_state(path, tensors, {"kind": "checkpoint", "preprocessing": preprocessing.kind, **meta,
+                               **{key: state[key] for key in _COUNTERS}})
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Read a checkpoint written by `save_checkpoint`: (state, preprocessing state, meta).
+
+    Raises:
+        CheckpointError: Missing, damaged, not a training checkpoint, or without what resuming reads.
+    """
+    tensors, meta = load_state(path)
+    if meta.get("kind") != "checkpoint":
+        raise CheckpointError(f"{path}: not a training checkpoint")
+    missing = [key for key in (*_COUNTERS, "train_config") if key not in meta]
+    missing += [key for key in _REQUIRED if key not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: damaged training state (no {missing[0]})")
+    for key in ("epoch", "batches_done", "step"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise CheckpointError(f"{path}: damaged training state ({key} is {meta[key]!r})")
+    if not isinstance(meta["partial_time"], (int, float)) or not isinstance(meta["plateau_rule"], dict):
+        raise CheckpointError(f"{path}: damaged training state (partial_time or plateau_rule)")
+    state = {"model": _unprefixed("model", tensors), "ema": _unprefixed("ema", tensors) or None,
+             "optimizer": _unprefixed("optim", tensors), "rng": _unprefixed("rng", tensors),
+             "partial": _unprefixed("partial", tensors), **{key: meta[key] for key in _COUNTERS}}
+    return state, _unprefixed("preprocess", tensors), meta
+
+
+@functools.cache
 def git_revision() -> str | None:
-    """The source tree's git commit (with '-dirty' for local changes), or None outside a checkout."""
+    """The source tree's git commit (with '-dirty' for local changes), or None outside a checkout.
+
+    Read once per process: a run records the revision that started it (and each resume its own).
+    """
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)

@@ -20,19 +20,21 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from nin import __version__
+from nin.data.datasets import DATASET_NAMES, FOLDER
 
-DATASETS = ["cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "folder"]
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nin", description="Network In Network: train, evaluate, predict.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"nin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (or --resume a run)",
                        description="Train a NiN model. Defaults per data set: the matching paper model.")
-    p.add_argument("--dataset", choices=DATASETS, help="data set (required unless --resume)")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="data set (required unless --resume)")
     p.add_argument("--model", help="model name (see `nin models`); default: the data set's paper model")
     p.add_argument("--recipe", choices=["paper", "caffe", "fast"], default="paper", help="training recipe (default: paper)")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
@@ -55,21 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--data-file", metavar="FILE",
+                   help="evaluate on one CIFAR binary batch file (CIFAR-10 layout; CIFAR-100's for 100-class models)")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("predict", help="class probabilities for image files")
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("models", help="list the registered models with their parameter counts")
 
     p = sub.add_parser("download", help="download a data set's official files (needs internet)")
-    p.add_argument("dataset", choices=[d for d in DATASETS if d != "folder"])
+    p.add_argument("dataset", choices=[d for d in DATASET_NAMES if d != FOLDER.name])
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and run(args) -> int
@@ -82,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXTENSIONS = [
     ("visualize", "nin.visualize", "confidence maps (Figure 4), overlays, curves, confusion matrix"),
-    ("export", "nin.export", "export a model to ONNX"),
     ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
     ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
 ]
@@ -99,36 +102,24 @@ def _extension(module: str):
         raise
 
 
-def _device(text: str | None):
-    import torch
-
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _positive_int(text: str) -> int:
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        from nin.errors import NinError
-
-        raise NinError(f"--device {text!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from nin.errors import NinError
-
-        raise NinError(f"--device {text}: no CUDA device is available here")
-    return device
-
-
-def _leave_process_group() -> None:
-    """Under torchrun, train() joined the process group: leave it before the process exits."""
-    from nin import distributed
-
-    distributed.cleanup()
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from nin import distributed
+    from nin.config import apply_overrides, recipe, validate
     from nin.errors import NinError
-    from nin.train import apply_overrides, recipe, train, validate
+    from nin.runtime import resolve_device
+    from nin.train import train
 
     command = shlex.join(["nin", *sys.argv[1:]]) if sys.argv else None
     if args.resume:
@@ -143,11 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given:
             raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
                            "(only --epochs, --checkpoint-every and --device can)")
-        try:
+        with distributed.process_group(resolve_device(args.device)) as device:
             train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
-                  device=_device(args.device))
-        finally:
-            _leave_process_group()
+                  device=device)
         return 0
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
@@ -164,31 +153,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"out": str(out), "train_config": cfg.to_dict()}, indent=2))
         return 0
-    try:
-        train(cfg, out, command=command, device=_device(args.device))
-    finally:
-        _leave_process_group()
+    with distributed.process_group(resolve_device(args.device)) as device:
+        train(cfg, out, command=command, device=device)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
+    from nin.evaluate import evaluate_weights
 
-    from nin.checkpoint import load_weights
-    from nin.data import TensorLoader
-    from nin.evaluate import evaluate, load_matching_dataset
-    from nin.train import select_precision
-
-    device = _device(args.device)
-    model, preprocessing, meta = load_weights(args.weights, device)
-    config = model.config
-    dataset, data = load_matching_dataset(args.weights, config, meta, args.dataset, args.split, args.data_dir)
-    images = preprocessing(data.images).to(device).contiguous(memory_format=torch.channels_last)
-    model = model.to(memory_format=torch.channels_last)
-    result = evaluate(model, TensorLoader(images, data.labels.to(device), args.batch_size, shuffle=False),
-                      num_classes=config.num_classes, amp_dtype=select_precision("auto", device),
-                      tta_flip=bool(meta.get("tta_flip")))
-    classes = meta.get("classes") or data.classes
+    result, dataset, classes = evaluate_weights(args.weights, dataset=args.dataset, split=args.split,
+                                                data_dir=args.data_dir, data_file=args.data_file,
+                                                batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps({"weights": str(args.weights), "dataset": dataset, "split": args.split,
                           **result.to_dict(classes)}))
@@ -210,8 +185,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from nin.checkpoint import load_weights
     from nin.data.readers import read_image
     from nin.evaluate import predict_logits
+    from nin.runtime import resolve_device
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, preprocessing, meta = load_weights(args.weights, device)
     config = model.config
     classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]

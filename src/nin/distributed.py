@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "cleanup", "is_distributed", "rank", "world_size", "is_main", "main_first",
+__all__ = ["setup", "cleanup", "process_group", "launched_by_torchrun", "is_distributed", "rank", "world_size", "is_main", "main_first",
            "all_reduce_sum", "all_true", "broadcast_object", "broadcast_buffers", "barrier"]
 
 
@@ -41,6 +41,29 @@ def _default_device() -> torch.device:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | None = None) -> Iterator[torch.device]:
+    """Join the process group for the body (under torchrun) and leave it after; yields this rank's device.
+
+        with process_group(resolve_device(args.device)) as device:
+            train(cfg, out, device=device)
+
+    In a single process it only yields the device. A group joined before the call is left as it was.
+    """
+    joined = launched_by_torchrun() and not dist.is_initialized()
+    device = setup(device)
+    try:
+        yield device
+    finally:
+        if joined:
+            cleanup()
 
 
 def is_distributed() -> bool:

@@ -9,17 +9,21 @@ summed over ranks, so the numbers equal a single process's.
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from nin import distributed
+from nin.errors import NinError
+from nin.runtime import autocast, resolve_device, select_precision
 
-__all__ = ["EvalResult", "evaluate", "autocast", "load_matching_dataset"]
+__all__ = ["EvalResult", "evaluate", "predict_logits", "evaluate_weights", "load_matching_dataset",
+           "check_image_shape", "read_data_file"]
 
 
 @dataclass
@@ -57,13 +61,6 @@ class EvalResult:
         return out
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on ``device``, or nothing when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def predict_logits(model: nn.Module, images: torch.Tensor, *, amp_dtype: torch.dtype | None = None,
                    tta_flip: bool = False) -> torch.Tensor:
     """fp32 logits of a preprocessed batch; with ``tta_flip`` averaged with the mirrored batch's."""
@@ -95,25 +92,80 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return EvalResult(loss=float(loss_sum) / max(n, 1), confusion=confusion)
 
 
-def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None):
-    """The split a model can be evaluated on: its own data set (or ``dataset``), checked against its shape.
+def check_image_shape(images: torch.Tensor, config, owner: str, source: str) -> None:
+    """Refuse images whose (C, H, W) is not the model's input: one line naming both sides."""
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if tuple(images.shape[1:]) != expected:
+        raise NinError(f"{owner}: the model expects {'×'.join(map(str, expected))} images; {source} has "
+                       f"{'×'.join(map(str, images.shape[1:]))}")
 
-    Raises NinError naming ``weights`` when the data set is unknown, its images have another shape, or its
-    labels exceed the model's classes.
+
+def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--data-file"):
+    """A CIFAR binary batch file as a test set: CIFAR-10's 1 label byte a record, or CIFAR-100's 2 (fine label).
+
+    The layout follows the model's class count (100: CIFAR-100's coarse + fine label bytes).
+    """
+    from nin.data import ImageDataset
+    from nin.data.readers import read_cifar_binary
+
+    path = Path(path)
+    if not path.is_file():
+        raise NinError(f"{flag} {path}: no such file")
+    label_bytes = 2 if num_classes == 100 else 1
+    images, labels = read_cifar_binary(path, num_classes, label_bytes=label_bytes)
+    return ImageDataset(images, labels, [str(k) for k in range(num_classes)], path.name)
+
+
+def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None,
+                          data_file: str | os.PathLike | None = None):
+    """The images a model can be evaluated on: its own data set (or ``dataset``, or a CIFAR batch ``data_file``).
+
+    Returns (name, ImageDataset). Raises NinError naming ``weights`` when the data set is unknown, its images
+    have another shape, or its labels exceed the model's classes.
     """
     from nin.data import load_dataset
-    from nin.errors import NinError
 
-    dataset = dataset or meta.get("dataset")
-    if not dataset:
-        raise NinError(f"{weights}: names no data set; pass --dataset")
-    size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
-    data = load_dataset(dataset, split, data_dir, **size_args)
-    expected = (config.in_channels, config.input_size, config.input_size)
-    if tuple(data.images.shape[1:]) != expected:
-        raise NinError(f"{weights}: the model expects {'×'.join(map(str, expected))} images; {dataset} "
-                       f"{split} has {'×'.join(map(str, data.images.shape[1:]))}")
+    if data_file is not None:
+        data, dataset = read_data_file(data_file, config.num_classes), Path(data_file).name
+    else:
+        dataset = dataset or meta.get("dataset")
+        if not dataset:
+            raise NinError(f"{weights}: names no data set; pass --dataset")
+        size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
+        data = load_dataset(dataset, split, data_dir, **size_args)
+    check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     if len(data.labels) and int(data.labels.max()) >= config.num_classes:
         raise NinError(f"{weights}: the model has {config.num_classes} classes; {dataset} {split} has "
                        f"labels up to {int(data.labels.max())}")
     return dataset, data
+
+
+def evaluate_weights(weights: str | os.PathLike, *, dataset: str | None = None, split: str = "test",
+                     data_dir: str | os.PathLike | None = None, data_file: str | os.PathLike | None = None,
+                     subset: int = 0, batch_size: int = 500, precision: str = "auto",
+                     device: torch.device | str | None = None) -> tuple[EvalResult, str, list[str]]:
+    """Evaluate a weights file (or run folder) as `nin evaluate` does: (result, data set name, class names).
+
+    Args:
+        weights: A weights file or run folder.
+        dataset: The data set to score (default: the model's own); ``data_file`` replaces it with one
+            CIFAR binary batch file.
+        subset: Score only the first ``subset`` images (0: all).
+        precision: "auto" (bf16 where the hardware runs it fast), "fp32" or "bf16".
+    """
+    from nin.checkpoint import load_weights
+    from nin.data import TensorLoader
+
+    if batch_size < 1:
+        raise NinError(f"--batch-size must be at least 1, got {batch_size}")
+    device = resolve_device(device)
+    model, preprocessing, meta = load_weights(weights, device)
+    name, data = load_matching_dataset(weights, model.config, meta, dataset, split, data_dir, data_file)
+    images, labels = (data.images[:subset], data.labels[:subset]) if subset else (data.images, data.labels)
+    images = preprocessing(images).to(device).contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    result = evaluate(model, TensorLoader(images, labels.to(device), batch_size, shuffle=False),
+                      num_classes=model.config.num_classes, amp_dtype=select_precision(precision, device),
+                      tta_flip=bool(meta.get("tta_flip")))
+    classes = meta.get("classes") or data.classes
+    return result, name, list(classes)

@@ -44,6 +44,7 @@ __all__ = [
     "list_models",
     "model_config",
     "original_layer_names",
+    "multiply_adds",
 ]
 
 
@@ -286,6 +287,34 @@ def get_model(name: str, **overrides) -> NiN:
     return NiN(model_config(name, **overrides))
 
 
+def multiply_adds(model: nn.Module, image_shape: tuple[int, int, int] | None = None) -> int:
+    """Multiply-adds of one image's forward pass, counted over Conv2d and Linear layers.
+
+    Args:
+        model: Any module; a NiN's own input shape is used when ``image_shape`` is None.
+        image_shape: (C, H, W) of one input image.
+    """
+    if image_shape is None:
+        image_shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
+    total = 0
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output[0].numel() * module.weight[0].numel()  # outputs of one image × inputs per output
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
+
+
 def original_layer_names(model: NiN) -> dict[str, str]:
     """Map the authors' layer names (conv1, cccp1, ...) to this model's state_dict prefixes."""
     names: dict[str, str] = {}
@@ -364,7 +393,7 @@ def nin_imagenet() -> NiNConfig:
         MLPConvSpec(3, (384, 384, 384), padding=1, pool="max", dropout=True),
         MLPConvSpec(3, (1024, 1024, 1000), padding=1, pool=None, dropout=False),
     )
-    # PAPER.md gives no init for this model; N(0, 0.05²) explodes through its 1024-wide layers, so He init
+    # The paper gives no init for its ImageNet model; N(0, 0.05²) explodes through its 1024-wide layers, so He init
     return NiNConfig(in_channels=3, num_classes=1000, input_size=224, blocks=blocks, init="kaiming")
 
 

@@ -1,26 +1,95 @@
-"""Process-wide settings that make CPU training faster: keep freed memory in the process.
+"""Where and how the code runs: the device, the numeric precision, and the process's memory policy.
 
-A NiN training step on a CPU allocates and frees the same tens of MB of activations every step. glibc's
-malloc serves blocks that large with ``mmap`` and hands them back with ``munmap`` when freed, so every step
+    device = resolve_device("cpu")                      # --device text -> torch.device, checked
+    amp_dtype = select_precision("auto", device)        # bf16 where the hardware runs it fast, else None
+    with autocast(device, amp_dtype): logits = model(images)
+
+Training, evaluation, prediction, visualization and the benchmark all choose device and precision here,
+so they agree. `keep_freed_memory` is process-wide: only entry points (the CLI) call it.
+
+Keeping freed memory: a NiN training step on a CPU allocates and frees the same tens of MB of activations
+every step. glibc's malloc serves blocks that large with ``mmap`` and hands them back with ``munmap`` when freed, so every step
 the kernel maps fresh pages and zeroes them again: measured here, 3–5 s of system time per 18 steps and
 roughly a fifth of the step (docs/performance.md). `keep_freed_memory` tells glibc to serve large blocks from
 its heap and never to trim the heap, so the pages of one step are reused by the next. Memory use then stays
 at the peak of a step instead of falling between steps; nothing else changes.
 
     from nin.runtime import keep_freed_memory
-    keep_freed_memory()          # once, early; `nin train`, `nin evaluate`, `nin predict` and `nin bench` call it
+    keep_freed_memory()          # once, early; the `nin` command calls it (and `nin bench` after its baseline)
 
 Set ``NIN_KEEP_FREED_MEMORY=0`` to leave malloc as it is. Off Linux/glibc the call does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
+from pathlib import Path
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+from nin.errors import NinError
+
+__all__ = ["resolve_device", "select_precision", "cpu_has_bf16", "autocast", "keep_freed_memory"]
+
+
+def resolve_device(text: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """The device a ``--device`` value names, checked: None means CUDA when available, else the CPU.
+
+    Raises:
+        NinError: The text names no device, or a CUDA device this machine does not have.
+    """
+    if isinstance(text, torch.device):
+        return text
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise NinError(f"{flag} {text!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise NinError(f"{flag} {text!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NinError(f"{flag} {text}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise NinError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def select_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ("auto", "fp32", "bf16"): None means fp32.
+
+    "auto" picks bf16 where the hardware runs it fast (AMX / AVX512-BF16 CPUs, bf16 GPUs).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on ``device``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1

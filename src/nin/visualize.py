@@ -29,14 +29,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin.errors import NinError
+from nin.metrics import read_metrics
 
 __all__ = [
     "confidence_maps",
     "map_scores",
     "map_statistics",
     "upsample_maps",
-    "select_per_class",
-    "read_metrics",
     "plot_confidence_maps",
     "plot_overlays",
     "plot_curves",
@@ -73,7 +72,7 @@ def confidence_maps(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dty
     Returns:
         fp32 (N, K, h, w), one confidence map per class; the model's training mode is left as it was.
     """
-    from nin.evaluate import autocast
+    from nin.runtime import autocast
 
     was_training = model.training
     model.eval()
@@ -149,28 +148,6 @@ def upsample_maps(maps: torch.Tensor, class_indices: torch.Tensor, size: tuple[i
     """
     chosen = maps[torch.arange(len(maps), device=maps.device), class_indices.to(maps.device)]  # (N, h, w)
     return F.interpolate(chosen.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)
-
-
-def select_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
-    """Indices of the first ``per_class`` images of every class, class by class (classes absent are skipped)."""
-    chosen = [torch.nonzero(labels == k).flatten()[:per_class] for k in range(num_classes)]
-    return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.int64)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The per-epoch records of a run's ``metrics.jsonl`` (a line torn by a kill mid-append is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise NinError(f"{run_dir}: no metrics.jsonl (not a run folder, or no epoch finished yet)")
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,25 +298,28 @@ def plot_overlays(images: torch.Tensor, maps: torch.Tensor, predictions: torch.T
     return _save(figure, path)
 
 
-def plot_curves(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike) -> Path:
-    """Training curves from each run's metrics.jsonl: loss, error (train solid, test dashed) and lr per epoch.
+def plot_curves(runs: Sequence, path: str | os.PathLike, *, reference: float | None = None) -> Path:
+    """Training curves: loss, error (train solid, test dashed) and lr per epoch, one colour per run.
 
-    Several runs share the three panels, one colour per run. Size: `CURVES_PX` (1500 × 450 pixels).
+    Args:
+        runs: Run folders (their metrics.jsonl is read), or (name, per-epoch records) pairs.
+        path: The PNG to write. Size: `CURVES_PX` (1500 × 450 pixels).
+        reference: An error (fraction) drawn as a horizontal line on the error panel, e.g. the paper's.
     """
-    assert run_dirs, "plot_curves needs at least one run folder"
+    assert runs, "plot_curves needs at least one run"
     figure = _figure(*CURVES_PX, layout="constrained")
+    from matplotlib.ticker import MaxNLocator
     loss_ax, error_ax, lr_ax = figure.subplots(1, 3)
-    colours = [f"C{i % 10}" for i in range(len(run_dirs))]
     lrs: list[float] = []
-    for run_dir, colour in zip(run_dirs, colours):
-        records = read_metrics(run_dir)
-        name = Path(run_dir).resolve().name
+    for index, run in enumerate(runs):
+        name, records = run if isinstance(run, tuple) else (Path(run).resolve().name, read_metrics(run))
+        colour = f"C{index % 10}"
         epochs = [r["epoch"] for r in records]
         eval_split = next((key[: -len("_error")] for key in (records[0] if records else {})
                            if key.endswith("_error") and key != "train_error"), "test")
 
         def series(key: str) -> list[float]:
-            return [float(r.get(key, math.nan)) for r in records]
+            return [math.nan if r.get(key) is None else float(r[key]) for r in records]
 
         loss_ax.plot(epochs, series("train_loss"), "-", color=colour, marker=".", label=f"{name} train")
         loss_ax.plot(epochs, series(f"{eval_split}_loss"), "--", color=colour, marker=".", label=f"{name} {eval_split}")
@@ -349,13 +329,16 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike) 
                       label=f"{name} {eval_split}")
         lr_ax.plot(epochs, series("lr"), "-", color=colour, marker=".", label=name)
         lrs += [v for v in series("lr") if v > 0]
+    if reference is not None:
+        error_ax.axhline(100 * reference, color="grey", linestyle=":", label=f"paper {100 * reference:.2f}%")
     for ax, title, unit in ((loss_ax, "loss", "cross-entropy (nats)"), (error_ax, "error", "error (%)"),
                             (lr_ax, "learning rate", "lr (last step of the epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(unit)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=9)
     if lrs and max(lrs) / min(lrs) > 20:  # the paper's lr / 10 drops read best on a log axis
         lr_ax.set_yscale("log")
     return _save(figure, path)
@@ -421,9 +404,10 @@ def _output_folder(weights: Path, out: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     """``nin visualize``: every figure of the module docstring, and maps.json, into ``--out``."""
     from nin.checkpoint import load_weights
-    from nin.evaluate import load_matching_dataset
+    from nin.data.datasets import first_per_class
     from nin.data.readers import read_image
-    from nin.train import select_precision
+    from nin.evaluate import load_matching_dataset
+    from nin.runtime import resolve_device, select_precision
 
     if args.per_class < 1:
         raise NinError(f"--per-class {args.per_class}: expected at least 1")
@@ -432,10 +416,7 @@ def run(args: argparse.Namespace) -> int:
     _figure(1, 1)  # fail now, with the install hint, when matplotlib is missing
     weights = Path(args.weights)
     out = _output_folder(weights, args.out)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise NinError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+    device = resolve_device(args.device)
     model, preprocessing, meta = load_weights(weights, device)
     config = model.config
     dataset, data = load_matching_dataset(weights, config, meta, None, "test", args.data_dir)
@@ -459,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
     written.append(plot_confusion(confusion, classes, out / "confusion.png"))
 
     # Figure 4 and the test-image overlays: the first --per-class images of every class
-    chosen = select_per_class(labels, args.per_class, num_classes)
+    chosen = first_per_class(labels, args.per_class, num_classes)
     chosen_maps = confidence_maps(model, preprocessing(images[chosen].to(device)), amp_dtype).cpu()
     chosen_predictions = predictions[chosen]
     written.append(plot_confidence_maps(images[chosen], chosen_maps, labels[chosen], chosen_predictions, classes,

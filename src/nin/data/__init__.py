@@ -4,25 +4,30 @@
     train = load_dataset("cifar10", "train")          # root: argument, else $NIN_DATA, else ~/.cache/nin
 
 Modules: `readers` (one function per file format), `datasets` (names, folder layouts, splits),
-`loader` (TensorLoader, StreamingImageFolderLoader), `download` (official URLs and checksums).
+`loader` (TensorLoader), `download` (official URLs and checksums).
 """
 
 from nin.data.datasets import (
+    DATASET_NAMES,
     DATASETS,
+    FOLDER,
     LOSSLESS_CIFAR10_NAME,
     SPLITS,
     DatasetInfo,
     ImageDataset,
+    dataset_info,
     load_cifar10_lossless_first1000,
     load_dataset,
     resolve_root,
 )
 from nin.data.download import RESOURCES, Resource, download, download_file, extract_archive
-from nin.data.loader import StreamingImageFolderLoader, TensorLoader, shard_indices
+from nin.data.loader import TensorLoader, shard_indices
 from nin.data.readers import DataError, verify_checksum
 
 __all__ = [
+    "DATASET_NAMES",
     "DATASETS",
+    "FOLDER",
     "LOSSLESS_CIFAR10_NAME",
     "RESOURCES",
     "SPLITS",
@@ -30,8 +35,8 @@ __all__ = [
     "DatasetInfo",
     "ImageDataset",
     "Resource",
-    "StreamingImageFolderLoader",
     "TensorLoader",
+    "dataset_info",
     "download",
     "download_file",
     "extract_archive",

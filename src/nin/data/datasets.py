@@ -28,22 +28,61 @@ SPLITS = ("train", "test", "val", "train_minus_val")
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a data set before seeing it."""
+    """Everything the package knows about a data set before reading it: one entry per data set.
+
+    The CLI's choices, the recipes' per-data-set defaults, `nin reproduce`'s tables and the docs all read
+    this registry, so a new data set is one entry here plus its reader.
+    """
 
     name: str
-    num_classes: int
+    label: str  # how tables and figures name it
+    num_classes: int  # 0: decided by the data (an image folder)
     in_channels: int
     image_size: int
-    paper_preprocessing: str  # "gcn_zca" (CIFAR), "gcn_lcn" (SVHN), "scale" (MNIST): PAPER.md, preprocessing
+    paper_model: str  # the paper's model for this data set (nin.models)
+    paper_preprocessing: str  # NiN paper section 4: GCN + ZCA (CIFAR), GCN + LCN (SVHN), [0, 1] scaling (MNIST)
+    flip: bool  # horizontal flips make sense (not for digits)
+    fast_epochs: int  # the fast recipe's default length
+    fast_preprocessing: str = "standardize"  # the fast recipe's input normalisation
+    paper_overrides: tuple[tuple[str, object], ...] = ()  # TrainConfig changes of the paper recipe on this data set
+    train_images: int = 0  # the official training split's size (0: unknown)
+    folder: str = ""  # the folder under the data root that holds its files ("" for an image folder)
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, "gcn_zca"),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32, "gcn_zca"),
-    "svhn": DatasetInfo("svhn", 10, 3, 32, "gcn_lcn"),
-    "mnist": DatasetInfo("mnist", 10, 1, 28, "scale"),
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, "scale"),
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10", 10, 3, 32, "nin_cifar10", "gcn_zca", True, 30,
+                           train_images=50_000, folder="cifar-10-batches-bin"),
+    # cuda-convnet's CIFAR-100 parameters, as the NiN paper used them
+    "cifar100": DatasetInfo("cifar100", "CIFAR-100", 100, 3, 32, "nin_cifar100", "gcn_zca", True, 40,
+                            paper_overrides=(("lr", 0.02), ("weight_decay", 5e-4)), train_images=50_000,
+                            folder="cifar-100-binary"),
+    "svhn": DatasetInfo("svhn", "SVHN", 10, 3, 32, "nin_svhn", "gcn_lcn", False, 15, train_images=598_388,
+                        folder="svhn"),
+    # digits: the paper's [0, 1] input is all the fast recipe needs too
+    "mnist": DatasetInfo("mnist", "MNIST", 10, 1, 28, "nin_mnist", "scale", False, 8, fast_preprocessing="scale",
+                         train_images=60_000, folder="mnist"),
+    "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST", 10, 1, 28, "nin_mnist", "scale", True, 20,
+                                 fast_preprocessing="scale", train_images=60_000, folder="fashion-mnist"),
 }
+
+# A user's image folder: its classes come from its sub-folders; images are resized to the model's input.
+FOLDER = DatasetInfo("folder", "image folder", 0, 3, 32, "nin_cifar10", "standardize", True, 30)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of a data set name, "folder" included.
+
+    Raises:
+        DataError: The name is unknown.
+    """
+    if name == FOLDER.name:
+        return FOLDER
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    return DATASETS[name]
+
+
+DATASET_NAMES = (*DATASETS, FOLDER.name)  # what --dataset accepts
 
 LOSSLESS_CIFAR10_NAME = "cifar10-lossless-first1000"  # shared/data's pixel-exact first 1,000 official test images
 
@@ -182,15 +221,20 @@ def _load_svhn_part(part: str, root: Path, verify: bool) -> tuple[torch.Tensor, 
     return images, labels
 
 
-def _first_per_class(labels: torch.Tensor, per_class: int, num_classes: int, where: str) -> torch.Tensor:
-    """Indices of the first `per_class` images of every class, in file order."""
-    chosen = []
-    for label in range(num_classes):
-        indices = torch.nonzero(labels == label).flatten()
-        if len(indices) < per_class:
-            raise DataError(f"{where}: {len(indices)} images of class {label}, the validation split needs {per_class}")
-        chosen.append(indices[:per_class])
-    return torch.cat(chosen).sort().values
+def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
+    """Indices of the first ``per_class`` images of every class, class by class (fewer where a class has fewer)."""
+    chosen = [torch.nonzero(labels == k).flatten()[:per_class] for k in range(num_classes)]
+    return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.int64)
+
+
+def _validation_indices(labels: torch.Tensor, per_class: int, num_classes: int, where: str) -> torch.Tensor:
+    """The first `per_class` images of every class, in file order; every class must have that many."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    short = [k for k in range(num_classes) if counts[k] < per_class]
+    if short:
+        raise DataError(f"{where}: {int(counts[short[0]])} images of class {short[0]}, the validation split needs "
+                        f"{per_class}")
+    return first_per_class(labels, per_class, num_classes).sort().values
 
 
 def _complement(indices: torch.Tensor, size: int) -> torch.Tensor:
@@ -210,7 +254,7 @@ def _load_svhn(split: str, root: Path, verify: bool) -> tuple[torch.Tensor, torc
     selected_images, selected_labels = [], []
     for part, (images, labels) in parts.items():
         where = str(root / "svhn" / f"{part}_32x32.mat")
-        validation = _first_per_class(labels, SVHN_VALIDATION_PER_CLASS[part], 10, where)
+        validation = _validation_indices(labels, SVHN_VALIDATION_PER_CLASS[part], 10, where)
         indices = validation if split == "val" else _complement(validation, len(labels))
         selected_images.append(images[indices])
         selected_labels.append(labels[indices])

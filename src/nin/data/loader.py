@@ -1,4 +1,4 @@
-"""Batches from tensors already in memory (TensorLoader), or streamed from a large image folder.
+"""Batches from tensors already in memory: shuffled, sharded over ranks, augmented per batch.
 
 Every rank computes the same permutation from (seed, epoch) and takes every world_size-th index, so no
 sampler state crosses processes; augmentation draws come from a generator seeded by (seed, epoch, rank, batch).
@@ -12,14 +12,9 @@ sampler state crosses processes; augmentation draws come from a generator seeded
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-from nin.data.readers import DEFAULT_MAX_PIXELS, list_image_folder, read_image
 
 SEED_STRIDE = 1_000_003  # a prime; seed * stride + epoch keeps (seed, epoch) pairs apart for any realistic epoch count
 SEED_MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
@@ -126,94 +121,3 @@ class TensorLoader:
                 generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, batch_index))
                 images = self.augment(images, generator)
             yield images, labels
-
-
-class _FolderBatches(Dataset):
-    """Worker side of `StreamingImageFolderLoader`: item i is the whole batch i, decoded and augmented."""
-
-    def __init__(self, loader: StreamingImageFolderLoader, batches: list[torch.Tensor], epoch: int) -> None:
-        self.loader, self.batches, self.epoch = loader, batches, epoch
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = self.loader
-        indices = self.batches[batch_index].tolist()
-        images = torch.stack(
-            [read_image(loader.samples[i][0], loader.image_size, loader.channels, loader.max_pixels) for i in indices]
-        )
-        labels = torch.tensor([loader.samples[i][1] for i in indices], dtype=torch.int64)
-        if loader.transform is not None:
-            images = loader.transform(images)
-        if loader.augment is not None:
-            generator = torch.Generator().manual_seed(batch_seed(loader.seed, self.epoch, loader.rank, batch_index))
-            images = loader.augment(images, generator)
-        return images, labels
-
-
-class StreamingImageFolderLoader:
-    """Batches decoded on the fly from a class-per-sub-folder tree too big for memory (ImageNet-sized).
-
-    Same interface and sharding rule as `TensorLoader`; DataLoader workers decode, resize, preprocess and
-    augment whole batches, so the result does not depend on the number of workers.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        batch_size: int,
-        *,
-        image_size: int = 224,
-        channels: int = 3,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        augment: Augmentation | None = None,
-        num_workers: int = 4,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> None:
-        """Args:
-        root: The folder, <root>/<class>/<image>.
-        batch_size, shuffle, seed, drop_last, rank, world_size, augment: As for `TensorLoader`.
-        image_size: Shorter side resized to this, then a centred square crop.
-        channels: 1 or 3.
-        transform: Applied to each uint8 batch before `augment` (e.g. a fitted `Preprocessing`).
-        num_workers: DataLoader worker processes (0 decodes in this process).
-        max_pixels: Decompression-bomb limit per image.
-        """
-        self.samples, self.classes = list_image_folder(Path(root))
-        self.batch_size, self.image_size, self.channels = batch_size, image_size, channels
-        self.transform, self.augment, self.max_pixels = transform, augment, max_pixels
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next iteration uses."""
-        self.epoch = epoch
-
-    def skip(self, num_batches: int) -> None:
-        """Make the next iteration start at batch `num_batches` of the current epoch."""
-        assert 0 <= num_batches <= len(self), f"cannot skip {num_batches} of {len(self)} batches"
-        self.start_batch = num_batches
-
-    def _batches(self) -> list[torch.Tensor]:
-        indices = shard_indices(
-            len(self.samples), shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
-            world_size=self.world_size,
-        )  # fmt: skip
-        return _split_batches(indices, self.batch_size, self.drop_last)
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        start, self.start_batch = self.start_batch, 0
-        dataset = _FolderBatches(self, self._batches(), self.epoch)
-        remaining = list(range(start, len(dataset)))
-        yield from DataLoader(dataset, batch_size=None, sampler=remaining, num_workers=self.num_workers)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from nin.data.readers import (
     DataError,
+    list_image_classes,
     read_cifar_binary,
     read_cifar_python,
     read_cifar_python_names,
@@ -276,6 +277,31 @@ def _convert(images: torch.Tensor, image_size: int | None, channels: int | None)
     return images
 
 
+def _load_folder(
+    root: Path, split: str, image_size: int, channels: int, classes: list[str] | None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """An image folder: <root>/train/, <root>/test/ (, val/ ...) labelled by one class list, or a flat tree.
+
+    With split folders the class list is `classes` if given, else train/'s sub-folders, so that a split lacking
+    a class keeps the others' labels; a class train/ lacks is refused. Without a train/ or test/ sub-folder the
+    root itself serves every split, as before.
+    """
+    if not ((root / "train").is_dir() or (root / "test").is_dir()):
+        folder = root / split if (root / split).is_dir() else root
+        return read_image_folder(folder, image_size, channels, classes=classes)
+    folder = root / split
+    if not folder.is_dir():
+        present = ", ".join(f"{part}/" for part in SPLITS if (root / part).is_dir())
+        raise DataError(f"{folder}: {split}/ is missing (found {present}), expected <root>/{split}/<class>/<image>")
+    if classes is None and (root / "train").is_dir():
+        classes = list_image_classes(root / "train")
+        unknown = [name for name in list_image_classes(folder) if name not in classes]
+        if unknown:
+            raise DataError(f"{folder / unknown[0]}: class {unknown[0]!r} is not in {root / 'train'}, "
+                            f"whose sub-folders are the class list ({', '.join(classes)})")
+    return read_image_folder(folder, image_size, channels, classes=classes)
+
+
 def load_cifar10_lossless_first1000(root: str | os.PathLike | None = None) -> ImageDataset:
     """The pixel-exact first 1,000 official CIFAR-10 test images kept in shared/data (see its README)."""
     folder = resolve_root(root) / "cifar-10-test-lossless-first1000"
@@ -291,6 +317,7 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
     verify: bool = False,
+    classes: list[str] | None = None,
 ) -> ImageDataset:
     """Load one split of a data set into memory as raw uint8 pixels.
 
@@ -303,6 +330,10 @@ def load_dataset(
         image_size: Resize to this height and width (folders default to 32; others keep their size).
         channels: Convert to 1 or 3 channels (folders default to 3; others keep theirs).
         verify: Also check the official image counts (structural checks always run).
+        classes: Only for "folder": the class list in label order, e.g. the classes stored in a model's weights
+            (label i is `classes[i]`; a sub-folder outside the list is refused). Default: the sub-folders of
+            `root`/train/, for every split, so test/ images get train/'s labels; without split folders, the
+            sub-folders of `root`.
 
     Returns:
         The split as an `ImageDataset`.
@@ -314,9 +345,10 @@ def load_dataset(
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     root = resolve_root(root)
     if name == "folder":
-        folder = root / split if (root / split).is_dir() else root
-        images, labels, classes = read_image_folder(folder, image_size or 32, channels or 3)
+        images, labels, classes = _load_folder(root, split, image_size or 32, channels or 3, classes)
         return ImageDataset(images, labels, classes, "folder")
+    if classes is not None:
+        raise DataError(f"classes= applies to image folders only, not to {name!r}, whose classes are fixed")
     if name == LOSSLESS_CIFAR10_NAME:
         if split != "test":
             raise DataError(f"{LOSSLESS_CIFAR10_NAME} has only a test split, not {split!r}")

@@ -85,6 +85,7 @@ EXTENSIONS = [
     ("export", "nin.export", "export a model to ONNX"),
     ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
     ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
+    ("import-caffe", "nin.caffe", "import the authors' trained Caffe weights (.caffemodel) into a weights file"),
 ]
 
 

@@ -88,6 +88,7 @@ EXTENSIONS = [
     ("visualize", "nin.visualize", "confidence maps (Figure 4), overlays, curves, confusion matrix"),
     ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
     ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
+    ("import-caffe", "nin.caffe", "import the authors' trained Caffe weights (.caffemodel) into a weights file"),
 ]
 
 

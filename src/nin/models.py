@@ -320,13 +320,14 @@ def original_layer_names(model: NiN) -> dict[str, str]:
     names: dict[str, str] = {}
     conv_index, cccp_index = 0, 0
     for b, block in enumerate(model.blocks):
+        suffix = "-1024" if b == 3 else ""  # the zoo's ImageNet model: conv4-1024, cccp7-1024, cccp8-1024
         for i, _ in enumerate(block.convs):
             if i == 0:
                 conv_index += 1
-                name = f"conv{conv_index}"
+                name = f"conv{conv_index}{suffix}"
             else:
                 cccp_index += 1
-                name = f"cccp{cccp_index}"
+                name = f"cccp{cccp_index}{suffix}"
             names[name] = f"blocks.{b}.convs.{i}"
     return names
 

@@ -6,6 +6,7 @@ caffe.proto's field numbers (NetParameter, V1LayerParameter, LayerParameter, Blo
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from pathlib import Path
@@ -23,7 +24,7 @@ from nin.data import TensorLoader, load_cifar10_lossless_first1000, load_dataset
 from nin.errors import NinError
 from nin.evaluate import evaluate
 from nin.models import get_model, original_layer_names
-from nin.train import select_precision
+from nin.runtime import select_precision
 from nin.transforms import fit_preprocessing
 
 CAFFEMODEL_SHA256 = "d131ace82eeecbc14bfba817a99eaaef3ecf4fbfeac1d5da2bc2c3ef4d1fb3da"  # shared/data/README.md
@@ -327,3 +328,22 @@ def test_authors_prototxt_is_checked(authors_weights, data_root, tmp_path, capsy
     with pytest.raises(NinError, match=expected):
         import_caffe(folder / "cifar10_nin.caffemodel", "nin_cifar10", out)
     assert not out.exists()
+
+
+def test_fine_tuning_from_the_authors_weights_does_not_stall(authors_weights, data_root, tmp_path, capsys):
+    """`nin train --init-from` keeps what the weights know: no loss stuck at ln 10, no dead class maps.
+
+    The classic failure of Caffe fine-tuning (a loss at ln 10 = 2.3026 after loading) comes from feeding
+    the weights an input they were not trained on, or from re-initialised class maps; the run takes the
+    weights' architecture and their fitted GCN + ZCA.
+    """
+    out = tmp_path / "ft"
+    assert main(["train", "--dataset", "cifar10", "--recipe", "fast", "--init-from", str(authors_weights),
+                 "--epochs", "1", "--train-subset", "512", "--set", "eval_subset=500", "--set", "lr=0.01",
+                 "--data-dir", str(data_root), "--out", str(out), "--device", "cpu"]) == 0
+    config = json.loads((out / "config.json").read_text())["train_config"]
+    assert config["model"] == "nin_cifar10_caffe" and config["preprocessing"] == "gcn_zca"
+    assert config["init_from"] == str(authors_weights)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train_error"] < 0.4, record  # a fresh model is at ~90% after 4 steps
+    assert record["test_error"] < 0.25, record

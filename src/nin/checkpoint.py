@@ -17,6 +17,7 @@ and predict need: the model config, the weights and the fitted preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,7 +34,7 @@ from nin.errors import CheckpointError
 from nin.models import NiN, NiNConfig
 
 __all__ = ["atomic_write_bytes", "save_state", "load_state", "save_weights", "load_weights", "save_checkpoint",
-           "load_checkpoint", "git_revision", "remove_stale_temp_files"]
+           "load_checkpoint", "weights_architecture", "git_revision", "remove_stale_temp_files"]
 
 FORMAT = "nin-1"
 
@@ -62,6 +63,12 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: tuple[str, ...]) -
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
     path = Path(path)
@@ -70,6 +77,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides, as for any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -163,6 +171,27 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise CheckpointError(f"{path}: does not match its own model config ({_first_line(e)})") from None
     model.to(device).eval()
     return model, preprocessing, meta
+
+
+def weights_architecture(meta: dict) -> tuple[str, dict]:
+    """The registered model name and the NiNConfig overrides that rebuild a weights file's model.
+
+    The name comes from the training config (or an import's ``source.arch``); the overrides are the fields
+    where the file's model config differs from that model's registered one (the blocks follow num_classes).
+    """
+    from nin.models import model_config
+
+    name = (meta.get("train_config") or {}).get("model") or (meta.get("source") or {}).get("arch")
+    try:
+        saved = NiNConfig.from_dict(meta["model_config"])
+        base = model_config(name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"its model is not a registered one ({e})") from None
+    overrides = {f.name: getattr(saved, f.name) for f in dataclasses.fields(NiNConfig)
+                 if f.name != "blocks" and getattr(saved, f.name) != getattr(base, f.name)}
+    if model_config(name, **overrides) != saved:
+        raise CheckpointError(f"its model differs from {name} in its blocks, which --set cannot express")
+    return name, overrides
 
 
 def _first_line(error: BaseException) -> str:

@@ -15,6 +15,7 @@ Errors are one line on stderr and a non-zero exit; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a NiN model. Defaults per data set: the matching paper model.")
     p.add_argument("--dataset", choices=DATASET_NAMES, help="data set (required unless --resume)")
     p.add_argument("--model", help="model name (see `nin models`); default: the data set's paper model")
-    p.add_argument("--recipe", choices=["paper", "caffe", "fast"], default="paper", help="training recipe (default: paper)")
+    p.add_argument("--recipe", choices=["paper", "caffe", "fast"], default="fast",
+                   help="training recipe (default: fast; `paper` is the paper's own recipe, GCN + ZCA and the plateau rule)")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per step per process (default 128)")
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random translation + flip (default: on for fast, off for paper/caffe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, or model.<field> of the model config; repeatable")
+    p.add_argument("--init-from", metavar="WEIGHTS",
+                   help="start from these weights (a weights file or run folder): fine-tuning; its architecture and "
+                        "preprocessing unless --model / --set say otherwise; the class-map layer is re-initialised "
+                        "when the class count differs")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -65,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="class probabilities for image files")
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--top-k", type=_positive_int, default=5)
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded and scored at a time")
+    p.add_argument("--output", metavar="FILE", help="write one row per image to FILE.csv or FILE.jsonl")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -130,14 +138,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
                  "--data-dir": args.data_dir, "--out": args.out, "--seed": args.seed,
                  "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
+                 "--init-from": args.init_from,
                  "--set": args.set or None}
         given = [flag for flag, value in fixed.items() if value is not None]
         if given:
             raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
                            "(only --epochs, --checkpoint-every and --device can)")
-        with distributed.process_group(resolve_device(args.device)) as device:
+        if args.dry_run:  # what the run would continue with; nothing is written
+            from nin.checkpoint import load_checkpoint
+
+            _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
+            print(json.dumps({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or
+                              meta["train_config"]["epochs"], "train_config": meta["train_config"]}, indent=2))
+            return 0
+        with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
             train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
-                  device=device)
+                  device=device, stop=stop)
         return 0
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
@@ -148,15 +164,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         "checkpoint_every": args.checkpoint_every,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    if args.init_from:
+        cfg = _from_weights(cfg, args.init_from, keep_model=args.model is not None)
     cfg = apply_overrides(cfg, args.set)
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
     if args.dry_run:
         print(json.dumps({"out": str(out), "train_config": cfg.to_dict()}, indent=2))
         return 0
-    with distributed.process_group(resolve_device(args.device)) as device:
-        train(cfg, out, command=command, device=device)
+    with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
+        train(cfg, out, command=command, device=device, stop=stop)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (schedulers, `docker stop`) ask the run to checkpoint after its current step
+    and stop; a second signal stops at once."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def request(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt("stopped at once by a second signal; the last checkpoint stays")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _from_weights(cfg, weights: str, keep_model: bool):
+    """The config of a run that starts from ``weights``: their architecture (unless --model) and preprocessing."""
+    import dataclasses
+
+    from nin.checkpoint import load_state, weights_architecture
+    from nin.errors import NinError
+
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        path = next((p for p in (path / "model.safetensors", path / "checkpoint.safetensors") if p.is_file()), path)
+    try:
+        _, meta = load_state(path)
+        name, model_args = weights_architecture(meta)
+    except NinError as e:
+        raise NinError(f"--init-from {weights}: {e}") from None
+    model_args.pop("num_classes", None)  # the data set decides (a folder: its sub-folders)
+    changes = {"init_from": str(weights), "preprocessing": meta.get("preprocessing", cfg.preprocessing)}
+    if not keep_model:
+        changes.update(model=name, model_args=model_args)
+    return dataclasses.replace(cfg, **changes)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -165,6 +227,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result, dataset, classes = evaluate_weights(args.weights, dataset=args.dataset, split=args.split,
                                                 data_dir=args.data_dir, data_file=args.data_file,
                                                 batch_size=args.batch_size, device=args.device)
+    if args.split in ("val", "train_minus_val") and not args.data_file:
+        print(f"nin evaluate: note: split {args.split!r} is made of training images (the paper's held-out "
+              "validation split); a model trained on split 'train' has seen them", file=sys.stderr)
     if args.json:
         print(json.dumps({"weights": str(args.weights), "dataset": dataset, "split": args.split,
                           **result.to_dict(classes)}))
@@ -180,6 +245,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def _image_paths(items: list[str]) -> list[Path]:
+    """Files as given; folders walked for images (sorted, hidden files skipped); globs expanded."""
+    import glob
+
+    from nin.errors import NinError
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise NinError(f"{path}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif glob.has_magic(item) and not path.exists():
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise NinError(f"{item}: no file matches")
+            paths += matches
+        else:
+            paths.append(path)
+    return paths
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
@@ -192,24 +285,56 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, preprocessing, meta = load_weights(args.weights, device)
     config = model.config
     classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
-    batch = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in args.images])
-    with torch.no_grad():
-        logits = predict_logits(model, preprocessing(batch).to(device), tta_flip=bool(meta.get("tta_flip")))
-    probabilities = logits.softmax(dim=1).cpu()
-    k = max(1, min(args.top_k, config.num_classes))
-    top = probabilities.topk(k, dim=1)
-    results = [{"image": str(path),
-                "top": [{"class": classes[i], "index": int(i), "probability": float(p)}
-                        for p, i in zip(values.tolist(), indices.tolist())]}
-               for path, values, indices in zip(args.images, top.values, top.indices)]
-    if args.json:
+    paths = _image_paths(args.images)
+    k = min(args.top_k, config.num_classes)
+    results = []
+    for start in range(0, len(paths), args.batch_size):  # one batch in memory at a time: folders of any size
+        chunk = paths[start:start + args.batch_size]
+        batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
+        with torch.no_grad():
+            logits = predict_logits(model, preprocessing(batch).to(device), tta_flip=bool(meta.get("tta_flip")))
+        top = logits.softmax(dim=1).cpu().topk(k, dim=1)
+        results += [{"image": str(path),
+                     "top": [{"class": classes[i], "index": int(i), "probability": float(p)}
+                             for p, i in zip(values.tolist(), indices.tolist())]}
+                    for path, values, indices in zip(chunk, top.values, top.indices)]
+    if args.output:
+        _write_predictions(Path(args.output), results)
+        print(f"nin predict: {len(results)} images -> {args.output}")
+    elif args.json:
         print(json.dumps({"weights": str(args.weights), "predictions": results}))
-        return 0
-    for result in results:
-        print(result["image"])
-        for item in result["top"]:
-            print(f"  {item['probability']:7.2%}  {item['class']}")
+    else:
+        for result in results:
+            print(result["image"])
+            for item in result["top"]:
+                print(f"  {item['probability']:7.2%}  {item['class']}")
     return 0
+
+
+def _write_predictions(path: Path, results: list[dict]) -> None:
+    """One row per image: CSV (image, top-1 class and probability, then top-k) or JSON lines (.jsonl)."""
+    import csv
+
+    from nin.checkpoint import atomic_write_bytes
+    from nin.errors import NinError
+
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in results)
+    elif path.suffix.lower() == ".csv":
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        k = len(results[0]["top"]) if results else 0
+        writer.writerow(["image", *[f"{name}{j + 1}" for j in range(k) for name in ("class", "probability")]])
+        for r in results:
+            writer.writerow([r["image"], *[v for item in r["top"] for v in (item["class"], f"{item['probability']:.6f}")]])
+        text = buffer.getvalue()
+    else:
+        raise NinError(f"--output {path}: expected a .csv or .jsonl file name")
+    if path.exists() and not path.is_file():
+        raise NinError(f"--output {path}: exists and is not a file")
+    atomic_write_bytes(path, text.encode())
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -258,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, even when a library's message had several
         print(f"nin {args.command}: error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"nin {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"nin {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""

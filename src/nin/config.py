@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nin.errors import NinError
-from nin.models import NiNConfig, model_config
+import torch
+
+from nin.models import NiN, NiNConfig, model_config
 
 __all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate"]
 
@@ -29,6 +31,7 @@ class TrainConfig:
     dataset: str = "cifar10"  # cifar10, cifar100, svhn, mnist, fashion-mnist, folder
     model: str = "nin_cifar10"  # a name from nin.models.list_models()
     model_args: dict = field(default_factory=dict)  # NiNConfig overrides, e.g. {"batch_norm": True}
+    init_from: str = ""  # weights file or run folder the run starts from (fine-tuning); "" = a fresh init
     data_dir: str | None = None  # data root; None = $NIN_DATA, else the per-user cache
     train_split: str = "train"  # paper: final models retrained on all training images
     eval_split: str = "test"  # "val" evaluates on the paper's validation split instead
@@ -244,6 +247,8 @@ def validate(cfg: TrainConfig) -> None:
                for key in ("train_split", "eval_split")]
     checks.append((cfg.preprocessing in PREPROCESSING_KINDS,
                    f"preprocessing must be one of {', '.join(PREPROCESSING_KINDS)}, got {cfg.preprocessing!r}"))
+    if cfg.init_from and not Path(cfg.init_from).expanduser().exists():
+        checks.append((False, f"--init-from {cfg.init_from}: no such weights file or run folder"))
     if cfg.extra_eval and not Path(cfg.extra_eval).expanduser().is_file():
         checks.append((False, f"extra_eval {cfg.extra_eval}: no such file"))
     for ok, message in checks:
@@ -252,6 +257,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dataset not in DATASET_NAMES:
         raise NinError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASET_NAMES)}")
     try:
-        model_config(cfg.model, **cfg.model_args)
-    except (KeyError, AssertionError, TypeError) as e:
-        raise NinError(str(e).strip("'\"")) from None
+        config = model_config(cfg.model, **cfg.model_args)
+        with torch.device("meta"):  # builds every layer (their checks run) without allocating any weight
+            NiN(config)
+    except (KeyError, AssertionError, TypeError, ValueError, RuntimeError) as e:
+        message = " ".join(str(e).strip("'\"").split())
+        raise NinError(f"model {cfg.model} {cfg.model_args}: {message}") from None

@@ -128,10 +128,16 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
     if data_file is not None:
         data, dataset = read_data_file(data_file, config.num_classes), Path(data_file).name
     else:
+        own = dataset is None or dataset == meta.get("dataset")
         dataset = dataset or meta.get("dataset")
         if not dataset:
             raise NinError(f"{weights}: names no data set; pass --dataset")
-        size_args = {"image_size": config.input_size, "channels": config.in_channels} if dataset == "folder" else {}
+        if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
+            data_dir = (meta.get("train_config") or {}).get("data_dir")
+        size_args = {}
+        if dataset == "folder":  # a user's folder: the model's input size, and the model's own class list
+            size_args = {"image_size": config.input_size, "channels": config.in_channels,
+                         "classes": meta.get("classes") if own else None}
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     if len(data.labels) and int(data.labels.max()) >= config.num_classes:

@@ -97,6 +97,15 @@ class NiNConfig:
         assert self.head in ("gap", "fc"), f"head must be 'gap' or 'fc', got {self.head!r}"
         assert self.init in ("paper", "kaiming"), f"init must be 'paper' or 'kaiming', got {self.init!r}"
         assert 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"
+        assert 0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}"
+        assert self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"
+        assert self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"
+        assert 1 <= self.input_size <= 4096, f"input_size must be in [1, 4096], got {self.input_size}"
+        assert self.pool_kernel >= 1 and self.pool_stride >= 1, (
+            f"pool_kernel and pool_stride must be at least 1, got {self.pool_kernel} and {self.pool_stride}")
+        stds = self.init_std if isinstance(self.init_std, tuple) else (self.init_std,)
+        assert all(s > 0 for s in stds), f"init_std must be positive, got {self.init_std}"
+        assert all(w >= 1 for w in self.head_hidden), f"head_hidden widths must be positive, got {self.head_hidden}"
         if self.head == "gap":
             assert blocks[-1].widths[-1] == self.num_classes, (
                 f"with global average pooling the last block must emit one map per class: "

@@ -15,14 +15,17 @@ in `nin.runtime`, the file formats in `nin.checkpoint` and the per-epoch log in 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shlex
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +246,7 @@ class Run:
     log: object = print
     memory_format: torch.memory_format = torch.channels_last
     meta: dict = field(default_factory=dict)  # what every checkpoint's header says about the run
+    stop: threading.Event | None = None  # set by a signal handler: checkpoint at the next step, then stop
 
     @property
     def checkpoint_path(self) -> Path:
@@ -255,6 +259,19 @@ class Run:
     @property
     def last_step(self) -> int:
         return total_steps(self.cfg, self.steps_per_epoch)
+
+
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The dropout stream of one step on one rank: a function of (seed, rank, step), so resuming needs no RNG state
+    for it and DDP ranks draw different masks."""
+    return ((seed * 1_000_003 + 7_919 * (rank + 1)) * 1_000_003 + step) % (2**63 - 1)
+
+
+def _stop_requested(run: Run) -> bool:
+    """True on every rank when a stop was asked for on any rank (a signal may reach the ranks at different steps)."""
+    if run.stop is None:
+        return False
+    return not distributed.all_true(not run.stop.is_set(), run.device)
 
 
 def save(run: Run, state: RunState) -> None:
@@ -286,6 +303,7 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
         if small:
             images = F.interpolate(images, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
         lr = lr_at(state.step, cfg, steps_per_epoch, lr_drops)
+        torch.manual_seed(dropout_seed(cfg.seed, distributed.rank(), state.step))  # each rank its own masks
         check = run.device.type == "cpu" or (state.step + 1) % 50 == 0  # a host sync is free on a CPU, costly on a GPU
         loss, logits = train_step(run.train_model, state.optimizer, images, labels, lr=lr, cfg=cfg,
                                   amp_dtype=run.amp_dtype, memory_format=run.memory_format, check_finite=check)
@@ -311,6 +329,11 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
             save(run, state)
         if interrupt_after is not None and state.step >= interrupt_after:
             raise KeyboardInterrupt(f"interrupted after step {state.step}")
+        if check and _stop_requested(run):
+            state.partial_time += time.perf_counter() - tick
+            save(run, state)
+            raise KeyboardInterrupt(f"stopped at step {state.step} and wrote its checkpoint; continue with "
+                                    f"`nin train --resume {run.out}`")
     state.partial_time += time.perf_counter() - tick
     if hasattr(batches, "close"):
         batches.close()
@@ -362,14 +385,20 @@ def _epoch_line(record: dict, cfg: TrainConfig, state: RunState, event: str | No
 
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, epochs: int | None = None,
           checkpoint_every: int | None = None, command: str | None = None, device: torch.device | str | None = None,
-          log=print, interrupt_after: int | None = None) -> dict:
+          log=print, interrupt_after: int | None = None, stop: threading.Event | None = None) -> dict:
     """Train (or continue) a run in ``out_dir``; returns the last epoch's metrics record.
 
     With ``resume`` the run's own config is read from its checkpoint (``cfg`` is ignored; ``epochs``
     may extend it, ``checkpoint_every`` may change how often it checkpoints) and training continues from the
     exact step where the checkpoint was written.
     ``interrupt_after`` stops the process-local loop with KeyboardInterrupt after that many steps, as a
-    user's Ctrl-C would (tests use it to check that resuming reproduces an uninterrupted run).
+    kill would (tests use it to check that resuming reproduces an uninterrupted run). Setting ``stop`` (the
+    CLI's SIGINT / SIGTERM handlers do) writes a checkpoint after the current step, then raises
+    KeyboardInterrupt.
+
+    One process writes a run folder: a second one (another `nin train --out` or `--resume` on it) is refused
+    with the holder's PID. A new run's folder must be absent, empty, or one that a run started and left
+    before its first epoch ended; anything else is a user's, and is refused before any data is read.
 
     Under torchrun, call it inside ``nin.distributed.process_group()`` (the CLI does). It changes no
     process-wide setting; the CLI also keeps freed memory (`nin.runtime.keep_freed_memory`).
@@ -377,12 +406,24 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     Writes ``config.json``, ``metrics.jsonl`` / ``metrics.csv``, ``checkpoint.safetensors`` (every epoch and
     every ``checkpoint_every`` steps) and, at the end, ``model.safetensors`` for evaluate / predict.
     """
-    run, state = start_run(cfg, Path(out_dir), resume=resume, epochs=epochs, checkpoint_every=checkpoint_every,
-                           command=command, device=device, log=log)
-    record: dict = {}
-    while not done(run, state):
-        train_one_epoch(run, state, interrupt_after)
-        record = end_epoch(run, state)
+    if not resume:  # an impossible setting is refused before the run folder is made
+        validate(dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs),
+                                                                ("checkpoint_every", checkpoint_every)) if v is not None}))
+    with run_folder_lock(Path(out_dir), resume=resume) if distributed.is_main() else contextlib.nullcontext():
+        run, state = start_run(cfg, Path(out_dir), resume=resume, epochs=epochs, checkpoint_every=checkpoint_every,
+                               command=command, device=device, log=log)
+        run.stop = stop
+        record: dict = {}
+        while not done(run, state):
+            train_one_epoch(run, state, interrupt_after)
+            record = end_epoch(run, state)
+        _finish(run, state, record)
+    distributed.barrier()
+    return record
+
+
+def _finish(run: Run, state: RunState, record: dict) -> None:
+    """The final weights (model.safetensors) and the closing line, on the main rank."""
     if run.metrics is not None:
         final = state.ema.model if state.ema is not None else state.model
         save_weights(run.out / "model.safetensors", final, run.preprocessing,
@@ -390,10 +431,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         run.metrics.close()
         if record:
             split = run.cfg.eval_split
-            log(f"nin: done. {split} error {record[f'{split}_error']:.2%} after {state.epoch} epochs; "
-                f"weights in {run.out / 'model.safetensors'}")
-    distributed.barrier()
-    return record
+            run.log(f"nin: done. {split} error {record[f'{split}_error']:.2%} after {state.epoch} epochs; "
+                    f"weights in {run.out / 'model.safetensors'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,15 +454,22 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                                       if v is not None})
     validate(cfg)
     if main:
-        check_output_dir(out, resume=resume)
         for temp in remove_stale_temp_files(out, RUN_FILES):
             log(f"nin: removed {temp.name}, left by a write that was killed")
 
     torch.manual_seed(cfg.seed)
     amp_dtype = select_precision(cfg.precision, device)
+    source = _load_source(cfg) if cfg.init_from and not resume else None
+    if source is not None and source[1].kind == cfg.preprocessing:  # the input the source's weights expect
+        preprocess_state = source[1].state_dict()
     preprocessing, classes, train_data, eval_data = _prepare_data(cfg, device, preprocess_state)
+    if cfg.dataset == "folder" and "num_classes" not in cfg.model_args:  # a user's folder: its class count
+        cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = get_model(cfg.model, **cfg.model_args).to(device).to(memory_format=memory_format)
+    model = get_model(cfg.model, **cfg.model_args)
+    if source is not None:
+        _start_from(model, source[0], cfg.init_from, log)
+    model = model.to(device).to(memory_format=memory_format)
     if int(train_data[1].max()) >= model.config.num_classes:
         raise NinError(f"{cfg.dataset} has labels up to {int(train_data[1].max())} but {cfg.model} has "
                        f"{model.config.num_classes} classes")
@@ -454,6 +500,35 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                 f"{f' per rank × {world} ranks' if world > 1 else ''}) on {device}, "
                 f"{'bf16 autocast' if amp_dtype else 'fp32'}; run folder {out}")
     return run, state
+
+
+def _load_source(cfg: TrainConfig):
+    """The weights a fine-tuning run starts from: (model, preprocessing)."""
+    from nin.checkpoint import load_weights
+
+    model, preprocessing, _ = load_weights(Path(cfg.init_from).expanduser())
+    return model, preprocessing
+
+
+def _start_from(model: NiN, source: NiN, where: str, log) -> None:
+    """Copy ``source``'s weights into ``model``; the class-map block is re-initialised where its shapes differ.
+
+    Every other tensor must match by name and shape (one line naming the first that does not).
+    """
+    last_block = f"blocks.{len(model.blocks) - 1}."
+    target, weights = model.state_dict(), source.state_dict()
+    differ = sorted(k for k in set(target) | set(weights)
+                    if k not in target or k not in weights or target[k].shape != weights[k].shape)
+    blocking = [k for k in differ if not (k.startswith(last_block) and k in target and k in weights)]
+    if blocking:
+        k = blocking[0]
+        found = tuple(weights[k].shape) if k in weights else "nothing"
+        wanted = tuple(target[k].shape) if k in target else "nothing"
+        raise NinError(f"--init-from {where}: {k} is {found} there, the model needs {wanted}; pick the same "
+                       f"architecture (--model, --set model.<field>=...)")
+    model.load_state_dict({k: v for k, v in weights.items() if k not in differ}, strict=False)
+    if differ:
+        log(f"nin: started from {where}; re-initialised the class-map layer for {model.config.num_classes} classes")
 
 
 def _loaders(cfg: TrainConfig, train_data, eval_data):
@@ -562,7 +637,8 @@ def _run_history(command: str | None, resume: bool, saved_meta: dict) -> dict:
 
 
 def _write_config_json(run: Run, resume: bool) -> None:
-    config = {"train_config": run.cfg.to_dict(), "model_config": run.meta["model_config"], **run.history,
+    config = {RUN_MARKER: True, "train_config": run.cfg.to_dict(), "model_config": run.meta["model_config"],
+              **run.history,
               "device": str(run.device), "autocast": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
               "world_size": run.meta["world_size"], "torch": torch.__version__, "resumed": resume}
     atomic_write_bytes(run.out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
@@ -598,12 +674,49 @@ STALL_ADVICE = ("every class map is dead (the same scores for every image), the 
                 "or --set model.init=kaiming, or use --recipe fast (batch norm)")
 
 
+LOCK_FILE = ".nin-run.lock"
+RUN_MARKER = "nin_run"  # a key of config.json: this folder was made by `nin train`
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path, *, resume: bool):
+    """Hold an exclusive OS lock on the run folder (released by the kernel when the process dies, kill -9 too).
+
+    Checks first that the folder may be written (`check_output_dir`); a second writer gets one line naming
+    the holder's PID.
+    """
+    created = not out.exists()
+    check_output_dir(out, resume=resume)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise NinError(f"--out {out}: another nin process (PID {holder}) is writing this run folder; wait for it "
+                           "or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        check_output_dir(out, resume=resume)  # what the holder before us may have left
+        yield
+    except BaseException:
+        if created and sorted(p.name for p in out.iterdir()) == [LOCK_FILE]:  # failed before writing anything
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
 def check_output_dir(out: Path, *, resume: bool) -> None:
-    """Fail now, not after an hour: the folder must be writable, with room for checkpoints."""
+    """Fail now, not after an hour: the folder is ours (or new), writable, with room for checkpoints."""
     if out.exists() and not out.is_dir():
         raise NinError(f"--out {out}: exists and is not a folder")
-    if not resume and (out / "checkpoint.safetensors").exists():
-        raise NinError(f"--out {out}: already holds a run; continue it with --resume {out} or choose another --out")
+    links = [name for name in (*RUN_FILES, LOCK_FILE) if (out / name).is_symlink()]
+    if links:
+        raise NinError(f"--out {out}: {links[0]} is a symbolic link; a run folder holds its own files")
+    if not resume and out.is_dir():
+        _check_new_run_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -614,3 +727,22 @@ def check_output_dir(out: Path, *, resume: bool) -> None:
     free = shutil.disk_usage(out).free
     if free < 64 * 2**20:
         raise NinError(f"--out {out}: only {free // 2**20} MiB free; checkpoints need at least 64 MiB")
+
+
+def _check_new_run_folder(out: Path) -> None:
+    """A new run may only take an empty folder, or one a run started and left before finishing an epoch."""
+    if (out / "checkpoint.safetensors").exists():
+        raise NinError(f"--out {out}: already holds a run; continue it with --resume {out} or choose another --out")
+    entries = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, ".write-test"))
+    if not entries:
+        return
+    try:
+        ours = json.loads((out / "config.json").read_text()).get(RUN_MARKER) is True
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    results = [name for name in ("model.safetensors", "metrics.jsonl") if (out / name).is_file()
+               and (out / name).stat().st_size > 0]
+    if not ours or results:
+        kept = results[0] if results and ours else entries[0]
+        raise NinError(f"--out {out}: not empty and not a run this program left unfinished (it holds {kept}); "
+                       "choose another --out")

@@ -1,0 +1,109 @@
+"""Your own images, end to end: a real 3-class folder -> train -> evaluate -> predict -> visualize, 3 classes everywhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from nin.checkpoint import load_weights
+from nin.cli import main
+from nin.data import load_dataset
+
+CLASSES = {0: "airplane", 3: "cat", 8: "ship"}  # CIFAR-10 label -> folder name
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(image: torch.Tensor, path: Path, kind: str) -> None:
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    picture.save(path, **({"quality": 95} if kind == "jpg" else {}))
+
+
+@pytest.fixture(scope="module")
+def folder(data_root, tmp_path_factory) -> Path:
+    """my_images/{train,test}/{airplane,cat,ship}/: real CIFAR-10 images, PNG and JPEG mixed."""
+    root = tmp_path_factory.mktemp("my_images")
+    for split, per_class in (("train", 60), ("test", 20)):
+        data = load_dataset("cifar10", split, data_root)
+        for label, name in CLASSES.items():
+            (root / split / name).mkdir(parents=True)
+            chosen = torch.nonzero(data.labels == label).flatten()[:per_class]
+            for j, index in enumerate(chosen.tolist()):
+                kind = "jpg" if j % 2 else "png"
+                _write(data.images[index], root / split / name / f"{j:03d}.{kind}", kind)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "mine"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "2", "--batch-size", "32",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_folder_run_has_three_classes_in_its_weights(run):
+    model, _, meta = load_weights(run)
+    assert model.config.num_classes == 3
+    assert meta["classes"] == ["airplane", "cat", "ship"]
+    assert json.loads((run / "config.json").read_text())["train_config"]["model_args"]["num_classes"] == 3
+
+
+def test_evaluate_uses_the_recorded_folder_and_three_classes(run, capsys):
+    assert main(["evaluate", str(run), "--json"]) == 0  # no --data-dir: the run's own folder
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 60 and len(result["confusion"]) == 3 and all(len(row) == 3 for row in result["confusion"])
+    assert result["classes"] == ["airplane", "cat", "ship"]
+
+
+def test_predict_files_folder_and_csv(run, folder, tmp_path, capsys):
+    image = folder / "test" / "cat" / "000.png"
+    assert main(["predict", str(run), str(image), "--top-k", "5", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert len(top) == 3 and {t["class"] for t in top} == {"airplane", "cat", "ship"}  # no phantom classes
+    assert abs(sum(t["probability"] for t in top) - 1) < 1e-4
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(run), str(folder / "test"), "--output", str(out), "--batch-size", "16"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 60 and {r["class1"] for r in rows} <= {"airplane", "cat", "ship"}
+    glob = str(folder / "test" / "ship" / "*.jpg")
+    assert main(["predict", str(run), glob, "--output", str(tmp_path / "p.jsonl")]) == 0
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and all(json.loads(line)["image"].endswith(".jpg") for line in lines)
+
+
+def test_visualize_the_folder_run(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figures"
+    assert main(["visualize", str(run), "--out", str(out), "--per-class", "2"]) == 0
+    maps = json.loads((out / "maps.json").read_text())
+    assert maps["n"] == 60
+    assert (out / "confidence_maps.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
+
+
+def test_fine_tuning_from_cifar10_weights_reinitialises_the_class_maps(folder, tmp_path, capsys):
+    weights = REPO / "weights" / "fast-cifar10.safetensors"
+    out = tmp_path / "ft"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--batch-size", "32",
+                 "--init-from", str(weights), "--set", "lr=0.02", "--out", str(out), "--device", "cpu"]) == 0
+    assert "re-initialised the class-map layer for 3 classes" in capsys.readouterr().out
+    model, _, _ = load_weights(out)
+    source, _, _ = load_weights(weights)
+    assert model.config.num_classes == 3
+    # the first block still carries the source's features, moved by one short epoch only
+    first = "blocks.0.convs.0.weight"
+    change = (model.state_dict()[first] - source.state_dict()[first]).norm() / source.state_dict()[first].norm()
+    assert change < 0.2, float(change)
+
+
+def test_init_from_a_model_of_another_shape_is_one_line(folder, tmp_path, capsys):
+    weights = REPO / "weights" / "fast-mnist.safetensors"  # 1×28×28 input
+    out = tmp_path / "bad"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--init-from",
+                 str(weights), "--model", "nin_cifar10", "--out", str(out), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-from" in err and "Traceback" not in err

@@ -1,0 +1,183 @@
+"""One writer per run folder, a user's files never overwritten, SIGTERM = Ctrl-C with a checkpoint, the umask kept.
+
+Real `nin train` processes on real MNIST (a 16-step run: 8 steps of 32 images per epoch, 2 epochs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from nin.cli import main
+from nin.train import dropout_seed
+
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nin", "train", "--dataset", "mnist", "--recipe", "fast", "--train-subset", "256",
+            "--set", "eval_subset=200", "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--out", str(out),
+            *extra]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _one_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    done = subprocess.run(_train(out), env=CHILD_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_two_writers_one_folder_one_is_refused(data_root, tmp_path):
+    out = tmp_path / "race"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [subprocess.Popen(_train(out, "--seed", str(seed)), env=CHILD_ENV, stdout=open(log, "w"),
+                                  stderr=subprocess.STDOUT) for seed, log in zip((1, 2), logs)]
+    codes = [p.wait(timeout=600) for p in processes]
+    assert sorted(codes) == [0, 1], (codes, [log.read_text()[-1500:] for log in logs])
+    loser = logs[codes.index(1)].read_text()
+    assert "another nin process (PID" in loser or "already holds a run" in loser, loser
+    winner_seed = (1, 2)[codes.index(0)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_config"]["seed"] == winner_seed
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # one writer's lines, none interleaved
+
+
+def test_resume_while_the_run_is_training_is_refused(data_root, tmp_path, capsys):
+    out = tmp_path / "busy"
+    process = subprocess.Popen(_train(out, "--checkpoint-every", "1", "--epochs", "6"), env=CHILD_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint.safetensors").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before the test could race it"
+        assert main(["train", "--resume", str(out), "--device", "cpu"]) == 1
+        _one_line(capsys, "another nin process (PID", str(process.pid))
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("case", ["user-files", "finished-run-without-checkpoint", "symlinked-config", "temp-file"])
+def test_out_folder_that_is_not_ours_is_refused_untouched(case, data_root, tmp_path, capsys, uninterrupted):
+    out = tmp_path / "mine"
+    out.mkdir()
+    if case == "user-files":
+        (out / "config.json").write_text('{"my": "settings"}')
+        (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        (out / "model.safetensors").write_bytes(b"my weights")
+    elif case == "finished-run-without-checkpoint":
+        for name in ("config.json", "metrics.jsonl", "model.safetensors"):
+            (out / name).write_bytes((uninterrupted / name).read_bytes())
+    elif case == "symlinked-config":
+        target = tmp_path / "elsewhere.json"
+        target.write_text("precious")
+        (out / "config.json").symlink_to(target)
+    else:
+        (out / ".config.json.abc.tmp").write_text("a user's temp file")
+    before = _digests(out)
+    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--train-subset", "64", "--out", str(out),
+                 "--device", "cpu"]) == 1
+    _one_line(capsys, str(out))
+    assert _digests(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    if case == "symlinked-config":
+        assert (tmp_path / "elsewhere.json").read_text() == "precious"
+
+
+def test_bad_config_leaves_no_run_folder(data_root, tmp_path, capsys):
+    for assignment in ("model.num_classes=0", "model.num_classes=-3", "eval_batch_size=0", f"seed={2**64}",
+                       "model.init_std=-1", "model.pool_kernel=0"):
+        out = tmp_path / assignment.replace("=", "_")
+        assert main(["train", "--dataset", "mnist", "--set", assignment, "--out", str(out)]) == 1, assignment
+        _one_line(capsys, assignment.split("=")[0].split(".")[-1])
+        assert not out.exists(), assignment
+
+
+def test_resume_dry_run_writes_nothing(uninterrupted, tmp_path, capsys):
+    before = _digests(uninterrupted)
+    assert main(["train", "--resume", str(uninterrupted), "--epochs", "3", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["resume_at_step"] == 16 and printed["epochs"] == 3
+    assert _digests(uninterrupted) == before
+
+
+def test_resume_refuses_a_metrics_log_it_cannot_read_whole(uninterrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.safetensors", "config.json"):
+        (run / name).write_bytes((uninterrupted / name).read_bytes())
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text(json.dumps(records, indent=2))  # valid JSON, but not one record a line
+    before = _digests(run)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--device", "cpu"]) == 1
+    _one_line(capsys, "metrics.jsonl", "line")
+    assert _digests(run) == before
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_bit_identical(uninterrupted, tmp_path):
+    out = tmp_path / "termed"
+    log = tmp_path / "log.txt"
+    process = subprocess.Popen(_train(out, "--checkpoint-every", "5"), env=CHILD_ENV, stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.safetensors").is_file() and time.monotonic() < deadline:  # step 5 is written
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130, log.read_text()[-2000:]
+    text = log.read_text()
+    assert "stopped at step" in text and f"nin train --resume {out}" in text, text[-2000:]
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        step = json.loads(f.metadata()["nin"])["step"]
+    assert 5 <= step < 16, step
+    done = subprocess.run([sys.executable, "-m", "nin", "train", "--resume", str(out), "--device", "cpu"],
+                          env=CHILD_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed, whole = load_file(str(out / "model.safetensors")), load_file(str(uninterrupted / "model.safetensors"))
+    assert resumed.keys() == whole.keys()
+    assert all((resumed[k] == whole[k]).all() for k in whole), "SIGTERM + resume differs from the uninterrupted run"
+
+
+def test_files_get_the_users_umask(uninterrupted):
+    for name in ("model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "metrics.csv", "config.json"):
+        mode = (uninterrupted / name).stat().st_mode & 0o777
+        assert mode == 0o666 & ~0o022, (name, oct(mode))  # CI and this machine run with umask 022
+
+
+def test_dropout_streams_differ_per_rank_and_step():
+    seeds = {dropout_seed(0, rank, step) for rank in range(4) for step in range(100)}
+    assert len(seeds) == 400
+    assert dropout_seed(3, 1, 7) == dropout_seed(3, 1, 7)
+
+
+def test_top_k_and_batch_size_must_be_positive(capsys):
+    for argv in (["predict", "w", "x.png", "--top-k", "0"], ["predict", "w", "x.png", "--top-k", "-1"],
+                 ["evaluate", "w", "--batch-size", "0"], ["evaluate", "w", "--batch-size", "-5"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "expected a positive integer" in capsys.readouterr().err

@@ -85,6 +85,7 @@ EXTENSIONS = [
     ("export", "nin.export", "export a model to ONNX"),
     ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
     ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
+    ("serve", "nin.serve", "serve a model over HTTP: /predict, /health, /docs and a web page"),
 ]
 
 

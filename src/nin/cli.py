@@ -97,6 +97,8 @@ EXTENSIONS = [
     ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
     ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
     ("import-caffe", "nin.caffe", "import the authors' trained Caffe weights (.caffemodel) into a weights file"),
+    ("export", "nin.export", "export a model to ONNX, TorchScript or OpenVINO, preprocessing inside"),
+    ("serve", "nin.serve", "serve a model over HTTP: /predict, /health, /docs and a web page"),
 ]
 
 

@@ -30,12 +30,12 @@ def gcn(x: torch.Tensor, scale: float = GCN_SCALE, eps: float = 1e-8) -> torch.T
     Returns:
         float tensor of x's shape (float32 unless x is float64).
     """
-    flat = x.reshape(len(x), -1)
+    flat = x.flatten(1)  # not reshape(len(x), -1): a traced len() would freeze the batch size of an exported graph
     flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
     centered = flat - flat.mean(dim=1, keepdim=True)
     divisor = centered.square().sum(dim=1, keepdim=True).sqrt() / scale
     divisor = torch.where(divisor < eps, torch.ones_like(divisor), divisor)
-    return (centered / divisor).reshape(x.shape)
+    return (centered / divisor).reshape_as(x)
 
 
 class Zca:

@@ -1,0 +1,242 @@
+"""One runner per inference backend, uint8 (N, C, H, W) images in, probabilities (N, K) out; and their timing.
+
+    runner = load_runner("onnxruntime", "weights/fast-cifar10.safetensors")   # exports to a temporary folder
+    probabilities = runner(images)                                              # numpy float32 (N, K)
+    rows = time_backends("weights/fast-cifar10.safetensors", images)           # every backend, one run
+
+Backends: "torch" is the plain fp32 model run as `nin predict` runs it (preprocessing, then the model, flip
+averaging when the weights say so); "torch-folded" is the exported module (batch norm folded, preprocessing and
+flips in the graph) run eagerly; "torch-bf16" is `optimize_for_inference` with bf16 weights; "torchscript",
+"onnxruntime" and "openvino" run the files `nin.export` writes. All of them compute the same function, so
+their probabilities can be compared image by image (tests/test_export.py) and their speeds against "torch".
+Every backend gets torch's thread count (``torch.set_num_threads``), so rows compare like with like.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nin.errors import NinError
+
+__all__ = ["BACKENDS", "Runner", "load_runner", "available_backends", "BackendTiming", "time_backends",
+           "format_table"]
+
+BACKENDS = ("torch", "torch-folded", "torch-bf16", "torchscript", "onnxruntime", "openvino")
+_EXPORTED_SUFFIX = {"torchscript": ".pt", "onnxruntime": ".onnx", "openvino": ".xml"}
+
+
+@dataclass
+class Runner:
+    """A backend ready to run: ``runner(images)`` -> float32 probabilities (N, K) as numpy."""
+
+    name: str
+    predict: Callable[[np.ndarray], np.ndarray]
+    num_classes: int
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        images = images.numpy() if isinstance(images, torch.Tensor) else images
+        assert images.dtype == np.uint8 and images.ndim == 4, f"expected uint8 (N, C, H, W), got {images.dtype} {images.shape}"
+        return self.predict(np.ascontiguousarray(images))
+
+
+def available_backends() -> list[str]:
+    """The backends whose packages are installed here."""
+    import importlib.util
+
+    needs = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+    return [b for b in BACKENDS if b not in needs or importlib.util.find_spec(needs[b]) is not None]
+
+
+def _torch_runner(name: str, weights: str | Path) -> Runner:
+    from nin.checkpoint import load_weights
+    from nin.evaluate import predict_logits
+    from nin.inference import optimize_for_inference
+
+    model, preprocessing, meta = load_weights(weights, "cpu")
+    tta_flip, num_classes = bool(meta.get("tta_flip")), model.config.num_classes
+    if name == "torch-bf16":
+        model = optimize_for_inference(model, amp_dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def predict(images: np.ndarray) -> np.ndarray:
+        logits = predict_logits(model, preprocessing(torch.from_numpy(images)), tta_flip=tta_flip)
+        return logits.softmax(dim=1).numpy()
+
+    return Runner(name, predict, num_classes)
+
+
+def _exported_runner(name: str, path: Path, num_classes: int) -> Runner:
+    from nin.export import INPUT_NAME, OUTPUT_NAMES
+
+    if name == "torch-folded":
+        from nin.export import build_exported
+
+        module, _ = build_exported(path)
+        num_classes = module.model.config.num_classes
+
+        @torch.no_grad()
+        def predict(images: np.ndarray) -> np.ndarray:
+            return module(torch.from_numpy(images))[0].numpy()
+    elif name == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path))
+
+        @torch.no_grad()
+        def predict(images: np.ndarray) -> np.ndarray:
+            return module(torch.from_numpy(images))[0].numpy()
+    elif name == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch's rows
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            return session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images})[0]
+    else:
+        import openvino
+
+        # f32: OpenVINO's CPU default on bf16-capable processors is bf16 (|Δp| up to 7e-3 on CIFAR-10)
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        output = compiled.output(OUTPUT_NAMES[0])
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            return compiled(images)[output]
+
+    return Runner(name, predict, num_classes)
+
+
+def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | None = None) -> Runner:
+    """A runner for ``backend`` on ``weights``.
+
+    Args:
+        backend: One of `BACKENDS`.
+        weights: A nin weights file or run folder; for "torchscript", "onnxruntime" and "openvino" also an
+            exported file (.pt, .onnx, .xml) with its sidecar .json beside it.
+        export_dir: Where to export nin weights for the exported backends (default: a temporary folder,
+            removed when the process exits).
+    """
+    import json
+
+    from nin import export
+
+    if backend not in BACKENDS:
+        raise NinError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend in ("torch", "torch-bf16"):
+        return _torch_runner(backend, weights)
+    path = Path(weights)
+    if backend == "torch-folded":
+        return _exported_runner(backend, path, 0)
+    if path.suffix == _EXPORTED_SUFFIX[backend]:
+        info_path = path.with_name(path.name + ".json")
+        if not info_path.is_file():
+            raise NinError(f"{path}: its sidecar {info_path.name} is missing")
+        return _exported_runner(backend, path, len(json.loads(info_path.read_text())["classes"]))
+    if backend == "onnxruntime":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise NinError('--backend onnxruntime needs the onnxruntime package: pip install "nin[onnx]"')
+    if export_dir is None:
+        export_dir = tempfile.mkdtemp(prefix="nin-export-")
+    target = Path(export_dir) / f"model{_EXPORTED_SUFFIX[backend]}"
+    if backend == "torchscript":
+        info = export.export_torchscript(weights, target)
+    elif backend == "onnxruntime":
+        info = export.export_onnx(weights, target)
+    else:
+        info = export.export_openvino(weights, target)
+    return _exported_runner(backend, target, len(info["classes"]))
+
+
+@dataclass
+class BackendTiming:
+    """One backend's speed: batch throughput and one-image latency, on this machine, in this run."""
+
+    backend: str
+    batch_size: int
+    images_per_second: float  # median over repeats of batch_size / seconds per batch
+    latency_p50_ms: float  # one image per call
+    latency_p99_ms: float
+    speedup: float = 1.0  # images_per_second / the "torch" row's (1.0 when "torch" was not timed)
+    latency_ratio: float = 1.0  # latency_p50_ms / the "torch" row's
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def time_backends(weights: str | Path, images: np.ndarray | torch.Tensor, *, backends: list[str] | None = None,
+                  batch_size: int = 500, repeats: int = 3, latency_calls: int = 100,
+                  log: Callable[[str], None] | None = None) -> list[BackendTiming]:
+    """Time every backend on the same images in one run; ratios are against the plain fp32 "torch" model.
+
+    Args:
+        weights: A nin weights file or run folder (nin_cifar10 for the documented table).
+        images: uint8 (N, C, H, W), N >= batch_size; the first batch_size images form the batch.
+        backends: Which to time (default: every available one, "torch" first).
+        batch_size: Images per batch for the throughput numbers.
+        repeats: Timed batches per backend (after one warm-up batch); the median counts.
+        latency_calls: Timed one-image calls per backend (after 10 warm-up calls); p50 and p99 count.
+        log: Called with one line per finished backend.
+
+    Returns:
+        One `BackendTiming` per backend, in the order timed.
+    """
+    images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    assert len(images) >= batch_size, f"need at least {batch_size} images, got {len(images)}"
+    batch = np.ascontiguousarray(images[:batch_size])
+    names = backends or available_backends()
+    rows: list[BackendTiming] = []
+    with tempfile.TemporaryDirectory(prefix="nin-backends-") as folder:
+        for name in names:
+            runner = load_runner(name, weights, export_dir=Path(folder) / name)
+            runner(batch)  # warm-up: lazy initialisation, allocator, oneDNN primitive caches
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                runner(batch)
+                seconds.append(time.perf_counter() - start)
+            latencies = []
+            for i in range(10 + latency_calls):
+                one = batch[i % batch_size : i % batch_size + 1]
+                start = time.perf_counter()
+                runner(one)
+                if i >= 10:
+                    latencies.append((time.perf_counter() - start) * 1e3)
+            row = BackendTiming(name, batch_size, batch_size / statistics.median(seconds),
+                                _percentile(latencies, 50), _percentile(latencies, 99))
+            rows.append(row)
+            if log:
+                log(f"{name}: {row.images_per_second:.0f} images/s, p50 {row.latency_p50_ms:.2f} ms")
+    base = next((r for r in rows if r.backend == "torch"), None)
+    if base is not None:
+        for row in rows:
+            row.speedup = row.images_per_second / base.images_per_second
+            row.latency_ratio = row.latency_p50_ms / base.latency_p50_ms
+    return rows
+
+
+def format_table(rows: list[BackendTiming]) -> str:
+    """A Markdown table of `time_backends` rows."""
+    lines = [f"| backend | images/s (batch {rows[0].batch_size}) | × torch fp32 | latency p50 (ms) | p99 (ms) | "
+             "p50 / torch fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.backend} | {r.images_per_second:,.0f} | {r.speedup:.2f} | {r.latency_p50_ms:.2f} | "
+                     f"{r.latency_p99_ms:.2f} | {r.latency_ratio:.2f} |")
+    return "\n".join(lines)

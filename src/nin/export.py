@@ -1,0 +1,269 @@
+"""A trained NiN out of Python: ONNX, TorchScript or OpenVINO, with its preprocessing inside the graph.
+
+    nin export weights/fast-cifar10.safetensors --format onnx --out nin-cifar10.onnx
+
+Every exported graph takes what a camera or a PNG gives, a uint8 image batch (N, C, H, W) with a dynamic N, and
+returns two tensors: ``probabilities`` (N, K) and ``class_maps`` (N, K, h, w), the paper's category-confidence
+maps. The fitted preprocessing (per-channel standardization, /255, or GCN + ZCA / LCN) is part of the graph,
+batch norm is folded into the convolutions, and when the weights say ``tta_flip`` the graph also runs the
+mirrored batch and averages, so its probabilities are the softmax of the logits that `nin evaluate` and
+`nin predict` compute. Beside FILE a sidecar FILE.json describes the graph (classes, input, outputs,
+preprocessing, opset, the source weights' sha256); docs/deploy.md shows a 10-line onnxruntime client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nin import __version__
+from nin.errors import NinError
+from nin.inference import fold_batch_norm
+from nin.transforms import gcn, lcn
+
+__all__ = ["ExportedNiN", "build_exported", "export_onnx", "export_torchscript", "export_openvino", "sidecar",
+           "weights_file", "FORMATS", "OPSET", "INPUT_NAME", "OUTPUT_NAMES"]
+
+OPSET = 17  # ONNX opset of the exported graph; onnxruntime >= 1.14 and OpenVINO read it
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probabilities", "class_maps")
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
+
+
+class ExportedNiN(nn.Module):
+    """uint8 images (N, C, H, W) -> (probabilities (N, K), class maps (N, K, h, w)), preprocessing included.
+
+    With ``tta_flip`` the class maps are the average of the image's maps and the mirrored image's maps mirrored
+    back, so that (with the GAP head) their spatial means are exactly the flip-averaged logits.
+    """
+
+    def __init__(self, model: nn.Module, preprocessing, tta_flip: bool) -> None:
+        super().__init__()
+        self.model = fold_batch_norm(model).float()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.kind = preprocessing.kind
+        self.tta_flip = bool(tta_flip)
+        if self.kind == "standardize":
+            self.register_buffer("mean", preprocessing.mean.float().view(1, -1, 1, 1))
+            self.register_buffer("std", preprocessing.std.float().view(1, -1, 1, 1))
+        elif self.kind == "gcn_zca":
+            self.register_buffer("zca_mean", preprocessing.zca.mean.float())  # (C*H*W,)
+            self.register_buffer("zca_matrix", preprocessing.zca.matrix.float())  # (C*H*W, C*H*W)
+
+    def train(self, mode: bool = True) -> ExportedNiN:
+        super().train(False)  # inference only: dropout stays off whatever the caller asks
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The same float32 batch as `nin.transforms.Preprocessing` gives, written with traceable ops."""
+        x = images.float()
+        if self.kind == "scale":
+            return x / 255.0
+        if self.kind == "standardize":
+            return (x / 255.0 - self.mean) / self.std
+        x = gcn(x)
+        if self.kind == "gcn_lcn":
+            return lcn(x)
+        return ((x.flatten(1) - self.zca_mean) @ self.zca_matrix).reshape_as(x)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.preprocess(images)
+        if not self.tta_flip:
+            maps = self.model.forward_features(x)  # (N, K, h, w)
+            return self.model.forward_head(maps).softmax(dim=1), maps
+        count = x.shape[0]
+        both = self.model.forward_features(torch.cat([x, x.flip(-1)]))  # one pass over (2N, C, H, W)
+        maps, mirrored = both[:count], both[count:]
+        logits = 0.5 * (self.model.forward_head(maps) + self.model.forward_head(mirrored))
+        return logits.softmax(dim=1), 0.5 * (maps + mirrored.flip(-1))
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file `load_weights` reads for ``path``: the file itself, or a run folder's model/checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "checkpoint.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise NinError(f"{path}: a folder without model.safetensors or checkpoint.safetensors")
+    if not path.is_file():
+        raise NinError(f"{path}: no such weights file or run folder")
+    return path
+
+
+def build_exported(weights: str | Path) -> tuple[ExportedNiN, dict]:
+    """Load ``weights`` (a file or run folder) on the CPU and wrap it; also returns the weights' meta."""
+    from nin.checkpoint import load_weights
+
+    model, preprocessing, meta = load_weights(weights_file(weights), "cpu")
+    return ExportedNiN(model, preprocessing, bool(meta.get("tta_flip"))).eval(), meta
+
+
+def _example(module: ExportedNiN, count: int = 2, seed: int = 0) -> torch.Tensor:
+    config = module.model.config
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, config.in_channels, config.input_size, config.input_size)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+
+
+def sidecar(module: ExportedNiN, meta: dict, weights: str | Path, format: str, opset: int | None) -> dict:
+    """The JSON description written beside an exported graph (FILE.json)."""
+    config = module.model.config
+    source = weights_file(weights)
+    if module.kind == "standardize":
+        preprocessing = {"kind": "standardize", "formula": "(x / 255 - mean) / std, per channel",
+                         "mean": module.mean.flatten().tolist(), "std": module.std.flatten().tolist()}
+    elif module.kind == "scale":
+        preprocessing = {"kind": "scale", "formula": "x / 255"}
+    elif module.kind == "gcn_zca":
+        preprocessing = {"kind": "gcn_zca", "formula": "GCN (scale 55) then ZCA", "zca": "ZCA inside"}
+    else:
+        preprocessing = {"kind": "gcn_lcn", "formula": "GCN (scale 55) then 7x7 LeCun LCN", "lcn": "LCN inside"}
+    return {
+        "format": format,
+        "opset": opset,
+        "model": config.to_dict(),
+        "dataset": meta.get("dataset"),
+        "classes": meta.get("classes") or [str(i) for i in range(config.num_classes)],
+        "input": {"name": INPUT_NAME, "layout": "NCHW uint8", "shape": ["N", config.in_channels, config.input_size,
+                  config.input_size], "channels": "RGB" if config.in_channels == 3 else "grayscale",
+                  "resize": "shorter side to input size (bilinear), then center crop"},
+        "outputs": {OUTPUT_NAMES[0]: ["N", config.num_classes],
+                    OUTPUT_NAMES[1]: ["N", config.num_classes, config.feature_size(), config.feature_size()]},
+        "preprocessing": preprocessing,
+        "tta_flip": module.tta_flip,
+        "batch_norm_folded": True,
+        "source_weights": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+        "nin_version": __version__,
+    }
+
+
+def _write_sidecar(path: Path, info: dict) -> Path:
+    target = path.with_name(path.name + ".json")
+    target.write_text(json.dumps(info, indent=2) + "\n")
+    return target
+
+
+def _onnx_graph(module: ExportedNiN, path: Path, opset: int) -> None:
+    dynamic = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates the TorchScript-based exporter
+        torch.onnx.export(module, (_example(module),), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)
+
+
+def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, check: bool = True) -> dict:
+    """Export ``weights`` to an ONNX file plus its sidecar ``path``.json.
+
+    Args:
+        weights: A weights file or run folder.
+        path: The .onnx file to write.
+        opset: ONNX opset version.
+        check: Run onnx's checker, and compare onnxruntime's output with torch's on 3 random images when
+            onnxruntime is installed (max |Δprobability| < 1e-4).
+
+    Returns:
+        The sidecar dict.
+    """
+    module, meta = build_exported(weights)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _onnx_graph(module, path, opset)
+    if check:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+        try:
+            import onnxruntime
+        except ModuleNotFoundError:
+            onnxruntime = None
+        if onnxruntime is not None:
+            images = _example(module, count=3, seed=1)
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images.numpy()})[0]
+            with torch.no_grad():
+                want = module(images)[0].numpy()
+            difference = float(abs(got - want).max())
+            if difference > 1e-4:
+                raise NinError(f"{path}: onnxruntime differs from torch by {difference:.2e} in probability")
+    info = sidecar(module, meta, weights, "onnx", opset)
+    _write_sidecar(path, info)
+    return info
+
+
+def export_torchscript(weights: str | Path, path: str | Path, *, check: bool = True) -> dict:
+    """Export ``weights`` to a frozen TorchScript file (``torch.jit.load(path)(images)``) plus its sidecar.
+
+    Args:
+        weights: A weights file or run folder.
+        path: The .pt file to write.
+        check: Trace-check the graph on a batch of another size (the batch dimension must stay dynamic).
+
+    Returns:
+        The sidecar dict.
+    """
+    module, meta = build_exported(weights)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; it still works
+        check_inputs = [(_example(module, count=5, seed=2),)] if check else None
+        traced = torch.jit.trace(module, _example(module), check_inputs=check_inputs)
+        torch.jit.save(torch.jit.freeze(traced), str(path))
+    info = sidecar(module, meta, weights, "torchscript", None)
+    _write_sidecar(path, info)
+    return info
+
+
+def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET) -> dict:
+    """Export ``weights`` to OpenVINO IR (``path`` .xml plus its .bin), fp32, through ONNX; plus the sidecar.
+
+    Needs the ``openvino`` package (``pip install "nin[openvino]"``).
+    """
+    try:
+        import openvino
+    except ModuleNotFoundError:
+        raise NinError('--format openvino needs the openvino package: pip install "nin[openvino]"') from None
+    module, meta = build_exported(weights)
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise NinError(f"--out {path}: OpenVINO IR is written as FILE.xml (plus FILE.bin)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = Path(folder) / "model.onnx"
+        _onnx_graph(module, onnx_path, opset)
+        converted = openvino.convert_model(str(onnx_path))
+        openvino.save_model(converted, str(path), compress_to_fp16=False)  # the default would halve the weights
+    info = sidecar(module, meta, weights, "openvino", opset)
+    _write_sidecar(path, info)
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Export a trained model with its preprocessing inside: uint8 images (N, C, H, W) in, "
+                          "probabilities and class maps out. Writes FILE and its description FILE.json.")
+    parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="default: onnx")
+    parser.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .pt, .xml for openvino)")
+    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        info = export_onnx(args.weights, args.out, opset=args.opset)
+    elif args.format == "torchscript":
+        info = export_torchscript(args.weights, args.out)
+    else:
+        info = export_openvino(args.weights, args.out, opset=args.opset)
+    print(f"{args.out}: {args.format}, {info['input']['layout']} {info['input']['shape']} -> "
+          f"{', '.join(OUTPUT_NAMES)}; preprocessing {info['preprocessing']['kind']} inside, "
+          f"tta_flip {info['tta_flip']}; described in {args.out}.json")
+    return 0

@@ -1,0 +1,244 @@
+"""A trained NiN behind HTTP: `POST /predict`, `GET /health`, OpenAPI at /docs, and a small web page at /.
+
+    nin serve weights/fast-cifar10.safetensors --port 8000
+    curl -F file=@cat.png 'http://127.0.0.1:8000/predict?top_k=3'
+
+The model is loaded once, as the exported graph's torch module (`nin.export.ExportedNiN`: batch norm folded,
+preprocessing and test-time flips inside), so /predict gives what `nin predict` gives. An upload is decoded in
+memory by Pillow with the format sniffed from its bytes (PNG, JPEG, BMP, GIF, WebP only), the EXIF orientation
+applied, converted to the model's channels, and resized as `nin predict` does (shorter side to the input size,
+then the centre square). Nothing is written to disk and no file path comes from a request. Every refusal is a
+JSON ``{"error": ...}`` with a 4xx status: 413 for too many bytes or pixels (decompression bombs), 415 for a
+type that is not an allowed image, 400 for an empty, damaged or malformed upload.
+
+One request at a time runs the model (a lock): on a CPU the convolutions already use every core, and batching
+concurrent requests together did not pay (docs/deploy.md has the measurement).
+"""
+
+
+import argparse
+import io
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from nin.errors import NinError
+
+__all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "DecodedImage", "decode_image",
+           "create_app"]
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # Pillow's names; nothing else is even tried
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB per upload
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB of RGB; a PNG bomb of 1 MB can claim far more
+MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file in a multipart body
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's only assets; a fixed list
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class RequestError(Exception):
+    """A refused request: the HTTP status and a one-line message for the JSON body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class DecodedImage:
+    """An upload ready for the model, and where the model's square lies in the (oriented) photo."""
+
+    pixels: torch.Tensor  # uint8 (C, S, S)
+    width: int  # the photo after EXIF orientation, in pixels
+    height: int
+    box: tuple[float, float, float, float]  # (left, top, width, height) of the centre square the model saw
+
+
+def decode_image(data: bytes, image_size: int, channels: int, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode an upload in memory: EXIF orientation, ``channels`` (1 or 3), shorter side to ``image_size``, centre crop.
+
+    Raises:
+        RequestError: 400 empty or damaged, 413 more than ``max_pixels`` pixels, 415 not an allowed image type.
+    """
+    if not data:
+        raise RequestError(400, "empty upload: send an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+                width, height = image.size  # from the header, before any pixel is decoded
+                if width * height > max_pixels:
+                    raise RequestError(413, f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
+                image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+    except RequestError:
+        raise
+    except UnidentifiedImageError:
+        raise RequestError(415, f"not an image of an allowed type ({', '.join(ALLOWED_FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(413, f"image refused as a decompression bomb (limit {max_pixels:,} pixels)") from None
+    except Exception as error:  # truncated data, bad chunks, unsupported modes
+        raise RequestError(400, f"damaged or unsupported image ({type(error).__name__})") from None
+    width, height = image.size
+    scale = image_size / min(width, height)  # as nin.data.readers.read_image, which `nin predict` uses
+    resized = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    if resized != (width, height):
+        image = image.resize(resized, Image.BILINEAR)
+    left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+    box = (left / scale, top / scale, image_size / scale, image_size / scale)
+    return DecodedImage(torch.from_numpy(array.transpose(2, 0, 1).copy()), width, height, box)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"upload of {int(declared):,} bytes exceeds the {limit:,}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"upload exceeds the {limit:,}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_upload(request, max_bytes: int) -> bytes:
+    """The uploaded file's bytes: the ``file`` field of a multipart form, or the whole body for any other type."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        return await _read_body(request, max_bytes)
+    body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD)
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=8)
+    parser.spool_max_size = len(body) + 1  # keep the part in memory: never spooled to a temporary file
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise RequestError(400, f"malformed multipart upload ({error.message})") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise RequestError(400, "multipart upload without a 'file' field")
+    data = await upload.read()
+    await form.close()
+    if len(data) > max_bytes:
+        raise RequestError(413, f"upload of {len(data):,} bytes exceeds the {max_bytes:,}-byte limit")
+    return data
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("nin") / "static" / name).read_bytes()
+
+
+def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
+    """The FastAPI application serving ``weights`` (a weights file or run folder), loaded once, on the CPU."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, Response
+
+    from nin.export import build_exported
+
+    module, meta = build_exported(weights)
+    config = module.model.config
+    classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard: a warning above it, DecompressionBombError above twice
+    lock = threading.Lock()
+    pages = {name: _static(name) for name in ("index.html", *STATIC_FILES)}
+    with torch.no_grad():
+        module(torch.zeros(1, config.in_channels, config.input_size, config.input_size, dtype=torch.uint8))  # warm-up
+
+    app = FastAPI(title="nin", version="1", description=f"Network In Network classifier ({meta.get('dataset')}): "
+                  f"upload an image, get the top classes and the predicted class's confidence map.")
+
+    @app.exception_handler(RequestError)
+    async def refuse(request: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.get("/health")
+    def health() -> dict:
+        """The model being served."""
+        return {"status": "ok", "dataset": meta.get("dataset"), "classes": classes,
+                "input": [config.in_channels, config.input_size, config.input_size], "tta_flip": module.tta_flip,
+                "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
+
+    def classify(data: bytes, top_k: int) -> dict:
+        decoded = decode_image(data, config.input_size, config.in_channels, max_pixels)
+        with lock, torch.no_grad():
+            probabilities, maps = module(decoded.pixels[None])  # (1, K), (1, K, h, w)
+        top = probabilities[0].topk(top_k)
+        best = int(top.indices[0])
+        left, top_edge, side, _ = decoded.box
+        return {
+            "top": [{"class": classes[i], "index": i, "probability": round(p, 6)}
+                    for p, i in zip(top.values.tolist(), top.indices.tolist())],
+            "confidence_map": {"class": classes[best], "index": best, "size": list(maps.shape[2:]),
+                               "values": [[round(v, 4) for v in row] for row in maps[0, best].tolist()],
+                               "box": {"left": left, "top": top_edge, "width": side, "height": side}},
+            "image": {"width": decoded.width, "height": decoded.height},
+        }
+
+    upload_schema = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/predict", openapi_extra=upload_schema)
+    async def predict(request: Request,
+                      top_k: int = Query(5, ge=1, le=len(classes), description="how many classes")) -> dict:
+        """Top-k classes of an uploaded image (multipart field `file`, or the raw image as the body)."""
+        data = await _read_upload(request, max_upload_bytes)
+        return await run_in_threadpool(classify, data, top_k)
+
+    headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff"}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        return Response(pages["index.html"], media_type="text/html", headers=headers)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def asset(name: str) -> Response:
+        if name not in STATIC_FILES:  # the name selects from a fixed dict; it never reaches the file system
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return Response(pages[name], media_type=STATIC_FILES[name], headers=headers)
+
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Serve a model over HTTP: POST /predict, GET /health, /docs, and a web page at /."
+    parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
+    parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="default 8000")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20, help="default 10")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"default {MAX_PIXELS:,}")
+    parser.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice; "
+                        "1 gave the lowest latency on a busy 2-core host, docs/deploy.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ModuleNotFoundError:
+        raise NinError('nin serve needs FastAPI and uvicorn: pip install "nin[serve]"') from None
+    if not 0 < args.port < 65536:
+        raise NinError(f"--port {args.port}: expected 1-65535")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NinError(f"--threads {args.threads}: expected 1 or more")
+        torch.set_num_threads(args.threads)
+    app = create_app(args.weights, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

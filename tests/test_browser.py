@@ -1,0 +1,92 @@
+"""The web page in a real browser: `nin serve` in a subprocess, Debian's headless Chromium driven by Playwright."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nin.data import load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "weights" / "fast-cifar10.safetensors"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
+pytest.importorskip("playwright", reason="playwright (Python) not installed; the browser itself comes from Debian")
+pytest.importorskip("uvicorn", reason="nin serve needs the serve extra")
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "nin", "serve", str(WEIGHTS), "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"nin serve did not start: {process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.3)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_page_classifies_an_uploaded_test_image(server, data_root, tmp_path):
+    data = load_dataset("cifar10-lossless-first1000", "test", data_root)
+    assert data.classes[int(data.labels[0])] == "cat"  # test image 0, which the shipped weights get right
+    photo = tmp_path / "cat.png"
+    Image.fromarray(data.images[0].permute(1, 2, 0).numpy()).save(photo)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 820, "height": 560})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('cifar10')")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+            top = page.locator("#top li")
+            assert top.count() == 5
+            assert top.first.locator(".name").inner_text() == "cat"
+            overlay = page.locator("#overlay")
+            assert overlay.is_visible()
+            box = overlay.bounding_box()
+            assert box["width"] > 200 and box["height"] > 200  # drawn over the whole (scaled-up) photo
+            assert page.evaluate("document.getElementById('overlay').width") == 32  # the photo's own resolution
+            painted = page.evaluate("""() => {
+                const c = document.getElementById('overlay');
+                return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).some((v, i) => i % 4 == 3 && v > 0);
+            }""")
+            assert painted, "the confidence map was not drawn"
+            page.screenshot(path=str(tmp_path / "serve_demo.png"), full_page=True)
+            if os.environ.get("NIN_SAVE_SCREENSHOT"):  # regenerate the docs figure on purpose only
+                shutil.copy(tmp_path / "serve_demo.png", REPO / "docs" / "figures" / "serve_demo.png")
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert (tmp_path / "serve_demo.png").stat().st_size > 10_000

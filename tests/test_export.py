@@ -1,0 +1,143 @@
+"""Exported graphs compute what `nin predict` computes: parity on the 1,000 pixel-exact CIFAR-10 test images."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nin.backends import load_runner
+from nin.cli import main
+from nin.data import load_dataset
+from nin.errors import NinError
+from nin.export import INPUT_NAME, build_exported, export_onnx, export_openvino, export_torchscript
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = REPO / "weights" / "fast-cifar10.safetensors"  # standardize, batch norm, tta_flip
+MNIST = REPO / "weights" / "fast-mnist.safetensors"  # 1 channel, 28 px, scale
+PAPER = REPO / "weights" / "cifar10-paper.safetensors"  # GCN + ZCA inside the graph
+CLIENT_MARKER = "<!-- the client below is run by tests/test_export.py -->"
+
+
+@pytest.fixture(scope="module")
+def cifar_images(data_root) -> np.ndarray:
+    if not (data_root / "cifar-10-test-lossless-first1000").is_dir():
+        pytest.skip("the pixel-exact CIFAR-10 test images are not in the data folder")
+    return load_dataset("cifar10-lossless-first1000", "test", data_root).images.numpy()  # uint8 (1000, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def reference(cifar_images) -> np.ndarray:
+    """The plain fp32 torch model as `nin predict` runs it (flip-averaged), on the 1,000 images."""
+    runner = load_runner("torch", CIFAR10)
+    return np.concatenate([runner(chunk) for chunk in np.split(cifar_images, 4)])
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("exports")
+    export_onnx(CIFAR10, folder / "cifar10.onnx")
+    export_torchscript(CIFAR10, folder / "cifar10.pt")
+    return folder
+
+
+def _parity(runner, images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    got = np.concatenate([runner(chunk) for chunk in np.split(images, 4)])
+    assert got.shape == reference.shape and got.dtype == np.float32
+    return float(np.abs(got - reference).max()), float((got.argmax(1) == reference.argmax(1)).mean())
+
+
+def test_sidecar_describes_the_graph(exports):
+    info = json.loads((exports / "cifar10.onnx.json").read_text())
+    assert info["classes"][3] == "cat" and info["opset"] == 17 and info["tta_flip"] is True
+    assert info["input"] == {**info["input"], "name": INPUT_NAME, "layout": "NCHW uint8", "shape": ["N", 3, 32, 32]}
+    assert info["outputs"] == {"probabilities": ["N", 10], "class_maps": ["N", 10, 8, 8]}
+    assert info["preprocessing"]["kind"] == "standardize" and len(info["preprocessing"]["std"]) == 3
+    assert re.fullmatch(r"[0-9a-f]{64}", info["source_weights"]["sha256"])
+
+
+@pytest.mark.parametrize("backend, file", [("onnxruntime", "cifar10.onnx"), ("torchscript", "cifar10.pt")])
+def test_parity_on_1000_real_images(backend, file, exports, cifar_images, reference):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    max_difference, agreement = _parity(load_runner(backend, exports / file), cifar_images, reference)
+    print(f"{backend}: max |Δp| {max_difference:.2e}, top-1 agreement {agreement:.2%}")
+    assert agreement >= 0.999 and max_difference < 1e-4
+
+
+def test_openvino_parity(tmp_path, cifar_images, reference):
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'nin[openvino]')")
+    export_openvino(CIFAR10, tmp_path / "cifar10.xml")
+    max_difference, agreement = _parity(load_runner("openvino", tmp_path / "cifar10.xml"), cifar_images, reference)
+    print(f"openvino: max |Δp| {max_difference:.2e}, top-1 agreement {agreement:.2%}")
+    assert agreement >= 0.999 and max_difference < 1e-4
+
+
+def test_folded_module_and_its_class_maps(cifar_images, reference):
+    """The torch module behind every export (and nin serve): batch norm folded, flips in one pass."""
+    module, _ = build_exported(CIFAR10)
+    with torch.no_grad():
+        probabilities, maps = module(torch.from_numpy(cifar_images[:200]))
+    assert np.abs(probabilities.numpy() - reference[:200]).max() < 1e-5
+    assert maps.shape == (200, 10, 8, 8)  # their spatial means are the flip-averaged logits
+    torch.testing.assert_close(maps.mean(dim=(2, 3)).softmax(dim=1), probabilities, atol=1e-6, rtol=1e-5)
+
+
+def test_mnist_export_one_channel(data_root, tmp_path):
+    pytest.importorskip("onnxruntime")
+    images = load_dataset("mnist", "test", data_root).images[:200].numpy()  # uint8 (200, 1, 28, 28)
+    export_onnx(MNIST, tmp_path / "mnist.onnx")
+    export_torchscript(MNIST, tmp_path / "mnist.pt")
+    reference = load_runner("torch", MNIST)(images)
+    for backend, file in [("onnxruntime", "mnist.onnx"), ("torchscript", "mnist.pt")]:
+        got = load_runner(backend, tmp_path / file)(images)
+        assert np.abs(got - reference).max() < 1e-4 and (got.argmax(1) == reference.argmax(1)).all()
+    assert json.loads((tmp_path / "mnist.onnx.json").read_text())["input"]["shape"] == ["N", 1, 28, 28]
+
+
+def test_gcn_zca_inside_the_graph(cifar_images, tmp_path):
+    pytest.importorskip("onnxruntime")
+    export_onnx(PAPER, tmp_path / "paper.onnx")
+    assert json.loads((tmp_path / "paper.onnx.json").read_text())["preprocessing"]["zca"] == "ZCA inside"
+    images = cifar_images[:37]  # a batch size the graph was not traced with
+    got, reference = load_runner("onnxruntime", tmp_path / "paper.onnx")(images), load_runner("torch", PAPER)(images)
+    assert np.abs(got - reference).max() < 1e-4
+
+
+def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
+    assert main(["export", str(MNIST), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    assert (tmp_path / "m.pt").is_file() and (tmp_path / "m.pt.json").is_file()
+    assert main(["export", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "missing.safetensors" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were absent
+    with pytest.raises(NinError, match="nin\\[openvino\\]"):
+        export_openvino(MNIST, tmp_path / "m.xml")
+
+
+def _client_script() -> str:
+    text = (REPO / "docs" / "deploy.md").read_text()
+    return text.split(CLIENT_MARKER, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+def test_docs_client_agrees_with_nin_predict(exports, cifar_images, tmp_path, capsys):
+    script = _client_script()
+    assert len(script.strip().splitlines()) <= 10 and not re.search(r"^\s*(from|import) nin", script, re.M)
+    (tmp_path / "client.py").write_text(script)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"test{i}.png")
+        Image.fromarray(cifar_images[i].transpose(1, 2, 0)).save(paths[-1])
+    assert main(["predict", str(CIFAR10), *map(str, paths), "--json", "--device", "cpu"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    for path, prediction in zip(paths, predictions):
+        out = subprocess.run([sys.executable, str(tmp_path / "client.py"), str(exports / "cifar10.onnx"), str(path)],
+                             capture_output=True, text=True, timeout=120, check=True).stdout.split()
+        best = prediction["top"][0]
+        assert out[0] == best["class"] and abs(float(out[1]) - best["probability"]) < 1e-4

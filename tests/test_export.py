@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_parity_on_1000_real_images(backend, file, exports, cifar_images, refere
 
 
 def test_openvino_parity(tmp_path, cifar_images, reference):
-    pytest.importorskip("openvino", reason="openvino not installed (pip install 'nin[openvino]')")
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'network-in-network[openvino]')")
     export_openvino(CIFAR10, tmp_path / "cifar10.xml")
     max_difference, agreement = _parity(load_runner("openvino", tmp_path / "cifar10.xml"), cifar_images, reference)
     print(f"openvino: max |Δp| {max_difference:.2e}, top-1 agreement {agreement:.2%}")
@@ -116,7 +117,7 @@ def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
     assert main(["export", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 1
     assert "missing.safetensors" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were absent
-    with pytest.raises(NinError, match="nin\\[openvino\\]"):
+    with pytest.raises(NinError, match="network-in-network\\[openvino\\]"):
         export_openvino(MNIST, tmp_path / "m.xml")
 
 
@@ -141,3 +142,32 @@ def test_docs_client_agrees_with_nin_predict(exports, cifar_images, tmp_path, ca
                              capture_output=True, text=True, timeout=120, check=True).stdout.split()
         best = prediction["top"][0]
         assert out[0] == best["class"] and abs(float(out[1]) - best["probability"]) < 1e-4
+
+
+def test_predict_backends_agree_with_torch(tmp_path, capsys):
+    """`nin predict --backend` gives the torch path's top-1 through TorchScript and ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    from nin.cli import main
+
+    weights = Path(__file__).resolve().parents[1] / "weights" / "fast-cifar10.safetensors"
+    images = load_dataset("cifar10-lossless-first1000", "test", os.environ.get("NIN_DATA")).images[:4]
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+    tops = {}
+    for backend in ("torch", "torchscript", "onnxruntime"):
+        assert main(["predict", str(weights), str(tmp_path), "--backend", backend, "--json", "--top-k", "1"]) == 0
+        tops[backend] = [p["top"][0] for p in json.loads(capsys.readouterr().out)["predictions"]]
+    for backend in ("torchscript", "onnxruntime"):
+        assert [t["class"] for t in tops[backend]] == [t["class"] for t in tops["torch"]], backend
+        assert max(abs(a["probability"] - b["probability"]) for a, b in zip(tops[backend], tops["torch"])) < 1e-4
+
+
+def test_bench_inference_times_every_backend(capsys):
+    pytest.importorskip("onnxruntime")
+    from nin.cli import main
+
+    weights = Path(__file__).resolve().parents[1] / "weights" / "fast-cifar10.safetensors"
+    assert main(["bench", "--inference", str(weights), "--quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["backends"]
+    assert {"torch", "torch-folded", "torchscript", "onnxruntime"} <= {r["backend"] for r in rows}
+    assert all(r["images_per_second"] > 0 and r["latency_p99_ms"] >= r["latency_p50_ms"] > 0 for r in rows)

@@ -181,3 +181,44 @@ def test_top_k_and_batch_size_must_be_positive(capsys):
             main(argv)
         assert exit_.value.code == 2
         assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_disk_full_while_checkpointing_keeps_the_old_checkpoint(data_root, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import nin.checkpoint
+
+    out = tmp_path / "full-disk"
+    real = nin.checkpoint.save_file
+    calls = {"n": 0}
+
+    def save_file(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: as safetensors reports a full disk
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  "\"No space left on device\" })")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(nin.checkpoint, "save_file", save_file)
+    assert main(["train", "--dataset", "mnist", "--train-subset", "128", "--set", "eval_subset=100", "--batch-size",
+                 "32", "--epochs", "2", "--checkpoint-every", "2", "--out", str(out), "--device", "cpu"]) == 1
+    _one_line(capsys, "checkpoint.safetensors", "No space left", f"--resume {out}")
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["nin"])["step"] == 2  # the first checkpoint survived
+    assert not list(out.glob(".checkpoint.safetensors.*.tmp"))
+
+
+def test_weights_with_nan_are_refused_in_one_line(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    weights = Path(__file__).resolve().parents[1] / "weights" / "fast-mnist.safetensors"
+    tensors = load_file(str(weights))
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    key = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    assert main(["evaluate", str(bad)]) == 1
+    _one_line(capsys, str(bad), key, "NaN")

@@ -147,7 +147,7 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
         import importlib.util
 
         if importlib.util.find_spec("onnxruntime") is None:
-            raise NinError('--backend onnxruntime needs the onnxruntime package: pip install "nin[onnx]"')
+            raise NinError('--backend onnxruntime needs the onnxruntime package: pip install "network-in-network[onnx]"')
     if export_dir is None:
         export_dir = tempfile.mkdtemp(prefix="nin-export-")
     target = Path(export_dir) / f"model{_EXPORTED_SUFFIX[backend]}"

@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--quick", action="store_true", help="tiny run for tests: 2 steps, small batches")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--inference", nargs="?", const="weights/fast-cifar10.safetensors", metavar="WEIGHTS",
+                        help="instead: time every inference backend (torch fp32, folded, bf16, TorchScript, ONNX "
+                             "Runtime, OpenVINO) on WEIGHTS (default weights/fast-cifar10.safetensors) in one run, "
+                             "throughput at --eval-batch-size and one-image latency p50/p99")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +442,27 @@ def report(result: dict) -> str:
 
 
 def run(args) -> int:
+    if args.inference:
+        return run_inference(args)
     result = measure(args)
     print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0
+
+
+def run_inference(args) -> int:
+    """``nin bench --inference``: every backend on the same real images, ratios against plain fp32 torch."""
+    from nin.backends import format_table, time_backends
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = 16 if args.quick else args.eval_batch_size
+    images, _, source = _images(args, batch)
+    rows = time_backends(args.inference, images, batch_size=batch, repeats=2 if args.quick else args.eval_repeats,
+                         latency_calls=5 if args.quick else 100, log=None if args.json else print)
+    if args.json:
+        print(json.dumps({"weights": args.inference, "data": source, "threads": torch.get_num_threads(),
+                          "backends": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(f"nin bench --inference: {args.inference}, {source}, batch {batch}, {torch.get_num_threads()} threads")
+        print(format_table(rows))
     return 0

@@ -100,7 +100,10 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     """Atomically write tensors and a JSON-able ``meta`` dict into one safetensors file."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {"nin": json.dumps({"format": FORMAT, **meta})}
-    _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata=header))
+    try:
+        _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata=header))
+    except (SafetensorError, OSError) as e:  # disk full, quota, a vanished folder: the old file stays
+        raise CheckpointError(f"{path}: cannot write it ({e}); the previous file, if any, is unchanged") from None
 
 
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -147,13 +150,16 @@ def save_weights(path: str | os.PathLike, model: NiN, preprocessing, meta: dict)
 
 
 def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """Rebuild (model, preprocessing, meta) from a weights file or a run folder.
+    """Rebuild (model, preprocessing, meta) from a weights file, a run folder or a pretrained tag.
 
     A run folder is read through its ``model.safetensors`` (the final weights) or, while the run is
     still going, through its ``checkpoint.safetensors`` (its averaged weights when the run keeps an EMA).
     """
+    from nin.pretrained import PRETRAINED
     from nin.transforms import build_preprocessing
 
+    if isinstance(path, str) and path in PRETRAINED and not Path(path).exists():  # a tag: nin predict fast-cifar10 ...
+        return PRETRAINED[path].load(device)
     path = Path(path)
     if path.is_dir():
         candidates = [path / "model.safetensors", path / "checkpoint.safetensors"]
@@ -162,6 +168,9 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
             raise CheckpointError(f"{path}: a folder without model.safetensors or checkpoint.safetensors")
         path = found[0]
     tensors, meta = load_state(path)
+    broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{path}: tensor {broken} holds NaN or infinite values; these weights cannot predict")
     try:
         config = NiNConfig.from_dict(meta["model_config"])
         model = NiN(config)

@@ -226,12 +226,12 @@ def export_torchscript(weights: str | Path, path: str | Path, *, check: bool = T
 def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET) -> dict:
     """Export ``weights`` to OpenVINO IR (``path`` .xml plus its .bin), fp32, through ONNX; plus the sidecar.
 
-    Needs the ``openvino`` package (``pip install "nin[openvino]"``).
+    Needs the ``openvino`` package (``pip install "network-in-network[openvino]"``).
     """
     try:
         import openvino
     except ModuleNotFoundError:
-        raise NinError('--format openvino needs the openvino package: pip install "nin[openvino]"') from None
+        raise NinError('--format openvino needs the openvino package: pip install "network-in-network[openvino]"') from None
     module, meta = build_exported(weights)
     path = Path(path)
     if path.suffix != ".xml":

@@ -291,9 +291,23 @@ def model_config(name: str, **overrides) -> NiNConfig:
     return dataclasses.replace(config, **overrides)
 
 
-def get_model(name: str, **overrides) -> NiN:
-    """Build a registered model: ``get_model("nin_cifar10", batch_norm=True, dropout=0.3)``."""
-    return NiN(model_config(name, **overrides))
+def get_model(name: str, *, weights: str | None = None, pretrained: bool = False, **overrides) -> NiN:
+    """Build a registered model: ``get_model("nin_cifar10", batch_norm=True, dropout=0.3)``.
+
+    With ``weights`` (a tag of `nin.pretrained.list_pretrained(name)`, or "DEFAULT") or ``pretrained=True``, the
+    model is the one those weights were trained as (e.g. with batch norm), loaded and in eval mode; its
+    preprocessing is ``nin.pretrained.get_weights(tag).transforms()``, and ``nin.classifier.Classifier``
+    applies both. ``overrides`` cannot be combined with weights.
+    """
+    if weights is None and not pretrained:
+        return NiN(model_config(name, **overrides))
+    from nin.pretrained import get_weights
+
+    if overrides:
+        raise ValueError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
+                         "weights fix the architecture")
+    model, _, _ = get_weights(weights or "DEFAULT", model=name).load()
+    return model
 
 
 def multiply_adds(model: nn.Module, image_shape: tuple[int, int, int] | None = None) -> int:

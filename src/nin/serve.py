@@ -154,7 +154,6 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     module, meta = build_exported(weights)
     config = module.model.config
     classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard: a warning above it, DecompressionBombError above twice
     lock = threading.Lock()
     pages = {name: _static(name) for name in ("index.html", *STATIC_FILES)}
     with torch.no_grad():
@@ -232,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ModuleNotFoundError:
-        raise NinError('nin serve needs FastAPI and uvicorn: pip install "nin[serve]"') from None
+        raise NinError('nin serve needs FastAPI and uvicorn: pip install "network-in-network[serve]"') from None
     if not 0 < args.port < 65536:
         raise NinError(f"--port {args.port}: expected 1-65535")
     if args.threads is not None:

@@ -278,7 +278,10 @@ def save(run: Run, state: RunState) -> None:
     """Checkpoint the run (all ranks call: the epoch's counts are summed; the main rank writes)."""
     tensors = state.state_dict()
     if distributed.is_main():
-        save_checkpoint(run.checkpoint_path, tensors, run.preprocessing, run.meta)
+        try:
+            save_checkpoint(run.checkpoint_path, tensors, run.preprocessing, run.meta)
+        except CheckpointError as e:  # disk full, quota: the atomic write leaves the previous checkpoint in place
+            raise CheckpointError(f"{e} (step {state.step}); free space, then `nin train --resume {run.out}`") from None
 
 
 def done(run: Run, state: RunState) -> bool:
@@ -674,45 +677,55 @@ STALL_ADVICE = ("every class map is dead (the same scores for every image), the 
                 "or --set model.init=kaiming, or use --recipe fast (batch norm)")
 
 
-LOCK_FILE = ".nin-run.lock"
 RUN_MARKER = "nin_run"  # a key of config.json: this folder was made by `nin train`
 
 
 @contextlib.contextmanager
 def run_folder_lock(out: Path, *, resume: bool):
-    """Hold an exclusive OS lock on the run folder (released by the kernel when the process dies, kill -9 too).
+    """Hold an exclusive OS lock on the run folder itself (released by the kernel when the process dies, kill -9
+    too); no lock file is left behind.
 
     Checks first that the folder may be written (`check_output_dir`); a second writer gets one line naming
-    the holder's PID.
+    the holder's PID. A folder this call made is removed again when the run fails before writing into it.
     """
     created = not out.exists()
     check_output_dir(out, resume=resume)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise NinError(f"--out {out}: another nin process (PID {holder}) is writing this run folder; wait for it "
-                           "or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise NinError(f"--out {out}: another nin process (PID {_lock_holder(fd)}) is writing this run folder; "
+                           "wait for it or stop it first") from None
         check_output_dir(out, resume=resume)  # what the holder before us may have left
         yield
     except BaseException:
-        if created and sorted(p.name for p in out.iterdir()) == [LOCK_FILE]:  # failed before writing anything
-            (out / LOCK_FILE).unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything
             out.rmdir()
         raise
     finally:
         os.close(fd)
 
 
+def _lock_holder(fd: int) -> str:
+    """The PID holding a flock on ``fd``'s file, from /proc/locks (Linux); "unknown" elsewhere."""
+    info = os.fstat(fd)
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and where in fields:
+                return fields[fields.index(where) - 1]
+    except OSError:
+        pass
+    return "unknown"
+
+
 def check_output_dir(out: Path, *, resume: bool) -> None:
     """Fail now, not after an hour: the folder is ours (or new), writable, with room for checkpoints."""
     if out.exists() and not out.is_dir():
         raise NinError(f"--out {out}: exists and is not a folder")
-    links = [name for name in (*RUN_FILES, LOCK_FILE) if (out / name).is_symlink()]
+    links = [name for name in RUN_FILES if (out / name).is_symlink()]
     if links:
         raise NinError(f"--out {out}: {links[0]} is a symbolic link; a run folder holds its own files")
     if not resume and out.is_dir():
@@ -733,7 +746,7 @@ def _check_new_run_folder(out: Path) -> None:
     """A new run may only take an empty folder, or one a run started and left before finishing an epoch."""
     if (out / "checkpoint.safetensors").exists():
         raise NinError(f"--out {out}: already holds a run; continue it with --resume {out} or choose another --out")
-    entries = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, ".write-test"))
+    entries = sorted(p.name for p in out.iterdir() if p.name != ".write-test")
     if not entries:
         return
     try:

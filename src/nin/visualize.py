@@ -12,7 +12,7 @@ class the averaged (GAP) scores predict. The overlays show the second half: the 
 upsampled bilinearly onto the image.
 
 Plots are written as PNGs through matplotlib's Agg canvas (no pyplot, no global backend state), at fixed
-pixel sizes given with each function; matplotlib is the optional extra ``nin[viz]``.
+pixel sizes given with each function; matplotlib is the optional extra ``network-in-network[viz]``.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _figure(width_px: int, height_px: int, **kwargs):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise NinError("visualization needs matplotlib: pip install 'nin[viz]'") from None
+        raise NinError("visualization needs matplotlib: pip install 'network-in-network[viz]'") from None
     figure = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, **kwargs)
     FigureCanvasAgg(figure)
     return figure
@@ -401,16 +401,33 @@ def _output_folder(weights: Path, out: str | None) -> Path:
     return weights / "figures" if weights.is_dir() else weights.with_name(weights.stem + "-figures")
 
 
+def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], classes: Sequence[str], out: Path,
+                   amp_dtype: torch.dtype | None) -> Path:
+    """Overlays of the user's own images, converted exactly as `nin predict` converts them."""
+    from nin.data.readers import read_image
+
+    config = model.config
+    device = next(model.parameters()).device
+    user = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in images])
+    user_maps = confidence_maps(model, preprocessing(user.to(device)), amp_dtype)
+    user_predictions = model.forward_head(user_maps).argmax(dim=1).cpu()
+    for path, k in zip(images, user_predictions.tolist()):
+        print(f"{path}: {classes[k]}")
+    return plot_overlays(user, user_maps.cpu(), user_predictions, classes, out / "overlays_images.png",
+                         names=[Path(p).name for p in images])
+
+
 def run(args: argparse.Namespace) -> int:
     """``nin visualize``: every figure of the module docstring, and maps.json, into ``--out``."""
     from nin.checkpoint import load_weights
     from nin.data.datasets import first_per_class
-    from nin.data.readers import read_image
     from nin.evaluate import load_matching_dataset
     from nin.runtime import resolve_device, select_precision
 
     if args.per_class < 1:
         raise NinError(f"--per-class {args.per_class}: expected at least 1")
+    if args.batch_size < 1:
+        raise NinError(f"--batch-size {args.batch_size}: expected at least 1")
     if args.limit is not None and args.limit < 1:
         raise NinError(f"--limit {args.limit}: expected at least 1")
     _figure(1, 1)  # fail now, with the install hint, when matplotlib is missing
@@ -448,14 +465,8 @@ def run(args: argparse.Namespace) -> int:
     written.append(plot_overlays(images[chosen], chosen_maps, chosen_predictions, classes, out / "overlays.png",
                                  labels=labels[chosen]))
 
-    if args.images:  # converted exactly as `nin predict` converts them
-        user = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in args.images])
-        user_maps = confidence_maps(model, preprocessing(user.to(device)), amp_dtype)
-        user_predictions = model.forward_head(user_maps).argmax(dim=1).cpu()
-        written.append(plot_overlays(user, user_maps.cpu(), user_predictions, classes, out / "overlays_images.png",
-                                     names=[Path(p).name for p in args.images]))
-        for path, k in zip(args.images, user_predictions.tolist()):
-            print(f"{path}: {classes[k]}")
+    if args.images:
+        written.append(_user_overlays(model, preprocessing, args.images, classes, out, amp_dtype))
 
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
     if runs:

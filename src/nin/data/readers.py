@@ -394,7 +394,7 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         uint8 images (N, 3, 32, 32) and int64 labels (N,), with label 10 mapped to 0.
     """
-    import scipy.io  # optional dependency: nin[svhn]
+    import scipy.io  # optional dependency: network-in-network[svhn]
 
     _require_file(path)
     try:
@@ -527,7 +527,7 @@ def read_image(path: Path, image_size: int, channels: int, max_pixels: int = DEF
                 width, height = image.size
                 if width * height > max_pixels:
                     raise DataError(f"{path}: {width}x{height} image exceeds the {max_pixels}-pixel limit")
-                image = _as_seen(image).convert("L" if channels == 1 else "RGB")
+                return image_to_tensor(image, image_size, channels)
     except DataError:
         raise
     except PermissionError as error:
@@ -536,6 +536,16 @@ def read_image(path: Path, image_size: int, channels: int, max_pixels: int = DEF
         raise DataError(f"{path}: oversized image refused ({error})") from None
     except Exception as error:  # UnidentifiedImageError, truncated data, unsupported modes
         raise DataError(f"{path}: unsupported or damaged image ({type(error).__name__})") from None
+
+
+def image_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """A decoded PIL image as `read_image` converts it: as seen, to ``channels``, resized and center-cropped.
+
+    Returns:
+        uint8 tensor (channels, image_size, image_size).
+    """
+    assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+    image = _as_seen(image).convert("L" if channels == 1 else "RGB")
     width, height = image.size  # after the EXIF rotation
     scale = image_size / min(width, height)
     resized_width, resized_height = max(image_size, round(width * scale)), max(image_size, round(height * scale))

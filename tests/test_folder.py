@@ -107,3 +107,45 @@ def test_init_from_a_model_of_another_shape_is_one_line(folder, tmp_path, capsys
                  str(weights), "--model", "nin_cifar10", "--out", str(out), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--init-from" in err and "Traceback" not in err
+
+
+def test_one_answer_for_the_same_weights_everywhere(data_root, tmp_path, capsys):
+    """`nin evaluate`, `nin visualize`'s confusion matrix and the Python Classifier agree on the real test set."""
+    pytest.importorskip("matplotlib")
+    from nin.classifier import Classifier
+    from nin.models import get_model
+
+    assert main(["evaluate", "fast-cifar10", "--data-dir", str(data_root), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert main(["visualize", "fast-cifar10", "--data-dir", str(data_root), "--out", str(tmp_path / "v")]) == 0
+    capsys.readouterr()
+    visualized = json.loads((tmp_path / "v" / "maps.json").read_text())
+    test = load_dataset("cifar10", "test", data_root)
+    classifier = Classifier.load("fast-cifar10")
+    predicted = torch.cat([classifier.predict(chunk).argmax(1) for chunk in test.images.split(1000)])
+    python = float((predicted == test.labels).double().mean())
+    assert evaluated["accuracy"] == visualized["accuracy"] == python, (evaluated["accuracy"], visualized, python)
+    # the recorded number of the shipped weights, through the pretrained registry
+    from nin.pretrained import JPEG_10000, get_weights
+
+    assert round(evaluated["accuracy"], 4) == get_weights("fast-cifar10").accuracy[JPEG_10000]
+    model = get_model("nin_cifar10", weights="DEFAULT")
+    assert model.config.batch_norm and not model.training
+
+
+def test_float_uint8_and_pil_inputs_give_the_same_probabilities(data_root):
+    from nin.classifier import Classifier
+
+    images = load_dataset("cifar10-lossless-first1000", "test", data_root).images[:16]
+    classifier = Classifier.load("fast-cifar10")
+    as_uint8 = classifier.predict(images)
+    as_float = classifier.predict(images.float() / 255)
+    as_pil = classifier.predict([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+    one = classifier.predict(images[0])  # a single (C, H, W) image
+    torch.testing.assert_close(as_float, as_uint8, rtol=0, atol=1e-6)
+    torch.testing.assert_close(as_pil, as_uint8, rtol=0, atol=1e-6)
+    torch.testing.assert_close(one, as_uint8[:1], rtol=0, atol=1e-6)
+    for bad in (images.float(), images[:, :1], "no-such-file.png", 5):
+        with pytest.raises(Exception) as error:
+            classifier.predict(bad)
+        assert type(error.value).__name__ in ("NinError", "DataError"), error.value

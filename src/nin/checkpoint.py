@@ -158,8 +158,8 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
     from nin.pretrained import PRETRAINED
     from nin.transforms import build_preprocessing
 
-    if isinstance(path, str) and path in PRETRAINED and not Path(path).exists():  # a tag: nin predict fast-cifar10 ...
-        return PRETRAINED[path].load(device)
+    if str(path) in PRETRAINED and not Path(path).exists():  # a tag: nin predict fast-cifar10 ...
+        return PRETRAINED[str(path)].load(device)
     path = Path(path)
     if path.is_dir():
         candidates = [path / "model.safetensors", path / "checkpoint.safetensors"]

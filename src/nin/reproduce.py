@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -404,6 +405,15 @@ def _ours(record: dict) -> str:
     return f"**{record['final_error']:.2%}** ({', '.join(notes)}; {record['dataset_label']})"
 
 
+def _command(record: dict) -> str:
+    """The command as a user runs it: a run folder given by absolute path becomes runs/<name>."""
+    return re.sub(r"--out /\S*/([^/\s]+)", r"--out runs/\1", record.get("command") or "")
+
+
+def _wall(record: dict) -> str:
+    return "–" if record.get("kind") == "imported" else _duration(record["wall_time_s"])
+
+
 def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, reference: dict | None,
            curves: dict[str, str]) -> list[str]:
     lines = ["| table | experiment | paper | best public port | ours | exact 1,000 | `nin evaluate` again | wall time "
@@ -419,8 +429,8 @@ def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, ref
         same = "equal" if record["evaluated_error"] == record["final_error"] else "DIFFERS"
         exact = f"{record['exact_1000_error']:.1%}" if "exact_1000_error" in record else "–"
         lines.append(f"| {row.table} | {row.label} | {row.paper} | {row.port} | {_ours(record)}{curve} | {exact} | "
-                     f"{record['evaluated_error']:.2%} ({same}) | {_duration(record['wall_time_s'])} | "
-                     f"{record['machine']}, {record['cores']} cores | `{record['command']}` |")
+                     f"{record['evaluated_error']:.2%} ({same}) | {_wall(record)} | "
+                     f"{record['machine']}, {record['cores']} cores | `{_command(record)}` |")
     return lines
 
 
@@ -468,8 +478,8 @@ def _other_runs(records: dict[str, dict]) -> list[str]:
                   "|---|---|---|---|---|---|"]
         for record in others:
             lines.append(f"| {record['name']} | {_ours(record)} | {record['evaluated_error']:.2%} | "
-                         f"{_duration(record['wall_time_s'])} | {record['machine']}, {record['cores']} cores | "
-                         f"`{record['command']}` |")
+                         f"{_wall(record)} | {record['machine']}, {record['cores']} cores | "
+                         f"`{_command(record)}` |")
     return lines
 
 
@@ -502,7 +512,9 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
     plotted = {}
     if curves:
         for name, record in records.items():
-            png = plot_curve(record, results_dir / "curves" / f"{name}.png") if record["curve"] else None
+            paper = next((float(row.paper.rstrip("%")) / 100 for row in PAPER_ROWS + TABLE5_SMALL_ROWS
+                          if name in row.results and row.paper.endswith("%")), None)
+            png = plot_curve(record, results_dir / "curves" / f"{name}.png", paper) if record["curve"] else None
             if png is not None:
                 plotted[name] = Path(os.path.relpath(png, output.parent)).as_posix()
     data_root = resolve_root(data_dir)

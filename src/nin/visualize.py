@@ -420,8 +420,9 @@ def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], class
 def run(args: argparse.Namespace) -> int:
     """``nin visualize``: every figure of the module docstring, and maps.json, into ``--out``."""
     from nin.checkpoint import load_weights
+    from nin.data import TensorLoader
     from nin.data.datasets import first_per_class
-    from nin.evaluate import load_matching_dataset
+    from nin.evaluate import evaluate, load_matching_dataset
     from nin.runtime import resolve_device, select_precision
 
     if args.per_class < 1:
@@ -442,15 +443,21 @@ def run(args: argparse.Namespace) -> int:
     amp_dtype = select_precision("auto", device)
     written: list[Path] = []
 
-    # the statistic and the confusion matrix, over the whole (or --limit) test set
+    # the map statistic (plain GAP, no flips), over the whole (or --limit) test set
     peaks, logits = map_scores(model, preprocessing, images, batch_size=args.batch_size, amp_dtype=amp_dtype)
     statistics = map_statistics(peaks, logits, labels)
     predictions = logits.argmax(dim=1)
     num_classes = config.num_classes
-    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, -1)
+    # the confusion matrix exactly as `nin evaluate` counts it (its test-time flips included)
+    scored = evaluate(model.to(memory_format=torch.channels_last),
+                      TensorLoader(preprocessing(images).to(device).contiguous(memory_format=torch.channels_last),
+                                   labels.to(device), args.batch_size, shuffle=False),
+                      num_classes=num_classes, amp_dtype=amp_dtype, tta_flip=bool(meta.get("tta_flip")))
+    confusion = scored.confusion
     report = {"weights": str(weights), "dataset": dataset, "split": "test", "limit": args.limit,
               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "tta_flip": False,
-              "head": config.head, **statistics}
+              "head": config.head, **statistics, "accuracy": scored.accuracy,
+              "accuracy_tta_flip": bool(meta.get("tta_flip"))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "maps.json").write_text(json.dumps(report, indent=2) + "\n")
     written.append(out / "maps.json")
@@ -477,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
           f"(chance {statistics['chance']:.0%})")
     print(f"  ... and agrees with the GAP prediction:              {statistics['max_map_agrees_with_gap']:.2%}")
     print(f"  GAP prediction accuracy (no test-time flips):        {statistics['gap_accuracy']:.2%}")
+    print(f"  accuracy as `nin evaluate` counts it (confusion.png): {report['accuracy']:.2%}")
     for path in written:
         print(f"wrote {path}")
     return 0

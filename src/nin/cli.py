@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"nin {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed the pipe (`| head`): nothing left to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"nin {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -222,3 +222,27 @@ def test_weights_with_nan_are_refused_in_one_line(tmp_path, capsys):
     save_file(tensors, str(bad), metadata=metadata)
     assert main(["evaluate", str(bad)]) == 1
     _one_line(capsys, str(bad), key, "NaN")
+
+
+def test_resume_finds_moved_data_by_data_dir_and_refuses_other_data(data_root, tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "data"
+    shutil.copytree(data_root / "mnist", moved / "mnist")
+    out = tmp_path / "moving"
+    args = ["train", "--dataset", "mnist", "--train-subset", "128", "--set", "eval_subset=100", "--batch-size", "32",
+            "--epochs", "1", "--data-dir", str(moved), "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    shutil.move(str(moved), str(tmp_path / "elsewhere"))
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 1  # the data is gone
+    capsys.readouterr()
+    before = _digests(out)
+    other = tmp_path / "other"
+    shutil.copytree(data_root / "fashion-mnist", other / "mnist")  # the same format, other images
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--data-dir", str(other), "--device", "cpu"]) == 1
+    _one_line(capsys, "not the ones this run trained on")
+    assert _digests(out) == before
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--data-dir", str(tmp_path / "elsewhere"),
+                 "--device", "cpu"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]

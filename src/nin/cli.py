@@ -142,14 +142,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run / "checkpoint.safetensors").is_file():
             raise NinError(f"--resume {run}: no checkpoint.safetensors there")
         fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
-                 "--data-dir": args.data_dir, "--out": args.out, "--seed": args.seed,
+                 "--out": args.out, "--seed": args.seed,
                  "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
                  "--init-from": args.init_from,
                  "--set": args.set or None}
         given = [flag for flag, value in fixed.items() if value is not None]
         if given:
             raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
-                           "(only --epochs, --checkpoint-every and --device can)")
+                           "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
         if args.dry_run:  # what the run would continue with; nothing is written
             from nin.checkpoint import load_checkpoint
 
@@ -159,13 +159,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
             train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
-                  device=device, stop=stop)
+                  device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).resolve()))
         return 0
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
     cfg = recipe(args.recipe, args.dataset)
     changes = {
-        "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "data_dir": args.data_dir,
+        "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+        "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),  # a resume from elsewhere finds it
         "seed": args.seed, "train_subset": args.train_subset, "augment": args.augment,
         "checkpoint_every": args.checkpoint_every,
     }

@@ -388,12 +388,15 @@ def _epoch_line(record: dict, cfg: TrainConfig, state: RunState, event: str | No
 
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, epochs: int | None = None,
           checkpoint_every: int | None = None, command: str | None = None, device: torch.device | str | None = None,
-          log=print, interrupt_after: int | None = None, stop: threading.Event | None = None) -> dict:
+          log=print, interrupt_after: int | None = None, stop: threading.Event | None = None,
+          data_dir: str | os.PathLike | None = None) -> dict:
     """Train (or continue) a run in ``out_dir``; returns the last epoch's metrics record.
 
     With ``resume`` the run's own config is read from its checkpoint (``cfg`` is ignored; ``epochs``
     may extend it, ``checkpoint_every`` may change how often it checkpoints) and training continues from the
     exact step where the checkpoint was written.
+    ``data_dir`` moves a resumed run to its data's new place (the data must be the same: checked by the
+    training images' sha256 recorded at the start).
     ``interrupt_after`` stops the process-local loop with KeyboardInterrupt after that many steps, as a
     kill would (tests use it to check that resuming reproduces an uninterrupted run). Setting ``stop`` (the
     CLI's SIGINT / SIGTERM handlers do) writes a checkpoint after the current step, then raises
@@ -414,7 +417,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                                                                 ("checkpoint_every", checkpoint_every)) if v is not None}))
     with run_folder_lock(Path(out_dir), resume=resume) if distributed.is_main() else contextlib.nullcontext():
         run, state = start_run(cfg, Path(out_dir), resume=resume, epochs=epochs, checkpoint_every=checkpoint_every,
-                               command=command, device=device, log=log)
+                               command=command, device=device, log=log, data_dir=data_dir)
         run.stop = stop
         record: dict = {}
         while not done(run, state):
@@ -443,7 +446,7 @@ def _finish(run: Run, state: RunState, record: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int | None, checkpoint_every: int | None,
-              command: str | None, device, log) -> tuple[Run, RunState]:
+              command: str | None, device, log, data_dir=None) -> tuple[Run, RunState]:
     """Check the folder, read the data, build model and optimizer, and restore the checkpoint when resuming."""
     if distributed.launched_by_torchrun() and not distributed.is_distributed():
         raise NinError("launched by torchrun: call train() inside `with nin.distributed.process_group(): ...`")
@@ -453,8 +456,8 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                                            else (None, None, {}))
     if resume:
         cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every))
-                                      if v is not None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
+                                                        ("data_dir", data_dir and str(data_dir))) if v is not None})
     validate(cfg)
     if main:
         for temp in remove_stale_temp_files(out, RUN_FILES):
@@ -465,7 +468,10 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     source = _load_source(cfg) if cfg.init_from and not resume else None
     if source is not None and source[1].kind == cfg.preprocessing:  # the input the source's weights expect
         preprocess_state = source[1].state_dict()
-    preprocessing, classes, train_data, eval_data = _prepare_data(cfg, device, preprocess_state)
+    preprocessing, classes, train_data, eval_data, identity = _prepare_data(cfg, device, preprocess_state)
+    if resume and saved_meta.get("data_sha256") not in (None, identity):
+        raise NinError(f"{cfg.data_dir or 'the data folder'}: its {cfg.dataset} {cfg.train_split} images are not the "
+                       f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
     if cfg.dataset == "folder" and "num_classes" not in cfg.model_args:  # a user's folder: its class count
         cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -492,6 +498,7 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     history = _run_history(command, resume, saved_meta)
     world = distributed.world_size()
     meta = {"train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "dataset": cfg.dataset,
+            "data_sha256": identity,
             "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
     run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
               _wrap(model, cfg, device),
@@ -602,7 +609,17 @@ def _prepare_data(cfg: TrainConfig, device: torch.device, preprocess_state: dict
         preprocess_state = distributed.broadcast_object(fitted)  # rank 0 fits; every rank applies the same
     preprocessing = build_preprocessing(cfg.preprocessing, preprocess_state)
     return (preprocessing, train_set.classes, (preprocessing(train_images).to(device), train_labels.to(device)),
-            (preprocessing(eval_images).to(device), eval_labels.to(device)))
+            (preprocessing(eval_images).to(device), eval_labels.to(device)), _data_identity(train_images, train_labels))
+
+
+def _data_identity(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the raw training images and labels as trained on: what a resumed run must find again."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _first(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,7 @@ def test_fine_tuning_from_cifar10_weights_reinitialises_the_class_maps(folder, t
     out = tmp_path / "ft"
     assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--batch-size", "32",
                  "--init-from", str(weights), "--set", "lr=0.02", "--out", str(out), "--device", "cpu"]) == 0
-    assert "re-initialised the class-map layer for 3 classes" in capsys.readouterr().out
+    assert "re-initialised the class-map layer for these 3 classes" in capsys.readouterr().out
     model, _, _ = load_weights(out)
     source, _, _ = load_weights(weights)
     assert model.config.num_classes == 3
@@ -149,3 +149,28 @@ def test_float_uint8_and_pil_inputs_give_the_same_probabilities(data_root):
         with pytest.raises(Exception) as error:
             classifier.predict(bad)
         assert type(error.value).__name__ in ("NinError", "DataError"), error.value
+
+
+def test_init_from_weights_with_other_class_names_starts_the_class_maps_afresh(run, folder, tmp_path, capsys):
+    """Same class count, other names: a map trained for "cat" must not answer for another class."""
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    for split in ("train", "test"):
+        for old, new in (("airplane", "x"), ("cat", "y"), ("ship", "z")):
+            shutil.copytree(folder / split / old, renamed / split / new)
+    out = tmp_path / "renamed-run"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(renamed), "--epochs", "1", "--batch-size", "32",
+                 "--init-from", str(run), "--train-subset", "32", "--out", str(out), "--device", "cpu"]) == 0
+    assert "re-initialised the class-map layer" in capsys.readouterr().out
+    same = tmp_path / "same-names"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--batch-size", "32",
+                 "--init-from", str(run), "--train-subset", "32", "--out", str(same), "--device", "cpu"]) == 0
+    assert "re-initialised" not in capsys.readouterr().out
+
+
+def test_predict_output_never_overwrites_a_file(run, folder, tmp_path, capsys):
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my data\n")
+    assert main(["predict", str(run), str(folder / "test" / "cat"), "--output", str(mine)]) == 1
+    assert "not overwriting" in capsys.readouterr().err and mine.read_text() == "my data\n"

@@ -130,3 +130,25 @@ def test_pillow_bomb_guard_is_caught(cat_png):
     client = TestClient(create_app(WEIGHTS, max_pixels=32 * 32 - 1))
     response = client.post("/predict", files={"file": ("cat.png", cat_png, "image/png")})
     assert response.status_code == 413 and "pixel" in response.json()["error"]
+
+
+def test_default_top_k_fits_a_model_with_few_classes(tmp_path):
+    """A 3-class model: the default request (and the page, which sends no top_k) gets 3 classes, not a 500."""
+    import torch
+
+    from nin.checkpoint import load_weights, save_weights
+    from nin.models import get_model
+
+    model, preprocessing, meta = load_weights(WEIGHTS)
+    small = get_model("nin_cifar10", batch_norm=True, class_map_relu=False, num_classes=3)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.2.")}
+    small.load_state_dict(state, strict=False)
+    path = tmp_path / "three.safetensors"
+    save_weights(path, small, preprocessing, {**meta, "classes": ["a", "b", "c"]})
+    client = TestClient(create_app(path))
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    response = client.post("/predict", files={"file": ("x.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["top"]) == 3

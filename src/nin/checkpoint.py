@@ -144,8 +144,7 @@ def save_weights(path: str | os.PathLike, model: NiN, preprocessing, meta: dict)
     """
     tensors = _prefixed("model", model.state_dict())
     tensors.update(_prefixed("preprocess", preprocessing.state_dict()))
-    meta = {"kind": "weights", "model_config": model.config.to_dict(),
-            "preprocessing": preprocessing.kind, **meta}
+    meta = {**meta, "kind": "weights", "model_config": model.config.to_dict(), "preprocessing": preprocessing.kind}
     save_state(path, tensors, meta)
 
 

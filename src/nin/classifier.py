@@ -66,6 +66,8 @@ class ImageTransform(nn.Module):
             return batch
         if not batch.is_floating_point():
             raise NinError(f"expected uint8 (0..255) or float (0..1) images, got {batch.dtype}")
+        if not torch.isfinite(batch).all():
+            raise NinError("float images hold NaN or infinite values")
         if batch.numel() and (batch.min() < 0 or batch.max() > 1):
             raise NinError(f"float images must lie in [0, 1] (got {float(batch.min()):.3g}..{float(batch.max()):.3g}); "
                            "pass uint8 for 0..255")
@@ -116,6 +118,8 @@ class Classifier:
 
     def top(self, images, k: int = 5) -> list[list[tuple[str, float]]]:
         """The ``k`` most probable classes of each image, as (class name, probability)."""
+        if k < 1:
+            raise NinError(f"k must be at least 1, got {k}")
         probabilities = self.predict(images)
         values, indices = probabilities.topk(min(k, len(self.classes)), dim=1)
         return [[(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())]

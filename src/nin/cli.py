@@ -213,7 +213,11 @@ def _from_weights(cfg, weights: str, keep_model: bool):
     from nin.checkpoint import load_state, weights_architecture
     from nin.errors import NinError
 
+    from nin.pretrained import PRETRAINED
+
     path = Path(weights).expanduser()
+    if not path.exists() and weights in PRETRAINED:  # a pretrained tag
+        path = PRETRAINED[weights].path
     if path.is_dir():
         path = next((p for p in (path / "model.safetensors", path / "checkpoint.safetensors") if p.is_file()), path)
     try:
@@ -245,20 +249,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"({result.correct}/{result.n})  loss {result.loss:.4f}")
     width = max(len(c) for c in classes)
     for name, accuracy in zip(classes, result.per_class_accuracy):
-        print(f"  {name:<{width}}  {accuracy:.2%}")
+        print(f"  {name:<{width}}  " + ("n/a (no test images)" if accuracy is None else f"{accuracy:.2%}"))
     print("confusion matrix (rows: true class, columns: predicted):")
     for name, row in zip(classes, result.confusion.tolist()):
         print(f"  {name:<{width}}  " + " ".join(f"{v:>5}" for v in row))
     return 0
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
 def _image_paths(items: list[str]) -> list[Path]:
     """Files as given; folders walked for images (sorted, hidden files skipped); globs expanded."""
     import glob
 
+    from nin.data.readers import IMAGE_SUFFIXES
     from nin.errors import NinError
 
     paths: list[Path] = []
@@ -348,8 +350,8 @@ def _write_predictions(path: Path, results: list[dict]) -> None:
         text = buffer.getvalue()
     else:
         raise NinError(f"--output {path}: expected a .csv or .jsonl file name")
-    if path.exists() and not path.is_file():
-        raise NinError(f"--output {path}: exists and is not a file")
+    if path.exists():
+        raise NinError(f"--output {path}: exists; not overwriting it (choose a new file name)")
     atomic_write_bytes(path, text.encode())
 
 

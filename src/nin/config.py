@@ -236,6 +236,10 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.warmup_fraction < 1, f"warmup_fraction must be in (0, 1), got {cfg.warmup_fraction}"),
         (cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {cfg.eval_batch_size}"),
         (cfg.eval_every >= 1, f"eval_every must be at least 1, got {cfg.eval_every}"),
+        (cfg.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {cfg.max_steps}"),
+        (0 < cfg.lr_drop < 1, f"lr_drop must be in (0, 1), got {cfg.lr_drop}"),
+        (cfg.max_lr_drops >= 0 and cfg.plateau_patience >= 1,
+         f"max_lr_drops must be >= 0 and plateau_patience >= 1, got {cfg.max_lr_drops} and {cfg.plateau_patience}"),
         (cfg.small_size >= 0 and cfg.small_epochs >= 0,
          f"small_size and small_epochs must be >= 0, got {cfg.small_size} and {cfg.small_epochs}"),
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
@@ -247,7 +251,9 @@ def validate(cfg: TrainConfig) -> None:
                for key in ("train_split", "eval_split")]
     checks.append((cfg.preprocessing in PREPROCESSING_KINDS,
                    f"preprocessing must be one of {', '.join(PREPROCESSING_KINDS)}, got {cfg.preprocessing!r}"))
-    if cfg.init_from and not Path(cfg.init_from).expanduser().exists():
+    from nin.pretrained import PRETRAINED
+
+    if cfg.init_from and not Path(cfg.init_from).expanduser().exists() and cfg.init_from not in PRETRAINED:
         checks.append((False, f"--init-from {cfg.init_from}: no such weights file or run folder"))
     if cfg.extra_eval and not Path(cfg.extra_eval).expanduser().is_file():
         checks.append((False, f"extra_eval {cfg.extra_eval}: no such file"))

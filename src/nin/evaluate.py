@@ -48,9 +48,10 @@ class EvalResult:
         return 1.0 - self.accuracy
 
     @property
-    def per_class_accuracy(self) -> list[float]:
-        totals = self.confusion.sum(dim=1).clamp(min=1)
-        return (self.confusion.diagonal() / totals).tolist()
+    def per_class_accuracy(self) -> list[float | None]:
+        """Accuracy of each true class; None for a class without test images."""
+        totals = self.confusion.sum(dim=1)
+        return [None if int(n) == 0 else float(c) / int(n) for c, n in zip(self.confusion.diagonal(), totals)]
 
     def to_dict(self, classes: list[str] | None = None) -> dict:
         out = {"accuracy": self.accuracy, "error": self.error, "n": self.n, "correct": self.correct,

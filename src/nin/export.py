@@ -87,7 +87,12 @@ class ExportedNiN(nn.Module):
 
 
 def weights_file(path: str | Path) -> Path:
-    """The file `load_weights` reads for ``path``: the file itself, or a run folder's model/checkpoint file."""
+    """The file `load_weights` reads for ``path``: the file itself, a run folder's model/checkpoint file, or the
+    shipped file of a pretrained tag."""
+    from nin.pretrained import PRETRAINED
+
+    if not Path(path).exists() and str(path) in PRETRAINED:
+        return PRETRAINED[str(path)].path
     path = Path(path)
     if path.is_dir():
         for name in ("model.safetensors", "checkpoint.safetensors"):

@@ -196,7 +196,8 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     @app.post("/predict", openapi_extra=upload_schema)
     async def predict(request: Request,
-                      top_k: int = Query(5, ge=1, le=len(classes), description="how many classes")) -> dict:
+                      top_k: int = Query(min(5, len(classes)), ge=1, le=len(classes),
+                                         description="how many classes")) -> dict:
         """Top-k classes of an uploaded image (multipart field `file`, or the raw image as the body)."""
         data = await _read_upload(request, max_upload_bytes)
         return await run_in_threadpool(classify, data, top_k)

@@ -38,6 +38,7 @@ from nin import distributed
 from nin.checkpoint import (atomic_write_bytes, git_revision, load_checkpoint, remove_stale_temp_files,
                             save_checkpoint, save_weights)
 from nin.config import CAFFE, FAST, PAPER, RECIPES, TrainConfig, apply_overrides, recipe, validate
+from nin.data.datasets import resolve_root
 from nin.errors import CheckpointError, NinError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
 from nin.metrics import MetricsLog
@@ -420,6 +421,9 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                                command=command, device=device, log=log, data_dir=data_dir)
         run.stop = stop
         record: dict = {}
+        if done(run, state) and distributed.is_main():
+            log(f"nin: {run.out} is already finished (epoch {state.epoch}, step {state.step}); nothing to do. "
+                f"`--epochs N` with N > {state.epoch} trains further")
         while not done(run, state):
             train_one_epoch(run, state, interrupt_after)
             record = end_epoch(run, state)
@@ -472,12 +476,15 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     if resume and saved_meta.get("data_sha256") not in (None, identity):
         raise NinError(f"{cfg.data_dir or 'the data folder'}: its {cfg.dataset} {cfg.train_split} images are not the "
                        f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
+    if cfg.dataset == "folder" and main and not (resolve_root(cfg.data_dir) / cfg.eval_split).is_dir():
+        log(f"nin: note: {resolve_root(cfg.data_dir)} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error "
+            f"is measured on the training images (add train/ and {cfg.eval_split}/ sub-folders for a held-out score)")
     if cfg.dataset == "folder" and "num_classes" not in cfg.model_args:  # a user's folder: its class count
         cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = get_model(cfg.model, **cfg.model_args)
     if source is not None:
-        _start_from(model, source[0], cfg.init_from, log)
+        _start_from(model, source[0], cfg.init_from, log, same_classes=source[2].get("classes") == classes)
     model = model.to(device).to(memory_format=memory_format)
     if int(train_data[1].max()) >= model.config.num_classes:
         raise NinError(f"{cfg.dataset} has labels up to {int(train_data[1].max())} but {cfg.model} has "
@@ -513,19 +520,22 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
 
 
 def _load_source(cfg: TrainConfig):
-    """The weights a fine-tuning run starts from: (model, preprocessing)."""
+    """The weights a fine-tuning run starts from: (model, preprocessing, meta); a path or a pretrained tag."""
     from nin.checkpoint import load_weights
 
-    model, preprocessing, _ = load_weights(Path(cfg.init_from).expanduser())
-    return model, preprocessing
+    return load_weights(cfg.init_from if not Path(cfg.init_from).expanduser().exists()
+                        else Path(cfg.init_from).expanduser())
 
 
-def _start_from(model: NiN, source: NiN, where: str, log) -> None:
-    """Copy ``source``'s weights into ``model``; the class-map block is re-initialised where its shapes differ.
+def _start_from(model: NiN, source: NiN, where: str, log, *, same_classes: bool) -> None:
+    """Copy ``source``'s weights into ``model``; the class-map layer starts afresh where the classes differ.
 
-    Every other tensor must match by name and shape (one line naming the first that does not).
+    Every other tensor must match by name and shape (one line naming the first that does not). Classes differ
+    when their count or their names differ: a map trained for "cat" must not answer for another class.
     """
     last_block = f"blocks.{len(model.blocks) - 1}."
+    class_map = next(name for name, module in model.named_modules() if module is model.class_map_layer)
+    head = (class_map + ".", class_map.replace(".convs.", ".norms.") + ".")  # the conv and its batch norm
     target, weights = model.state_dict(), source.state_dict()
     differ = sorted(k for k in set(target) | set(weights)
                     if k not in target or k not in weights or target[k].shape != weights[k].shape)
@@ -536,9 +546,11 @@ def _start_from(model: NiN, source: NiN, where: str, log) -> None:
         wanted = tuple(target[k].shape) if k in target else "nothing"
         raise NinError(f"--init-from {where}: {k} is {found} there, the model needs {wanted}; pick the same "
                        f"architecture (--model, --set model.<field>=...)")
-    model.load_state_dict({k: v for k, v in weights.items() if k not in differ}, strict=False)
-    if differ:
-        log(f"nin: started from {where}; re-initialised the class-map layer for {model.config.num_classes} classes")
+    fresh = set(differ) | (set() if same_classes else {k for k in target if k.startswith(head)})
+    model.load_state_dict({k: v for k, v in weights.items() if k not in fresh}, strict=False)
+    if fresh:
+        log(f"nin: started from {where}; re-initialised the class-map layer for these {model.config.num_classes} "
+            "classes")
 
 
 def _loaders(cfg: TrainConfig, train_data, eval_data):

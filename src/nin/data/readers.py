@@ -439,10 +439,15 @@ def list_image_classes(root: Path) -> list[str]:
     return classes
 
 
+# What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+
+
 def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """List (file, label) pairs of a class-per-sub-folder tree.
 
-    Hidden files and folders (".DS_Store", ".ipynb_checkpoints") are ignored; files at the top level too.
+    Hidden files and folders (".DS_Store", ".ipynb_checkpoints") are ignored; files at the top level too, and files
+    whose suffix is not an image's (`IMAGE_SUFFIXES`: a README, notes.txt, Thumbs.db).
 
     Args:
         root: The tree, <root>/<class>/<image>.
@@ -458,7 +463,8 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
     for name in found:
         if name not in classes:
             raise DataError(f"{root / name}: class {name!r} is not in the class list ({', '.join(classes)})")
-        files = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in (root / name).iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{root / name}: empty class folder, expected at least one image")
         samples.extend((path, classes.index(name)) for path in files)

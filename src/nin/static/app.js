@@ -36,7 +36,7 @@ async function classify(file) {
   body.append("file", file);
   let response, answer;
   try {
-    response = await fetch("/predict?top_k=5", { method: "POST", body });
+    response = await fetch("/predict", { method: "POST", body });
     answer = await response.json();
   } catch (error) {
     say("The server did not answer.", true);

@@ -246,3 +246,32 @@ def test_resume_finds_moved_data_by_data_dir_and_refuses_other_data(data_root, t
                  "--device", "cpu"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+@pytest.mark.parametrize("case", ["meta-not-object", "classes-short", "classes-not-list", "input-size-huge",
+                                  "mean-wrong-shape"])
+def test_damaged_weights_metadata_is_one_line(case, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    name = "fast-cifar10" if case == "mean-wrong-shape" else "fast-mnist"  # standardize vs [0, 1] scaling
+    weights = Path(__file__).resolve().parents[1] / "weights" / f"{name}.safetensors"
+    tensors = load_file(str(weights))
+    with safe_open(str(weights), framework="pt") as f:
+        meta = json.loads(f.metadata()["nin"])
+    if case == "meta-not-object":
+        header = json.dumps([1, 2, 3])
+    else:
+        if case == "classes-short":
+            meta["classes"] = ["0", "1"]
+        elif case == "classes-not-list":
+            meta["classes"] = 5
+        elif case == "input-size-huge":
+            meta["model_config"]["input_size"] = 10**9
+        else:
+            tensors["preprocess.mean"] = torch.zeros(7)
+        header = json.dumps(meta)
+    bad = tmp_path / f"{case}.safetensors"
+    save_file(tensors, str(bad), metadata={"nin": header})
+    assert main(["evaluate", str(bad)]) == 1
+    _one_line(capsys, str(bad))

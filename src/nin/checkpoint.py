@@ -123,6 +123,8 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads(header["nin"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: damaged nin metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: nin metadata is {type(meta).__name__}, expected a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return tensors, meta
@@ -175,6 +177,8 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
         model = NiN(config)
         model.load_state_dict(_unprefixed("ema", tensors) or _unprefixed("model", tensors))
         preprocessing = build_preprocessing(meta["preprocessing"], _unprefixed("preprocess", tensors))
+        _check_preprocessing(preprocessing, config)
+        _check_classes(meta.get("classes"), config.num_classes)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise CheckpointError(f"{path}: does not match its own model config ({_first_line(e)})") from None
     model.to(device).eval()
@@ -200,6 +204,24 @@ def weights_architecture(meta: dict) -> tuple[str, dict]:
     if model_config(name, **overrides) != saved:
         raise CheckpointError(f"its model differs from {name} in its blocks, which --set cannot express")
     return name, overrides
+
+
+def _check_preprocessing(preprocessing, config: NiNConfig) -> None:
+    """The fitted statistics must fit the model's input: (C,) mean/std, a (D, D) ZCA for D = C·H·W."""
+    channels, pixels = config.in_channels, config.in_channels * config.input_size ** 2
+    if preprocessing.kind == "standardize":
+        if tuple(preprocessing.mean.shape) != (channels,) or tuple(preprocessing.std.shape) != (channels,):
+            raise ValueError(f"standardize mean/std of shape {tuple(preprocessing.mean.shape)}, expected ({channels},)")
+    if preprocessing.kind == "gcn_zca":
+        if tuple(preprocessing.zca.matrix.shape) != (pixels, pixels) or preprocessing.zca.mean.numel() != pixels:
+            raise ValueError(f"ZCA matrix of shape {tuple(preprocessing.zca.matrix.shape)}, expected ({pixels}, {pixels})")
+
+
+def _check_classes(classes, num_classes: int) -> None:
+    if classes is None:
+        return
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) != num_classes:
+        raise ValueError(f"classes must be a list of {num_classes} names, got {str(classes)[:80]}")
 
 
 def _first_line(error: BaseException) -> str:

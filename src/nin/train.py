@@ -476,19 +476,9 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     if resume and saved_meta.get("data_sha256") not in (None, identity):
         raise NinError(f"{cfg.data_dir or 'the data folder'}: its {cfg.dataset} {cfg.train_split} images are not the "
                        f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
-    if cfg.dataset == "folder" and main and not (resolve_root(cfg.data_dir) / cfg.eval_split).is_dir():
-        log(f"nin: note: {resolve_root(cfg.data_dir)} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error "
-            f"is measured on the training images (add train/ and {cfg.eval_split}/ sub-folders for a held-out score)")
-    if cfg.dataset == "folder" and "num_classes" not in cfg.model_args:  # a user's folder: its class count
-        cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
+    cfg = _fit_to_data(cfg, classes, log)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = get_model(cfg.model, **cfg.model_args)
-    if source is not None:
-        _start_from(model, source[0], cfg.init_from, log, same_classes=source[2].get("classes") == classes)
-    model = model.to(device).to(memory_format=memory_format)
-    if int(train_data[1].max()) >= model.config.num_classes:
-        raise NinError(f"{cfg.dataset} has labels up to {int(train_data[1].max())} but {cfg.model} has "
-                       f"{model.config.num_classes} classes")
+    model = _build_model(cfg, classes, train_data[1], source, log).to(device).to(memory_format=memory_format)
     state = RunState(model, make_optimizer(model, cfg), PlateauRule(cfg.plateau_patience, cfg.plateau_min_delta,
                                                                    cfg.max_lr_drops),
                      Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, EpochTotals.zeros(device))
@@ -505,11 +495,10 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     history = _run_history(command, resume, saved_meta)
     world = distributed.world_size()
     meta = {"train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "dataset": cfg.dataset,
-            "data_sha256": identity,
-            "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
+            "data_sha256": identity, "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
     run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
-              _wrap(model, cfg, device),
-              history, MetricsLog(out, keep_epochs=state.epoch) if main else None, log, memory_format, meta)
+              _wrap(model, cfg, device), history, MetricsLog(out, keep_epochs=state.epoch) if main else None, log,
+              memory_format, meta)
     if main:
         _write_config_json(run, resume)
         if not resume:
@@ -517,6 +506,30 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                 f"{f' per rank × {world} ranks' if world > 1 else ''}) on {device}, "
                 f"{'bf16 autocast' if amp_dtype else 'fp32'}; run folder {out}")
     return run, state
+
+
+def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
+    """A user's folder decides the class count (and is told when its test error is measured on training images)."""
+    if cfg.dataset != "folder":
+        return cfg
+    root = resolve_root(cfg.data_dir)
+    if distributed.is_main() and not (root / cfg.eval_split).is_dir():
+        log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on the "
+            f"training images (add train/ and {cfg.eval_split}/ sub-folders for a held-out score)")
+    if "num_classes" in cfg.model_args:
+        return cfg
+    return dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
+
+
+def _build_model(cfg: TrainConfig, classes: list[str], labels: torch.Tensor, source, log) -> NiN:
+    """The run's model: a fresh init, or the ``--init-from`` weights (class maps afresh where classes differ)."""
+    model = get_model(cfg.model, **cfg.model_args)
+    if int(labels.max()) >= model.config.num_classes:
+        raise NinError(f"{cfg.dataset} has labels up to {int(labels.max())} but {cfg.model} has "
+                       f"{model.config.num_classes} classes")
+    if source is not None:
+        _start_from(model, source[0], cfg.init_from, log, same_classes=source[2].get("classes") == classes)
+    return model
 
 
 def _load_source(cfg: TrainConfig):

@@ -417,12 +417,24 @@ def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], class
                          names=[Path(p).name for p in images])
 
 
+def _scored_as_evaluate(model: nn.Module, preprocessing, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                        amp_dtype: torch.dtype | None, meta: dict):
+    """The test images scored exactly as `nin evaluate` scores them (its test-time flips included)."""
+    from nin.data import TensorLoader
+    from nin.evaluate import evaluate
+
+    device = next(model.parameters()).device
+    prepared = preprocessing(images).to(device).contiguous(memory_format=torch.channels_last)
+    return evaluate(model.to(memory_format=torch.channels_last),
+                    TensorLoader(prepared, labels.to(device), batch_size, shuffle=False),
+                    num_classes=model.config.num_classes, amp_dtype=amp_dtype, tta_flip=bool(meta.get("tta_flip")))
+
+
 def run(args: argparse.Namespace) -> int:
     """``nin visualize``: every figure of the module docstring, and maps.json, into ``--out``."""
     from nin.checkpoint import load_weights
-    from nin.data import TensorLoader
     from nin.data.datasets import first_per_class
-    from nin.evaluate import evaluate, load_matching_dataset
+    from nin.evaluate import load_matching_dataset
     from nin.runtime import resolve_device, select_precision
 
     if args.per_class < 1:
@@ -448,11 +460,7 @@ def run(args: argparse.Namespace) -> int:
     statistics = map_statistics(peaks, logits, labels)
     predictions = logits.argmax(dim=1)
     num_classes = config.num_classes
-    # the confusion matrix exactly as `nin evaluate` counts it (its test-time flips included)
-    scored = evaluate(model.to(memory_format=torch.channels_last),
-                      TensorLoader(preprocessing(images).to(device).contiguous(memory_format=torch.channels_last),
-                                   labels.to(device), args.batch_size, shuffle=False),
-                      num_classes=num_classes, amp_dtype=amp_dtype, tta_flip=bool(meta.get("tta_flip")))
+    scored = _scored_as_evaluate(model, preprocessing, images, labels, args.batch_size, amp_dtype, meta)
     confusion = scored.confusion
     report = {"weights": str(weights), "dataset": dataset, "split": "test", "limit": args.limit,
               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "tta_flip": False,

@@ -250,7 +250,8 @@ def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, 
     cfg, split = config["train_config"], config["train_config"]["eval_split"]
     keys = ("epoch", "train_error", f"{split}_error", "extra_error", "train_loss", f"{split}_loss", "lr")
     return {
-        "name": name, "command": config.get("command"), "resumes": config.get("resumes", []),
+        "name": name, "command": runnable(config.get("command") or ""),
+        "resumes": [{**r, "command": runnable(r.get("command") or "")} for r in config.get("resumes", [])],
         "git_revision": config.get("git_revision"), "machine": machine_name(config.get("device", "cpu")),
         "device": config.get("device"), "cores": os.cpu_count(), "world_size": config.get("world_size", 1),
         "torch": config.get("torch"), "autocast": config.get("autocast"), "dataset": cfg["dataset"],
@@ -407,7 +408,12 @@ def _ours(record: dict) -> str:
 
 def _command(record: dict) -> str:
     """The command as a user runs it: a run folder given by absolute path becomes runs/<name>."""
-    return re.sub(r"--out /\S*/([^/\s]+)", r"--out runs/\1", record.get("command") or "")
+    return runnable(record.get("command") or "")
+
+
+def runnable(command: str) -> str:
+    """A recorded command as a user runs it: a run folder given by absolute path becomes runs/<name>."""
+    return re.sub(r"(--out|--resume) /\S*/([^/\s]+)", r"\1 runs/\2", command)
 
 
 def _wall(record: dict) -> str:

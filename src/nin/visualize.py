@@ -217,8 +217,11 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
     panels = min(num_classes, MAX_CLASS_PANELS)
     width, height = (1 + panels) * CELL_PX + COLORBAR_PX, max(num_images, 1) * CELL_PX + HEADER_PX
     figure = _figure(width, height)
-    figure.suptitle("Confidence maps of the last mlpconv block (before global average pooling); one colour scale "
-                    "per row.\nGreen frame: true class. Red frame: predicted class when wrong.", fontsize=9,
+    signed = bool((maps < 0).any())  # the fast recipe's class maps have no ReLU: their values take both signs
+    scale = ("signed maps (no ReLU on the class maps): red > 0 > blue, centred at 0" if signed else
+             "rectified maps (ReLU): dark = 0, yellow = high")
+    figure.suptitle(f"Confidence maps of the last mlpconv block (before global average pooling), {scale}; one colour "
+                    "scale per row.\nGreen frame: true class. Red frame: predicted class when wrong.", fontsize=9,
                     y=1 - 4 / height, va="top")
     grid = figure.add_gridspec(max(num_images, 1), panels + 2, left=6 / width, right=1 - 34 / width,
                                top=1 - HEADER_PX / height, bottom=18 / height, wspace=0.12, hspace=0.38,
@@ -240,9 +243,13 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
             shown = [label, *others[: panels - 1]]
         low, high = float(maps[row, shown].min()), float(maps[row, shown].max())
         high = high if high > low else low + 1e-6
+        cmap = "viridis"
+        if signed:  # maps without the ReLU: a diverging scale centred at 0, red above, blue below
+            bound = max(abs(low), abs(high))
+            cmap, low, high = "RdBu_r", -bound, bound
         for column, k in enumerate(shown, start=1):
             ax = figure.add_subplot(grid[row, column])
-            picture = ax.imshow(maps[row, k].numpy(), cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+            picture = ax.imshow(maps[row, k].numpy(), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
             marks = [word for word, hit in (("true", k == label), ("pred", k == predicted)) if hit]
             ax.set_title(classes[k] + (f" ({', '.join(marks)})" if marks else ""), fontsize=7, pad=2,
                          fontweight="bold" if marks else "normal")

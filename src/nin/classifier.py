@@ -99,9 +99,9 @@ class Classifier:
     def load(cls, weights: str | os.PathLike, *, device: torch.device | str | None = None,
              precision: str = "auto") -> Classifier:
         """From a pretrained tag (`nin.pretrained.list_pretrained()`), a weights file or a run folder."""
-        from nin.pretrained import load_weights_or_tag
+        from nin.checkpoint import load_weights  # a tag, a weights file or a run folder
 
-        model, preprocessing, meta = load_weights_or_tag(weights)
+        model, preprocessing, meta = load_weights(weights)
         return cls(model, preprocessing, meta, device=device, precision=precision)
 
     @torch.no_grad()

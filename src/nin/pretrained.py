@@ -14,14 +14,13 @@ when the file is loaded.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from nin.errors import CheckpointError, NinError
 
-__all__ = ["Weights", "PRETRAINED", "list_pretrained", "get_weights", "load_weights_or_tag"]
+__all__ = ["Weights", "PRETRAINED", "list_pretrained", "get_weights"]
 
 
 @dataclass(frozen=True)
@@ -120,10 +119,3 @@ def get_weights(tag: str, model: str | None = None) -> Weights:
     if model is not None and weights.model != model:
         raise NinError(f"weights {tag!r} are for {weights.model}, not {model}")
     return weights
-
-
-def load_weights_or_tag(name: str | os.PathLike, device="cpu"):
-    """(model, preprocessing, meta) from a pretrained tag, a weights file or a run folder."""
-    from nin.checkpoint import load_weights
-
-    return load_weights(name, device)

@@ -18,6 +18,7 @@ def test_bench_quick_prints_the_expected_fields(capsys):
         for key in ("images_per_s", "gflops", "peak_fraction", "outside_compute", "peak_rss_mib"):
             assert result[side][key] >= 0, (side, key)
     assert result["train_ratio"] > 0 and result["inference_ratio"] > 0 and result["train_ratio_same_model"] > 0
+    assert result["inference_path_ratio"] > 0
     assert {"baseline", "nin_autocast", "nin_eager", "nin_jit"} <= set(result["inference"])
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert isinstance(result["keep_freed_memory"], bool) and result["machine"]["device"] == "cpu"

@@ -35,8 +35,8 @@ def cifar_images(data_root) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(cifar_images) -> np.ndarray:
-    """The plain fp32 torch model as `nin predict` runs it (flip-averaged), on the 1,000 images."""
-    runner = load_runner("torch", CIFAR10)
+    """The plain fp32 torch model (flip-averaged, unfolded), on the 1,000 images."""
+    runner = load_runner("torch-fp32", CIFAR10)
     return np.concatenate([runner(chunk) for chunk in np.split(cifar_images, 4)])
 
 
@@ -72,6 +72,19 @@ def test_parity_on_1000_real_images(backend, file, exports, cifar_images, refere
     assert agreement >= 0.999 and max_difference < 1e-4
 
 
+def test_nin_inference_path_on_1000_real_images(cifar_images, reference):
+    """`nin predict` / `nin evaluate`'s path (batch norm folded, bf16 where the CPU has it) against plain fp32."""
+    from nin.runtime import select_precision
+
+    max_difference, agreement = _parity(load_runner("torch", CIFAR10), cifar_images, reference)
+    print(f"nin path ({select_precision('auto', torch.device('cpu'))}): max |Δp| {max_difference:.2e}, "
+          f"top-1 agreement {agreement:.2%}")
+    if select_precision("auto", torch.device("cpu")) is None:  # fp32 here: the same function as the reference
+        assert agreement >= 0.999 and max_difference < 1e-4
+    else:  # bf16: rounding moves probabilities by up to a few 1e-2, and a close call may flip
+        assert agreement >= 0.99 and max_difference < 0.1
+
+
 def test_openvino_parity(tmp_path, cifar_images, reference):
     pytest.importorskip("openvino", reason="openvino not installed (pip install 'network-in-network[openvino]')")
     export_openvino(CIFAR10, tmp_path / "cifar10.xml")
@@ -95,7 +108,7 @@ def test_mnist_export_one_channel(data_root, tmp_path):
     images = load_dataset("mnist", "test", data_root).images[:200].numpy()  # uint8 (200, 1, 28, 28)
     export_onnx(MNIST, tmp_path / "mnist.onnx")
     export_torchscript(MNIST, tmp_path / "mnist.pt")
-    reference = load_runner("torch", MNIST)(images)
+    reference = load_runner("torch-fp32", MNIST)(images)
     for backend, file in [("onnxruntime", "mnist.onnx"), ("torchscript", "mnist.pt")]:
         got = load_runner(backend, tmp_path / file)(images)
         assert np.abs(got - reference).max() < 1e-4 and (got.argmax(1) == reference.argmax(1)).all()
@@ -107,7 +120,7 @@ def test_gcn_zca_inside_the_graph(cifar_images, tmp_path):
     export_onnx(PAPER, tmp_path / "paper.onnx")
     assert json.loads((tmp_path / "paper.onnx.json").read_text())["preprocessing"]["zca"] == "ZCA inside"
     images = cifar_images[:37]  # a batch size the graph was not traced with
-    got, reference = load_runner("onnxruntime", tmp_path / "paper.onnx")(images), load_runner("torch", PAPER)(images)
+    got, reference = load_runner("onnxruntime", tmp_path / "paper.onnx")(images), load_runner("torch-fp32", PAPER)(images)
     assert np.abs(got - reference).max() < 1e-4
 
 
@@ -140,8 +153,8 @@ def test_docs_client_agrees_with_nin_predict(exports, cifar_images, tmp_path, ca
     for path, prediction in zip(paths, predictions):
         out = subprocess.run([sys.executable, str(tmp_path / "client.py"), str(exports / "cifar10.onnx"), str(path)],
                              capture_output=True, text=True, timeout=120, check=True).stdout.split()
-        best = prediction["top"][0]
-        assert out[0] == best["class"] and abs(float(out[1]) - best["probability"]) < 1e-4
+        best = prediction["top"][0]  # nin predict's default path may run in bf16: the same class, close probability
+        assert out[0] == best["class"] and abs(float(out[1]) - best["probability"]) < 0.02
 
 
 def test_predict_backends_agree_with_torch(tmp_path, capsys):
@@ -154,12 +167,13 @@ def test_predict_backends_agree_with_torch(tmp_path, capsys):
     for i, image in enumerate(images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
     tops = {}
-    for backend in ("torch", "torchscript", "onnxruntime"):
+    for backend in ("torch", "torch-fp32", "torchscript", "onnxruntime"):
         assert main(["predict", str(weights), str(tmp_path), "--backend", backend, "--json", "--top-k", "1"]) == 0
         tops[backend] = [p["top"][0] for p in json.loads(capsys.readouterr().out)["predictions"]]
-    for backend in ("torchscript", "onnxruntime"):
-        assert [t["class"] for t in tops[backend]] == [t["class"] for t in tops["torch"]], backend
-        assert max(abs(a["probability"] - b["probability"]) for a, b in zip(tops[backend], tops["torch"])) < 1e-4
+    for backend, tolerance in (("torch", 0.02), ("torchscript", 1e-4), ("onnxruntime", 1e-4)):  # torch: maybe bf16
+        assert [t["class"] for t in tops[backend]] == [t["class"] for t in tops["torch-fp32"]], backend
+        assert max(abs(a["probability"] - b["probability"])
+                   for a, b in zip(tops[backend], tops["torch-fp32"])) < tolerance, backend
 
 
 def test_bench_inference_times_every_backend(capsys):
@@ -169,5 +183,5 @@ def test_bench_inference_times_every_backend(capsys):
     weights = Path(__file__).resolve().parents[1] / "weights" / "fast-cifar10.safetensors"
     assert main(["bench", "--inference", str(weights), "--quick", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["backends"]
-    assert {"torch", "torch-folded", "torchscript", "onnxruntime"} <= {r["backend"] for r in rows}
+    assert {"torch", "torch-fp32", "torch-folded", "torchscript", "onnxruntime"} <= {r["backend"] for r in rows}
     assert all(r["images_per_second"] > 0 and r["latency_p99_ms"] >= r["latency_p50_ms"] > 0 for r in rows)

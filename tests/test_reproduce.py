@@ -79,7 +79,7 @@ def test_record_run_and_report(data_root, tmp_path):
         assert key in saved, key
     assert saved["command"] == "nin train --dataset mnist --recipe fast (tiny)"
     assert saved["dataset_label"] == "MNIST" and saved["epochs"] == 1 and saved["eval_subset"] == 300
-    assert saved["curve"][0].keys() == {"epoch", "train_error", "test_error", "train_loss", "test_loss", "lr"}
+    assert saved["curve"][0].keys() == {"epoch", "step", "train_error", "test_error", "train_loss", "test_loss", "lr"}
     assert saved["final_error"] == last["test_error"]
     assert saved["evaluated_n"] == 300
     assert saved["evaluated_error"] == saved["final_error"]  # the weights file alone reproduces the error exactly
@@ -143,5 +143,6 @@ def test_published_weights_reproduce_their_recorded_error(name, data_root, capsy
     assert main(["evaluate", str(weights), "--json", "--data-dir", str(data_root), "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == record["evaluated_n"] == 10_000
-    assert result["error"] == record["final_error"] == record["evaluated_error"]
+    assert result["error"] == record["evaluated_error"]  # exactly: `nin reproduce reevaluate` stored it
+    assert abs(record["final_error"] - record["evaluated_error"]) * 10_000 <= 5  # the run's own log, a few images
     assert record["curve"][-1]["test_error"] == record["final_error"]

@@ -4,11 +4,12 @@
     probabilities = runner(images)                                              # numpy float32 (N, K)
     rows = time_backends("weights/fast-cifar10.safetensors", images)           # every backend, one run
 
-Backends: "torch" is the plain fp32 model run as `nin predict` runs it (preprocessing, then the model, flip
-averaging when the weights say so); "torch-folded" is the exported module (batch norm folded, preprocessing and
-flips in the graph) run eagerly; "torch-bf16" is `optimize_for_inference` with bf16 weights; "torchscript",
+Backends: "torch" is nin's own inference path, what `nin evaluate`, `nin predict` and `Classifier` run
+(`nin.inference.inference_model`: batch norm folded, bf16 where the CPU runs it fast); "torch-fp32" is the
+plain model in eager fp32, unfolded, the reference the speed-ups are measured against; "torch-folded" is the
+exported module (batch norm folded, preprocessing and flips in the graph) run eagerly in fp32; "torchscript",
 "onnxruntime" and "openvino" run the files `nin.export` writes. All of them compute the same function, so
-their probabilities can be compared image by image (tests/test_export.py) and their speeds against "torch".
+their probabilities can be compared image by image (tests/test_export.py) and their speeds against "torch-fp32".
 Every backend gets torch's thread count (``torch.set_num_threads``), so rows compare like with like.
 """
 
@@ -30,7 +31,7 @@ from nin.errors import NinError
 __all__ = ["BACKENDS", "Runner", "load_runner", "available_backends", "BackendTiming", "time_backends",
            "format_table"]
 
-BACKENDS = ("torch", "torch-folded", "torch-bf16", "torchscript", "onnxruntime", "openvino")
+BACKENDS = ("torch", "torch-fp32", "torch-folded", "torchscript", "onnxruntime", "openvino")
 _EXPORTED_SUFFIX = {"torchscript": ".pt", "onnxruntime": ".onnx", "openvino": ".xml"}
 
 
@@ -58,20 +59,22 @@ def available_backends() -> list[str]:
 
 def _torch_runner(name: str, weights: str | Path) -> Runner:
     from nin.checkpoint import load_weights
+    from nin.classifier import Classifier
     from nin.evaluate import predict_logits
-    from nin.inference import optimize_for_inference
 
     model, preprocessing, meta = load_weights(weights, "cpu")
-    tta_flip, num_classes = bool(meta.get("tta_flip")), model.config.num_classes
-    if name == "torch-bf16":
-        model = optimize_for_inference(model, amp_dtype=torch.bfloat16)
+    if name == "torch":  # nin's inference path: what `nin evaluate` / `nin predict` / `Classifier` run
+        classifier = Classifier(model, preprocessing, meta, device="cpu")
+        return Runner(name, lambda images: classifier.predict(torch.from_numpy(images)).numpy(),
+                      model.config.num_classes)
+    tta_flip = bool(meta.get("tta_flip"))
 
     @torch.no_grad()
-    def predict(images: np.ndarray) -> np.ndarray:
-        logits = predict_logits(model, preprocessing(torch.from_numpy(images)), tta_flip=tta_flip)
+    def predict(images: np.ndarray) -> np.ndarray:  # "torch-fp32": the plain model, eager fp32, unfolded
+        logits = predict_logits(model.eval(), preprocessing(torch.from_numpy(images)), tta_flip=tta_flip)
         return logits.softmax(dim=1).numpy()
 
-    return Runner(name, predict, num_classes)
+    return Runner(name, predict, model.config.num_classes)
 
 
 def _exported_runner(name: str, path: Path, num_classes: int) -> Runner:
@@ -133,7 +136,7 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
 
     if backend not in BACKENDS:
         raise NinError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend in ("torch", "torch-bf16"):
+    if backend in ("torch", "torch-fp32"):
         return _torch_runner(backend, weights)
     path = Path(weights)
     if backend == "torch-folded":
@@ -169,8 +172,8 @@ class BackendTiming:
     images_per_second: float  # median over repeats of batch_size / seconds per batch
     latency_p50_ms: float  # one image per call
     latency_p99_ms: float
-    speedup: float = 1.0  # images_per_second / the "torch" row's (1.0 when "torch" was not timed)
-    latency_ratio: float = 1.0  # latency_p50_ms / the "torch" row's
+    speedup: float = 1.0  # images_per_second / the "torch-fp32" row's (1.0 when it was not timed)
+    latency_ratio: float = 1.0  # latency_p50_ms / the "torch-fp32" row's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,12 +187,12 @@ def _percentile(values: list[float], q: float) -> float:
 def time_backends(weights: str | Path, images: np.ndarray | torch.Tensor, *, backends: list[str] | None = None,
                   batch_size: int = 500, repeats: int = 3, latency_calls: int = 100,
                   log: Callable[[str], None] | None = None) -> list[BackendTiming]:
-    """Time every backend on the same images in one run; ratios are against the plain fp32 "torch" model.
+    """Time every backend on the same images in one run; ratios are against the plain "torch-fp32" model.
 
     Args:
         weights: A nin weights file or run folder (nin_cifar10 for the documented table).
         images: uint8 (N, C, H, W), N >= batch_size; the first batch_size images form the batch.
-        backends: Which to time (default: every available one, "torch" first).
+        backends: Which to time (default: every available one, in `BACKENDS` order).
         batch_size: Images per batch for the throughput numbers.
         repeats: Timed batches per backend (after one warm-up batch); the median counts.
         latency_calls: Timed one-image calls per backend (after 10 warm-up calls); p50 and p99 count.
@@ -224,7 +227,7 @@ def time_backends(weights: str | Path, images: np.ndarray | torch.Tensor, *, bac
             rows.append(row)
             if log:
                 log(f"{name}: {row.images_per_second:.0f} images/s, p50 {row.latency_p50_ms:.2f} ms")
-    base = next((r for r in rows if r.backend == "torch"), None)
+    base = next((r for r in rows if r.backend == "torch-fp32"), None)
     if base is not None:
         for row in rows:
             row.speedup = row.images_per_second / base.images_per_second

@@ -13,7 +13,8 @@ Both sides train nin_cifar10 on the same CIFAR-10 images in one process:
 Each step's time is split into the batch (loader + augmentation) and the step; medians after warm-up.
 The baseline runs first, with glibc malloc at its defaults; nin's engine is timed once with those defaults
 and once after `nin.runtime.keep_freed_memory()`, as `nin train` runs it (`--device cuda`: GPU, no malloc step).
-Inference: the baseline in NCHW fp32, nin with bf16 autocast, and `optimize_for_inference` (eager and jit).
+Inference: the baseline in NCHW fp32; nin's model under bf16 autocast (unfolded, for comparison); and
+`optimize_for_inference` eager (= `inference_model`, the path `nin evaluate` / `nin predict` take), jit, compile.
 FLOPs come from the convolutions' shapes; peaks from a large torch.mm in fp32 and bf16 timed here.
 """
 
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run for tests: 2 steps, small batches")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--inference", nargs="?", const="weights/fast-cifar10.safetensors", metavar="WEIGHTS",
-                        help="instead: time every inference backend (torch fp32, folded, bf16, TorchScript, ONNX "
+                        help="instead: time every inference backend (nin's path, torch fp32, folded, TorchScript, ONNX "
                              "Runtime, OpenVINO) on WEIGHTS (default weights/fast-cifar10.safetensors) in one run, "
                              "throughput at --eval-batch-size and one-image latency p50/p99")
 
@@ -347,7 +348,8 @@ def _measure_engine(args, cfg, images: torch.Tensor, labels: torch.Tensor, devic
 
 def _measure_inference(args, model: nn.Module, train_x: torch.Tensor, cfg, device: torch.device,
                        result: dict) -> dict:
-    """Seconds per batch: what `evaluate` runs (autocast), then each `optimize_for_inference` method."""
+    """Seconds per batch: the unfolded model under autocast, then each `optimize_for_inference` method
+    ("eager" is `inference_model`, what `evaluate` / `predict` run)."""
     from nin.evaluate import predict_logits
     from nin.inference import optimize_for_inference
     from nin.runtime import select_precision
@@ -398,6 +400,7 @@ def _derive(result: dict, inference: dict, peaks: dict, args, device: torch.devi
     result["inference_best"] = best
     speeds = {name: r["images_per_s"] for name, r in result["inference"].items()}
     result["inference_ratio"] = speeds[best] / speeds["baseline"]
+    result["inference_path_ratio"] = speeds["nin_eager"] / speeds["baseline"]  # what evaluate / predict run
     result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         result["max_cuda_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -433,6 +436,7 @@ def report(result: dict) -> str:
                   f"{'of peak':>9}"]
     for name, r in result["inference"].items():
         lines.append(f"{name:<34}{r['images_per_s']:>9.1f}{r['gflops']:>9.1f}{r['peak_fraction']:>8.1%}")
+    lines.append(f"{'ratio evaluate/predict / baseline':<34}{result['inference_path_ratio']:>8.2f}×  (nin_eager)")
     lines.append(f"{'ratio best / baseline':<34}{result['inference_ratio']:>8.2f}×  ({result['inference_best']})")
     memory = f"process max RSS {result['max_rss_mib']:.0f} MiB"
     if "max_cuda_memory_mib" in result:

@@ -6,8 +6,9 @@
     batch = classifier.transforms(["cat.jpg"])              # the preprocessed (N, C, H, W) batch alone
 
 `nin evaluate`, `nin predict` and `nin visualize`'s confusion matrix compute exactly what
-`Classifier.logits` computes (the same preprocessing, autocast choice and flips), so one set of weights gives
-one answer everywhere.
+`Classifier.logits` computes: the same preprocessing, the same flips, and the same model,
+`nin.inference.inference_model` (batch norm folded, bf16 where the hardware runs it fast), so one set of
+weights gives one answer everywhere. A Classifier is frozen at the weights its model held when it was made.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from nin.errors import NinError
+from nin.inference import inference_model
 from nin.runtime import resolve_device, select_precision
 
 __all__ = ["ImageTransform", "Classifier"]
@@ -94,6 +96,7 @@ class Classifier:
         self.tta_flip = bool(meta.get("tta_flip"))
         self.amp_dtype = select_precision(precision, self.device)
         self.transforms = ImageTransform(preprocessing, config.input_size, config.in_channels)
+        self.runner = inference_model(self.model, self.amp_dtype)  # frozen at the weights it holds now
 
     @classmethod
     def load(cls, weights: str | os.PathLike, *, device: torch.device | str | None = None,
@@ -109,8 +112,8 @@ class Classifier:
         """fp32 logits (N, K), exactly as `nin evaluate` computes them."""
         from nin.evaluate import predict_logits
 
-        batch = self.transforms(images).to(self.device).contiguous(memory_format=torch.channels_last)
-        return predict_logits(self.model, batch, amp_dtype=self.amp_dtype, tta_flip=self.tta_flip)
+        batch = self.transforms(images).to(self.device)
+        return predict_logits(self.runner, batch, tta_flip=self.tta_flip)
 
     def predict(self, images) -> torch.Tensor:
         """Class probabilities (N, K) on the CPU."""

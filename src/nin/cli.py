@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded and scored at a time")
     p.add_argument("--output", metavar="FILE", help="write one row per image to FILE.csv or FILE.jsonl")
     p.add_argument("--backend", default="torch", metavar="NAME",
-                   help="torch (default), torch-folded, torch-bf16, torchscript, onnxruntime or openvino: the same "
-                        "probabilities through another engine (docs/deploy.md)")
+                   help="torch (default: nin's inference path, as `nin evaluate`), torch-fp32, torch-folded, torchscript, "
+                        "onnxruntime or openvino: the same probabilities through another engine (docs/deploy.md)")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -286,31 +286,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from nin.checkpoint import load_weights
+    from nin.classifier import Classifier
     from nin.data.readers import read_image
-    from nin.evaluate import predict_logits
-    from nin.runtime import resolve_device
 
-    device = resolve_device(args.device)
-    model, preprocessing, meta = load_weights(args.weights, device)
+    model, preprocessing, meta = load_weights(args.weights)
     config = model.config
-    classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
     paths = _image_paths(args.images)
-    runner = None
-    if args.backend != "torch":
+    if args.backend == "torch":  # nin's own inference path, the one `nin evaluate` scores with
+        classifier = Classifier(model, preprocessing, meta, device=args.device)
+        classes, runner = classifier.classes, classifier.predict
+    else:
         from nin.backends import load_runner
 
-        runner = load_runner(args.backend, args.weights)
+        classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
+        backend = load_runner(args.backend, args.weights)
+        runner = lambda batch: torch.from_numpy(backend(batch))  # noqa: E731
     k = min(args.top_k, config.num_classes)
     results = []
     for start in range(0, len(paths), args.batch_size):  # one batch in memory at a time: folders of any size
         chunk = paths[start:start + args.batch_size]
         batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
-        if runner is not None:
-            probabilities = torch.from_numpy(runner(batch))
-        else:
-            with torch.no_grad():
-                logits = predict_logits(model, preprocessing(batch).to(device), tta_flip=bool(meta.get("tta_flip")))
-            probabilities = logits.softmax(dim=1).cpu()
+        probabilities = runner(batch)
         top = probabilities.topk(k, dim=1)
         results += [{"image": str(path),
                      "top": [{"class": classes[i], "index": int(i), "probability": float(p)}

@@ -75,19 +75,24 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, amp_dtype: torch.d
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
              amp_dtype: torch.dtype | None = None, tta_flip: bool = False) -> EvalResult:
-    """Run ``model`` in eval mode over ``batches`` of (preprocessed images, labels)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    """Score ``model`` over ``batches`` of (preprocessed images, labels) on the one inference path.
+
+    The model runs as `nin.inference.inference_model` makes it (batch norm folded, weights in ``amp_dtype``),
+    the path `nin evaluate`, `nin predict`, `nin visualize`, `Classifier` and the per-epoch evaluation of
+    `train()` all take, so one set of weights gives one number everywhere.
+    """
+    from nin.inference import inference_model
+
+    runner = inference_model(model, amp_dtype)  # a frozen, folded copy: ``model`` itself is left as it is
+    device = next(runner.parameters()).device
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels in batches:
-        logits = predict_logits(model, images, amp_dtype=amp_dtype, tta_flip=tta_flip)
+        logits = predict_logits(runner, images, tta_flip=tta_flip)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     distributed.all_reduce_sum(confusion)
     distributed.all_reduce_sum(loss_sum)
-    model.train(was_training)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = int(confusion.sum())
     return EvalResult(loss=float(loss_sum) / max(n, 1), confusion=confusion)

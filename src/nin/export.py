@@ -44,9 +44,10 @@ class ExportedNiN(nn.Module):
     back, so that (with the GAP head) their spatial means are exactly the flip-averaged logits.
     """
 
-    def __init__(self, model: nn.Module, preprocessing, tta_flip: bool) -> None:
+    def __init__(self, model: nn.Module, preprocessing, tta_flip: bool, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.model = fold_batch_norm(model).float()
+        self.dtype = dtype  # the folded model's weights and activations (exports: fp32; `nin serve`: bf16 where fast)
+        self.model = fold_batch_norm(model).to(dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.kind = preprocessing.kind
@@ -76,14 +77,21 @@ class ExportedNiN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(images)
+        if self.dtype != torch.float32:
+            x = x.to(self.dtype)
         if not self.tta_flip:
-            maps = self.model.forward_features(x)  # (N, K, h, w)
+            maps = self._features(x)  # (N, K, h, w)
             return self.model.forward_head(maps).softmax(dim=1), maps
         count = x.shape[0]
-        both = self.model.forward_features(torch.cat([x, x.flip(-1)]))  # one pass over (2N, C, H, W)
+        both = self._features(torch.cat([x, x.flip(-1)]))  # one pass over (2N, C, H, W)
         maps, mirrored = both[:count], both[count:]
         logits = 0.5 * (self.model.forward_head(maps) + self.model.forward_head(mirrored))
         return logits.softmax(dim=1), 0.5 * (maps + mirrored.flip(-1))
+
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The class maps in fp32, whatever the model's dtype."""
+        return self.model.forward_features(x).float()
 
 
 def weights_file(path: str | Path) -> Path:
@@ -104,12 +112,12 @@ def weights_file(path: str | Path) -> Path:
     return path
 
 
-def build_exported(weights: str | Path) -> tuple[ExportedNiN, dict]:
+def build_exported(weights: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ExportedNiN, dict]:
     """Load ``weights`` (a file or run folder) on the CPU and wrap it; also returns the weights' meta."""
     from nin.checkpoint import load_weights
 
     model, preprocessing, meta = load_weights(weights_file(weights), "cpu")
-    return ExportedNiN(model, preprocessing, bool(meta.get("tta_flip"))).eval(), meta
+    return ExportedNiN(model, preprocessing, bool(meta.get("tta_flip")), dtype).eval(), meta
 
 
 def _example(module: ExportedNiN, count: int = 2, seed: int = 0) -> torch.Tensor:

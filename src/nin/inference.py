@@ -23,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from nin.layers import MLPConv
 
-__all__ = ["InferenceModel", "fold_batch_norm", "optimize_for_inference"]
+__all__ = ["InferenceModel", "fold_batch_norm", "optimize_for_inference", "inference_model"]
 
 METHODS = ("eager", "jit", "compile")
 
@@ -92,3 +92,15 @@ def optimize_for_inference(model: nn.Module, *, amp_dtype: torch.dtype | None = 
     elif method == "compile":
         runner = torch.compile(folded)
     return InferenceModel(folded, runner, dtype, memory_format)
+
+
+def inference_model(model: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
+    """The one inference path of nin: ``model`` as `evaluate`, `Classifier`, `nin predict` and `nin visualize` run it.
+
+    An `InferenceModel` (batch norm folded, weights and activations in ``amp_dtype`` or fp32, channels_last,
+    eager: the fastest method that needs no compiler, docs/performance.md) built from ``model``'s weights now;
+    an `InferenceModel` passed in is returned as it is.
+    """
+    if isinstance(model, InferenceModel):
+        return model
+    return optimize_for_inference(model, amp_dtype=amp_dtype, channels_last=True, method="eager")

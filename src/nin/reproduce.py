@@ -248,7 +248,7 @@ def record_weights(weights: str | os.PathLike, name: str, command: str, results_
 def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, label: str) -> dict:
     """The results json of a finished run: provenance, the curve, the error recorded and evaluated again."""
     cfg, split = config["train_config"], config["train_config"]["eval_split"]
-    keys = ("epoch", "train_error", f"{split}_error", "extra_error", "train_loss", f"{split}_loss", "lr")
+    keys = ("epoch", "step", "train_error", f"{split}_error", "extra_error", "train_loss", f"{split}_loss", "lr")
     return {
         "name": name, "command": runnable(config.get("command") or ""),
         "resumes": [{**r, "command": runnable(r.get("command") or "")} for r in config.get("resumes", [])],
@@ -387,8 +387,25 @@ def plot_curve(record: dict, path: Path, reference: float | None = None) -> Path
     from nin.visualize import plot_curves
 
     try:
-        return plot_curves([(record["name"], record["curve"])], path, reference=reference)
+        return plot_curves([(record["name"], record["curve"], record.get("train_config"))], path, reference=reference)
     except NinError:  # matplotlib is not installed
+        return None
+
+
+def plot_table5(records: dict[str, dict], rows: tuple, path: Path) -> Path | None:
+    """The Table 5 heads' curves on one plot, each with the paper's error as a dotted line in its colour; None
+    when fewer than two heads have run or matplotlib is missing."""
+    from nin.visualize import plot_curves
+
+    found = [(row, records[row.results[0]]) for row in rows
+             if row.results[0] in records and records[row.results[0]]["curve"]]
+    if len(found) < 2:
+        return None
+    runs = [(row.label.split(", ", 1)[-1], record["curve"], record.get("train_config")) for row, record in found]
+    papers = [float(row.paper.rstrip("%")) / 100 if row.paper.endswith("%") else None for row, _ in found]
+    try:
+        return plot_curves(runs, path, reference=papers)
+    except NinError:
         return None
 
 
@@ -432,7 +449,8 @@ def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, ref
             continue
         name = record["name"]
         curve = f" [curve]({curves[name]})" if name in curves and record["curve"] else ""
-        same = "equal" if record["evaluated_error"] == record["final_error"] else "DIFFERS"
+        apart = round(abs(record["evaluated_error"] - record["final_error"]) * record["evaluated_n"])
+        same = "equal" if apart == 0 else f"{apart} image{'s' * (apart > 1)} apart from the run's log"
         exact = f"{record['exact_1000_error']:.1%}" if "exact_1000_error" in record else "–"
         lines.append(f"| {row.table} | {row.label} | {row.paper} | {row.port} | {_ours(record)}{curve} | {exact} | "
                      f"{record['evaluated_error']:.2%} ({same}) | {_wall(record)} | "
@@ -504,6 +522,35 @@ def _load_records(results_dir: Path, data_dir: str | None) -> dict[str, dict]:
     return records
 
 
+def reevaluate(results_dir: str | os.PathLike = "results", *, data_dir: str | None = None,
+               log=print) -> list[str]:
+    """Evaluate every recorded weights file again on nin's current inference path and store the result.
+
+    Each record's ``evaluated_error`` (and ``exact_1000_error`` for CIFAR-10) is replaced by what `nin evaluate`
+    gives today; ``final_error``, the error the run logged while training, stays as it was. Returns the names
+    whose numbers moved. Run it after a change to the inference path (docs/reproduce.md).
+    """
+    from nin.evaluate import evaluate_weights
+
+    moved = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        weights = Path(record.get("weights", ""))
+        if not weights.is_file():
+            continue
+        result, _, _ = evaluate_weights(weights, dataset=record["dataset"], data_dir=data_dir,
+                                        subset=record.get("eval_subset") or 0, split=record.get("eval_split", "test"))
+        update = {"evaluated_error": result.error, "evaluated_n": result.n,
+                  **exact_1000(weights, record["dataset"], data_dir)}
+        changed = {k: (record.get(k), v) for k, v in update.items() if record.get(k) != v}
+        if changed:
+            moved.append(record["name"])
+            record.update(update)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+        log(f"{record['name']}: " + (", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "unchanged"))
+    return moved
+
+
 def write_report(results_dir: str | os.PathLike = "results", output: str | os.PathLike = "RESULTS.md", *,
                  data_dir: str | None = None, curves: bool = True) -> Path:
     """Write RESULTS.md from ``results_dir/*.json``: every row of the paper's Tables 1-5, then ours.
@@ -523,6 +570,10 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
             png = plot_curve(record, results_dir / "curves" / f"{name}.png", paper) if record["curve"] else None
             if png is not None:
                 plotted[name] = Path(os.path.relpath(png, output.parent)).as_posix()
+        for key, rows in (("table5", PAPER_ROWS), ("table5-small", TABLE5_SMALL_ROWS)):
+            png = plot_table5(records, tuple(r for r in rows if r.experiment == key), results_dir / "curves" / f"{key}.png")
+            if png is not None:
+                plotted[key] = Path(os.path.relpath(png, output.parent)).as_posix()
     data_root = resolve_root(data_dir)
 
     lines = [
@@ -546,6 +597,7 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
         "",
         *_table(TABLE5_SMALL_ROWS, records, data_root, reference, plotted),
         *_table5_small_summary(records),
+        *(["", f"The three heads on one plot: [curves]({plotted['table5-small']})."] if "table5-small" in plotted else []),
         "",
         "## Ours: the fast recipe (batch norm, one-cycle lr, label smoothing, flips/translation)",
         "",
@@ -590,6 +642,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="where to evaluate again (default: cuda when available)")
     _add_record_arguments(p)
 
+    p = sub.add_parser("reevaluate", help="evaluate every recorded weights file again (after a change to the "
+                                          "inference path) and store the numbers in results/*.json")
+    p.add_argument("--results-dir", default="results", help="folder of result json files (default: results)")
+    p.add_argument("--data-dir", help="data root (default: $NIN_DATA)")
+
     p = sub.add_parser("report", help="write RESULTS.md and results/curves/*.png from results/*.json")
     p.add_argument("--results-dir", default="results", help="folder of result json files (default: results)")
     p.add_argument("--output", default="RESULTS.md", help="report path (default: RESULTS.md)")
@@ -610,6 +667,10 @@ def run(args: argparse.Namespace) -> int:
     if args.experiment == "record":
         record_run(args.run_dir, args.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
                    data_label=args.data_label, device=args.device)
+        return 0
+    if args.experiment == "reevaluate":
+        moved = reevaluate(args.results_dir, data_dir=args.data_dir)
+        print(f"nin reproduce: {len(moved)} records changed" + (f" ({', '.join(moved)})" if moved else ""))
         return 0
     if args.experiment == "report":
         path = write_report(args.results_dir, args.output, data_dir=args.data_dir, curves=not args.no_curves)

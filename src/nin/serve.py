@@ -4,7 +4,8 @@
     curl -F file=@cat.png 'http://127.0.0.1:8000/predict?top_k=3'
 
 The model is loaded once, as the exported graph's torch module (`nin.export.ExportedNiN`: batch norm folded,
-preprocessing and test-time flips inside), so /predict gives what `nin predict` gives. An upload is decoded in
+preprocessing and test-time flips inside, in bf16 where the CPU runs it fast, as `nin predict`), so /predict
+gives what `nin predict` gives. An upload is decoded in
 memory by Pillow with the format sniffed from its bytes (PNG, JPEG, BMP, GIF, WebP only), the EXIF orientation
 applied, converted to the model's channels, and resized as `nin predict` does (shorter side to the input size,
 then the centre square). Nothing is written to disk and no file path comes from a request. Every refusal is a
@@ -150,8 +151,10 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     from fastapi.responses import JSONResponse, Response
 
     from nin.export import build_exported
+    from nin.runtime import select_precision
 
-    module, meta = build_exported(weights)
+    # nin's inference path: batch norm folded, bf16 where the CPU runs it fast (as `nin predict`)
+    module, meta = build_exported(weights, select_precision("auto", torch.device("cpu")) or torch.float32)
     config = module.model.config
     classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
     lock = threading.Lock()

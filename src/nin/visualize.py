@@ -1,7 +1,7 @@
 """Look inside a trained NiN: its category-confidence maps (the paper's Figure 4), class-activation overlays,
 training curves, the confusion matrix, and a number for the paper's claim about the maps.
 
-    nin visualize runs/mnist-fast --out figures/mnist --per-class 2 --images my_digit.png
+    nin visualize runs/mnist-fast --out figures/mnist --per-class 2 --images my_digit.png --format pdf
     maps = confidence_maps(model, preprocessing(images))        # (N, K, h, w); maps.mean((2, 3)) are the logits
 
 The paper (Figure 4, section 4.7): the last mlpconv block emits one map per class, global average pooling
@@ -9,10 +9,11 @@ turns each map into its class's score, and "the largest activations lie in the m
 where the object is". `map_statistics` measures the first half of that sentence on the whole test set: how
 often the map holding the single largest activation belongs to the true class, and how often it names the
 class the averaged (GAP) scores predict. The overlays show the second half: the predicted class's map,
-upsampled bilinearly onto the image.
+upsampled bilinearly onto the image (a user's photo at its own resolution).
 
-Plots are written as PNGs through matplotlib's Agg canvas (no pyplot, no global backend state), at fixed
-pixel sizes given with each function; matplotlib is the optional extra ``network-in-network[viz]``.
+Figures are drawn at the size they print at in a paper, at most `TEXT_WIDTH_IN` (7 in) wide, with no text
+under `FONT_PT` (9 pt), through matplotlib's Agg canvas (no pyplot, no global backend state), and written as
+PNG (300 dpi), PDF or SVG by the path's suffix; matplotlib is the optional extra ``network-in-network[viz]``.
 """
 
 from __future__ import annotations
@@ -38,21 +39,27 @@ __all__ = [
     "upsample_maps",
     "plot_confidence_maps",
     "plot_overlays",
+    "plot_photo_overlays",
+    "lr_per_step",
+    "figure_format",
     "plot_curves",
     "plot_confusion",
     "add_arguments",
     "run",
 ]
 
-DPI = 100  # every figure: inches × 100 = pixels, so the sizes below are exact
-CELL_PX = 120  # one image or map panel of the confidence-map figure, title included
-COLORBAR_PX = 40  # the column of per-image colour bars
-HEADER_PX = 60  # the figure title and legend line
-OVERLAY_PX = 160  # one overlay panel, title included
-OVERLAY_COLUMNS = 8
-CURVES_PX = (1500, 450)  # loss, error, lr side by side
-MAX_CLASS_PANELS = 10  # more classes than this (CIFAR-100, ImageNet): show the true class and the top scorers
+TEXT_WIDTH_IN = 7.0  # a two-column paper's text width: no figure is wider, so each prints at 100 %
+FONT_PT = 9  # no text smaller than this at that size
+PNG_DPI = 300  # PNGs: inches × 300 = pixels
+FORMATS = ("png", "pdf", "svg")
+MAX_CLASS_PANELS = 10  # more classes than this (CIFAR-100, ImageNet): the true class and the top scorers
+MANY_CLASS_PANELS = 6  # ... as this many panels, wide enough for a name each
+OVERLAY_COLUMNS = 5
+PHOTO_COLUMNS = 3
+MAX_PHOTO_SIDE = 2048  # a user's photo is drawn at its own resolution up to this many pixels a side
 TRUE_COLOUR, PREDICTED_COLOUR = "#1a9850", "#d73027"  # green frame: true class; red frame: a wrong prediction
+LINE_IN = FONT_PT * 1.25 / 72  # one line of text
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,30 +162,55 @@ def upsample_maps(maps: torch.Tensor, class_indices: torch.Tensor, size: tuple[i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _figure(width_px: int, height_px: int, **kwargs):
-    """A matplotlib Figure on an Agg canvas, exactly width_px × height_px when saved."""
+def _figure(width_in: float, height_in: float, **kwargs):
+    """A matplotlib Figure on an Agg canvas, width_in × height_in inches (the size it is meant to print at)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
         raise NinError("visualization needs matplotlib: pip install 'network-in-network[viz]'") from None
-    figure = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, **kwargs)
+    figure = Figure(figsize=(width_in, height_in), dpi=PNG_DPI, **kwargs)
     FigureCanvasAgg(figure)
     return figure
 
 
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure path asks for (its suffix): png, pdf or svg; anything else is refused in one line."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise NinError(f"{path}: figures are written as {', '.join('.' + f for f in FORMATS)}")
+    return suffix
+
+
 def _save(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
+    fmt = figure_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, format="png")  # no bbox_inches="tight": it would change the pixel size
+    figure.savefig(path, format=fmt, dpi=PNG_DPI)  # no bbox_inches="tight": the size stays the print size
     return path
 
 
-def _show_image(ax, image: torch.Tensor) -> None:
-    """A raw uint8 (C, H, W) image, grey for one channel."""
-    array = image.detach().cpu().permute(1, 2, 0).numpy()
-    if array.shape[2] == 1:
-        ax.imshow(array[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+def _wrap(text: str, width_in: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at FONT_PT (a conservative character width)."""
+    import textwrap
+
+    columns = max(10, int(width_in / (0.56 * FONT_PT / 72)))
+    return "\n".join(textwrap.fill(part, columns) for part in text.split("\n"))
+
+
+def _fit(name: str, width_in: float) -> str:
+    """A class name cut to fit ``width_in`` inches at FONT_PT."""
+    room = max(3, int(width_in / (0.55 * FONT_PT / 72)))
+    return name if len(name) <= room else name[: room - 1] + "…"
+
+
+def _show_image(ax, image) -> None:
+    """A raw uint8 (C, H, W) tensor or an (H, W[, C]) array, grey for one channel."""
+    array = image.detach().cpu().permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else image
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        ax.imshow(array, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     else:
         ax.imshow(array, interpolation="nearest")
 
@@ -190,18 +222,26 @@ def _frame(ax, colour: str | None) -> None:
         spine.set_visible(colour is not None)
         if colour is not None:
             spine.set_edgecolor(colour)
-            spine.set_linewidth(3)
+            spine.set_linewidth(2)
+
+
+def _map_scale(maps: torch.Tensor) -> tuple[str, str]:
+    """(colour map, the sentence saying how to read it) for a set of class maps."""
+    if bool((maps < 0).any()):  # the fast recipe's class maps have no ReLU: their values take both signs
+        return "RdBu_r", ("Signed maps (the class maps have no ReLU): red > 0 > blue, white = 0, "
+                          "one scale per row, symmetric about 0.")
+    return "viridis", "Rectified maps (ReLU after the class maps): dark = 0, yellow = high; one scale per row."
 
 
 def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
                          classes: Sequence[str], path: str | os.PathLike) -> Path:
-    """The paper's Figure 4: each input beside its class maps, one colour scale per image.
+    """The paper's Figure 4: each input beside its class maps, one colour scale per image, at print size.
 
-    One row per image: the raw input, then one panel per class titled with its name (at most
-    `MAX_CLASS_PANELS`: with more classes, the true class and the highest-scoring others), then a colour bar.
-    The true class's panel has a green frame and "true" in its title; the predicted class's says "pred",
-    framed red when the prediction is wrong. Size: ((1 + panels) × CELL_PX + COLORBAR_PX) × (rows × CELL_PX
-    + HEADER_PX) pixels.
+    One row per image: the true and predicted class at the left, the raw input, one panel per class, a colour
+    bar. With at most `MAX_CLASS_PANELS` classes every row shows every class and the class names head the
+    columns; with more, a row shows the true class and the highest-scoring others (`MANY_CLASS_PANELS` panels),
+    each titled. Green frame: the true class; red frame: the predicted class when wrong. Signed maps (no ReLU)
+    use a diverging colour map centred at 0, and the figure says so. `TEXT_WIDTH_IN` wide, text ≥ `FONT_PT`.
 
     Args:
         images: Raw uint8 (N, C, H, W), as stored in the data set (not preprocessed).
@@ -209,54 +249,103 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
         labels: (N,) true classes.
         predictions: (N,) predicted classes.
         classes: K class names.
-        path: The PNG to write.
+        path: The file to write: .png, .pdf or .svg.
     """
     num_images, num_classes = maps.shape[:2]
     assert len(images) == len(labels) == len(predictions) == num_images, "one label and prediction per image"
     assert len(classes) == num_classes, f"{len(classes)} class names for {num_classes} maps"
-    panels = min(num_classes, MAX_CLASS_PANELS)
-    width, height = (1 + panels) * CELL_PX + COLORBAR_PX, max(num_images, 1) * CELL_PX + HEADER_PX
-    figure = _figure(width, height)
-    signed = bool((maps < 0).any())  # the fast recipe's class maps have no ReLU: their values take both signs
-    scale = ("signed maps (no ReLU on the class maps): red > 0 > blue, centred at 0" if signed else
-             "rectified maps (ReLU): dark = 0, yellow = high")
-    figure.suptitle(f"Confidence maps of the last mlpconv block (before global average pooling), {scale}; one colour "
-                    "scale per row.\nGreen frame: true class. Red frame: predicted class when wrong.", fontsize=9,
-                    y=1 - 4 / height, va="top")
-    grid = figure.add_gridspec(max(num_images, 1), panels + 2, left=6 / width, right=1 - 34 / width,
-                               top=1 - HEADER_PX / height, bottom=18 / height, wspace=0.12, hspace=0.38,
-                               width_ratios=[1.0] * (panels + 1) + [0.12])
+    figure_format(path)
+    shared = num_classes <= MAX_CLASS_PANELS
+    panels = num_classes if shared else MANY_CLASS_PANELS
+    label_in, bar_in = 0.95, 0.5
+    cell = (TEXT_WIDTH_IN - label_in - bar_in) / (1 + panels)
+    cmap, how = _map_scale(maps)
+    title = _wrap("Confidence maps of the last mlpconv block, before global average pooling. " + how +
+                  " Green frame: true class; red frame: predicted class when wrong.", TEXT_WIDTH_IN - 0.2)
+    title_in = (title.count("\n") + 1) * LINE_IN + 0.1
+    header_in = title_in + (0.75 if shared else 0.05)
+    row_in = cell + (0.05 if shared else LINE_IN + 0.05)
+    rows = max(num_images, 1)
+    height = header_in + rows * row_in + 0.1
+    figure = _figure(TEXT_WIDTH_IN, height)
+    figure.text(0.5, 1 - 0.05 / height, title, ha="center", va="top", fontsize=FONT_PT)
     maps = maps.detach().float().cpu()
     scores = maps.mean(dim=(2, 3))
     for row in range(num_images):
         label, predicted = int(labels[row]), int(predictions[row])
-        ax = figure.add_subplot(grid[row, 0])
+        top = 1 - (header_in + row * row_in + (row_in - cell)) / height
+        def axes(column: int, width: float = cell, left_in: float | None = None):
+            left = label_in + column * cell if left_in is None else left_in
+            return figure.add_axes((left / TEXT_WIDTH_IN, top - cell / height, width * 0.92 / TEXT_WIDTH_IN,
+                                    cell * 0.92 / height))
+        figure.text(0.05 / TEXT_WIDTH_IN, top - cell * 0.46 / height,
+                    f"{_fit(classes[label], label_in - 0.1)}\n→ {_fit(classes[predicted], label_in - 0.2)}",
+                    ha="left", va="center", fontsize=FONT_PT,
+                    color="black" if predicted == label else PREDICTED_COLOUR)
+        ax = axes(0)
         _show_image(ax, images[row])
         _frame(ax, None)
-        ax.set_title(f"true: {classes[label]}", fontsize=8, pad=2)
-        ax.set_xlabel(f"pred: {classes[predicted]}", fontsize=8, labelpad=2,
-                      color="black" if predicted == label else PREDICTED_COLOUR)
-        if num_classes <= MAX_CLASS_PANELS:
+        if shared:
             shown = list(range(num_classes))
         else:
             others = [k for k in scores[row].argsort(descending=True).tolist() if k != label]
             shown = [label, *others[: panels - 1]]
         low, high = float(maps[row, shown].min()), float(maps[row, shown].max())
         high = high if high > low else low + 1e-6
-        cmap = "viridis"
-        if signed:  # maps without the ReLU: a diverging scale centred at 0, red above, blue below
+        if cmap == "RdBu_r":
             bound = max(abs(low), abs(high))
-            cmap, low, high = "RdBu_r", -bound, bound
+            low, high = -bound, bound
         for column, k in enumerate(shown, start=1):
-            ax = figure.add_subplot(grid[row, column])
+            ax = axes(column)
             picture = ax.imshow(maps[row, k].numpy(), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
-            marks = [word for word, hit in (("true", k == label), ("pred", k == predicted)) if hit]
-            ax.set_title(classes[k] + (f" ({', '.join(marks)})" if marks else ""), fontsize=7, pad=2,
-                         fontweight="bold" if marks else "normal")
             _frame(ax, TRUE_COLOUR if k == label else PREDICTED_COLOUR if k == predicted else None)
-        bar = figure.colorbar(picture, cax=figure.add_subplot(grid[row, panels + 1]))
-        bar.ax.tick_params(labelsize=6, length=2, pad=1)
+            if shared and row == 0:
+                ax.text(0.3, 1.08, classes[k], transform=ax.transAxes, rotation=45, ha="left", va="bottom",
+                        fontsize=FONT_PT)
+            elif not shared:
+                ax.set_title(_fit(classes[k], cell), fontsize=FONT_PT, pad=2)
+        bar_ax = figure.add_axes(((label_in + (1 + panels) * cell + 0.02) / TEXT_WIDTH_IN, top - cell / height,
+                                  0.06 / TEXT_WIDTH_IN, cell * 0.92 / height))
+        bar = figure.colorbar(picture, cax=bar_ax)
+        bar.ax.tick_params(labelsize=FONT_PT, length=2, pad=1)
+        bar.ax.locator_params(nbins=2)
     return _save(figure, path)
+
+
+def _overlay_figure(count: int, columns: int, panel_in: tuple[float, float], title: str):
+    """A figure of ``count`` panels in rows of ``columns``, each panel_in = (width, height) in inches plus three
+    title lines, under a wrapped ``title``; returns (figure, a function giving panel i's axes)."""
+    rows = max(1, math.ceil(count / columns))
+    title = _wrap(title, TEXT_WIDTH_IN - 0.2)
+    header = (title.count("\n") + 1) * LINE_IN + 0.15
+    cell_w, cell_h = TEXT_WIDTH_IN / columns, panel_in[1] + 3 * LINE_IN + 0.1
+    height = header + rows * cell_h
+    figure = _figure(TEXT_WIDTH_IN, height)
+    figure.text(0.5, 1 - 0.05 / height, title, ha="center", va="top", fontsize=FONT_PT)
+
+    def panel(i: int):
+        row, column = divmod(i, columns)
+        left = column * cell_w + (cell_w - panel_in[0]) / 2
+        bottom = height - header - row * cell_h - 3 * LINE_IN - 0.05 - panel_in[1]
+        return figure.add_axes((left / TEXT_WIDTH_IN, bottom / height, panel_in[0] / TEXT_WIDTH_IN,
+                                panel_in[1] / height))
+
+    return figure, panel
+
+
+def _overlay_title(ax, lines: list[str], wrong: bool) -> None:
+    ax.set_title("\n".join(lines), fontsize=FONT_PT, pad=3, color=PREDICTED_COLOUR if wrong else "black")
+
+
+def _normalised(heat: torch.Tensor) -> torch.Tensor:
+    """Each map (N, H, W) scaled to [0, 1]."""
+    low = heat.flatten(1).min(dim=1).values.view(-1, 1, 1)
+    high = heat.flatten(1).max(dim=1).values.view(-1, 1, 1)
+    return (heat - low) / (high - low).clamp_min(1e-12)
+
+
+OVERLAY_NOTE = ("The predicted class's confidence map, upsampled bilinearly onto the image and scaled per image "
+                "(dark = its lowest value, yellow = its highest).")
 
 
 def plot_overlays(images: torch.Tensor, maps: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str],
@@ -264,119 +353,258 @@ def plot_overlays(images: torch.Tensor, maps: torch.Tensor, predictions: torch.T
                   names: Sequence[str] | None = None) -> Path:
     """Each image under its predicted class's map, upsampled bilinearly and scaled to [0, 1] per image.
 
-    Panels run in rows of `OVERLAY_COLUMNS`; size: (columns × OVERLAY_PX) × (rows × OVERLAY_PX + HEADER_PX)
-    pixels, columns = min(N, OVERLAY_COLUMNS) but at least 3.
+    Panels run in rows of `OVERLAY_COLUMNS` (at least 3 wide), `TEXT_WIDTH_IN` wide, text ≥ `FONT_PT`.
 
     Args:
         images: Raw uint8 (N, C, H, W).
         maps: (N, K, h, w) their confidence maps.
         predictions: (N,) the class whose map is shown.
         classes: K class names.
-        path: The PNG to write.
+        path: The file to write: .png, .pdf or .svg.
         labels: (N,) true classes, when known; a wrong prediction's title turns red.
         names: (N,) captions, e.g. the image files' names.
     """
     num_images = len(images)
     assert len(maps) == len(predictions) == num_images, "one map and prediction per image"
-    columns = max(3, min(num_images, OVERLAY_COLUMNS))  # at least 3 wide, so that the title fits
-    rows = max(1, math.ceil(num_images / columns))
-    width, height = columns * OVERLAY_PX, rows * OVERLAY_PX + HEADER_PX
-    figure = _figure(width, height)
-    figure.suptitle("Predicted class's map, upsampled onto the image\n"
-                    "(bilinear; per image: dark = low, yellow = high)", fontsize=8, y=1 - 3 / height, va="top")
-    grid = figure.add_gridspec(rows, columns, left=8 / width, right=1 - 8 / width, top=1 - HEADER_PX / height,
-                               bottom=6 / height, wspace=0.1, hspace=0.42)
-    heat = upsample_maps(maps.detach().float().cpu(), predictions.cpu(), tuple(images.shape[2:]))  # (N, H, W)
-    low = heat.flatten(1).min(dim=1).values.view(-1, 1, 1)
-    high = heat.flatten(1).max(dim=1).values.view(-1, 1, 1)
-    heat = (heat - low) / (high - low).clamp_min(1e-12)
+    figure_format(path)
+    columns = max(3, min(num_images, OVERLAY_COLUMNS))
+    side = TEXT_WIDTH_IN / columns - 0.25
+    figure, panel = _overlay_figure(num_images, columns, (side, side), OVERLAY_NOTE)
+    heat = _normalised(upsample_maps(maps.detach().float().cpu(), predictions.cpu(), tuple(images.shape[2:])))
     for i in range(num_images):
-        ax = figure.add_subplot(grid[i // columns, i % columns])
+        ax = panel(i)
         _show_image(ax, images[i])
         ax.imshow(heat[i].numpy(), cmap="inferno", alpha=0.5, vmin=0.0, vmax=1.0, interpolation="nearest")
         _frame(ax, None)
         predicted = int(predictions[i])
-        title = [names[i][:22]] if names is not None else []
-        title.append(f"pred: {classes[predicted]}")
         wrong = labels is not None and int(labels[i]) != predicted
+        lines = [_fit(names[i], side + 0.2)] if names is not None else []
+        lines.append(_fit(f"pred: {classes[predicted]}", side + 0.2))
         if wrong:
-            title.append(f"true: {classes[int(labels[i])]}")
-        ax.set_title("\n".join(title), fontsize=8, pad=2, color=PREDICTED_COLOUR if wrong else "black")
+            lines.append(_fit(f"true: {classes[int(labels[i])]}", side + 0.2))
+        _overlay_title(ax, lines, wrong)
     return _save(figure, path)
 
 
-def plot_curves(runs: Sequence, path: str | os.PathLike, *, reference: float | None = None) -> Path:
-    """Training curves: loss, error (train solid, test dashed) and lr per epoch, one colour per run.
+def plot_photo_overlays(photos: Sequence, maps: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str],
+                        path: str | os.PathLike, *, probabilities: torch.Tensor | None = None,
+                        names: Sequence[str] | None = None) -> Path:
+    """Each photo at its own resolution under its predicted class's map, upsampled onto the part the model saw.
+
+    The model sees the centre square of a photo (`nin predict`'s resize and crop); the map is upsampled to that
+    square's pixels and drawn over it, and a non-square photo gets the square's outline. Photos larger than
+    `MAX_PHOTO_SIDE` pixels a side are drawn at that size. Rows of `PHOTO_COLUMNS`.
 
     Args:
-        runs: Run folders (their metrics.jsonl is read), or (name, per-epoch records) pairs.
-        path: The PNG to write. Size: `CURVES_PX` (1500 × 450 pixels).
-        reference: An error (fraction) drawn as a horizontal line on the error panel, e.g. the paper's.
+        photos: PIL images as `nin.data.readers.read_photo` returns them.
+        maps: (N, K, h, w) the class maps of the photos' model inputs.
+        predictions: (N,) the class whose map is shown.
+        classes: K class names.
+        path: The file to write: .png, .pdf or .svg.
+        probabilities: (N,) the predicted class's probability, printed in the title.
+        names: (N,) captions, e.g. the files' names.
     """
-    assert runs, "plot_curves needs at least one run"
-    figure = _figure(*CURVES_PX, layout="constrained")
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    assert len(maps) == len(predictions) == len(photos), "one map and prediction per photo"
+    figure_format(path)
+    photos = [_bounded(photo) for photo in photos]
+    columns = max(1, min(len(photos), PHOTO_COLUMNS))
+    width = TEXT_WIDTH_IN / columns - 0.25
+    aspect = max(photo.height / photo.width for photo in photos)
+    figure, panel = _overlay_figure(len(photos), columns, (width, width * aspect), OVERLAY_NOTE)
+    for i, photo in enumerate(photos):
+        ax = panel(i)
+        side = min(photo.size)
+        left, top = (photo.width - side) // 2, (photo.height - side) // 2
+        heat = _normalised(upsample_maps(maps[i : i + 1].detach().float().cpu(), predictions[i : i + 1].cpu(),
+                                         (side, side)))[0]
+        _show_image(ax, np.asarray(photo))
+        ax.imshow(heat.numpy(), cmap="inferno", alpha=0.5, vmin=0.0, vmax=1.0, interpolation="bilinear",
+                  extent=(left - 0.5, left + side - 0.5, top + side - 0.5, top - 0.5))
+        if photo.width != photo.height:
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, edgecolor="white",
+                                   linestyle="--", linewidth=1))
+        ax.set_xlim(-0.5, photo.width - 0.5)
+        ax.set_ylim(photo.height - 0.5, -0.5)
+        _frame(ax, None)
+        predicted = int(predictions[i])
+        lines = [_fit(names[i], width + 0.2)] if names is not None else []
+        lines.append(f"{photo.width}×{photo.height} px")
+        share = f" ({float(probabilities[i]):.0%})" if probabilities is not None else ""
+        lines.append(_fit(f"pred: {classes[predicted]}{share}", width + 0.2))
+        _overlay_title(ax, lines, False)
+    return _save(figure, path)
+
+
+def _bounded(photo):
+    """``photo``, or a copy scaled down so that neither side exceeds `MAX_PHOTO_SIDE`."""
+    if max(photo.size) <= MAX_PHOTO_SIDE:
+        return photo
+    photo = photo.copy()
+    photo.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE))
+    return photo
+
+
+def _run_records(run) -> tuple[str, list[dict], dict | None]:
+    """(name, per-epoch records, train_config or None) of a run folder or a (name, records[, train_config])."""
+    if isinstance(run, tuple):
+        return run[0], list(run[1]), (run[2] if len(run) > 2 else None)
+    folder = Path(run)
+    config_path = folder / "config.json"
+    config = None
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text()).get("train_config")
+        except (ValueError, AttributeError):
+            config = None
+    return folder.resolve().name, read_metrics(folder), config
+
+
+def lr_per_step(records: Sequence[dict], train_config: dict | None) -> tuple[list[float], list[float]]:
+    """(x in epochs, lr) at every optimizer step of a run, from its schedule (`nin.schedule.lr_at` is pure).
+
+    The plateau rule's drops are known only per epoch: its lr is drawn constant through each epoch at the
+    value recorded for it. Without a config (or its step count), the recorded per-epoch points.
+    """
+    from nin.config import TrainConfig
+    from nin.data.datasets import DATASETS
+    from nin.schedule import lr_at, total_steps
+
+    points = ([r["epoch"] for r in records if r.get("lr") is not None],
+              [float(r["lr"]) for r in records if r.get("lr") is not None])
+    if not train_config or not records:
+        return points
+    try:
+        cfg = TrainConfig.from_dict(train_config)
+    except Exception:  # a config from another version: the points still say what happened
+        return points
+    first = records[0]
+    if first.get("step"):
+        steps_per_epoch = max(1, round(first["step"] / first["epoch"]))
+    else:
+        info = DATASETS.get(cfg.dataset)
+        images = cfg.train_subset or (info.train_images if info else 0)
+        if not images:
+            return points
+        steps_per_epoch = math.ceil(images / cfg.batch_size)
+    if cfg.schedule == "plateau":  # constant through each epoch
+        xs, ys = [], []
+        for epoch, lr in zip(*points):
+            xs += [epoch - 1, epoch]
+            ys += [lr, lr]
+        return xs, ys
+    total = min(total_steps(cfg, steps_per_epoch), int(max(points[0], default=0) * steps_per_epoch))
+    stride = max(1, total // 2000)
+    steps = list(range(0, total, stride))
+    return [s / steps_per_epoch for s in steps], [lr_at(s, cfg, steps_per_epoch) for s in steps]
+
+
+def plot_curves(runs: Sequence, path: str | os.PathLike, *,
+                reference: float | Sequence[float | None] | None = None) -> Path:
+    """Training curves at print size: loss and error per epoch (train solid, test dashed), lr per step.
+
+    One colour per run; one legend under the panels; integer epochs; `TEXT_WIDTH_IN` wide, text ≥ `FONT_PT`.
+
+    Args:
+        runs: Run folders (their metrics.jsonl and config.json are read), or (name, per-epoch records) pairs,
+            or (name, records, train_config) triples (the config gives the lr per step).
+        path: The file to write: .png, .pdf or .svg.
+        reference: An error (fraction) drawn as a horizontal dotted line on the error panel, e.g. the paper's;
+            or one per run (None: none), each in its run's colour.
+    """
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
+
+    assert runs, "plot_curves needs at least one run"
+    figure_format(path)
+    runs = [_run_records(run) for run in runs]
+    references = ([reference] + [None] * (len(runs) - 1) if isinstance(reference, (int, float))
+                  else list(reference or [None] * len(runs)))
+    assert len(references) == len(runs), f"{len(references)} references for {len(runs)} runs"
+    rows = math.ceil((len(runs) + 3) / 3)  # the legend: the runs, then the line styles, three to a row
+    figure = _figure(TEXT_WIDTH_IN, 2.3 + rows * LINE_IN * 1.3, layout="constrained")
     loss_ax, error_ax, lr_ax = figure.subplots(1, 3)
-    lrs: list[float] = []
-    for index, run in enumerate(runs):
-        name, records = run if isinstance(run, tuple) else (Path(run).resolve().name, read_metrics(run))
+    handles, lrs, eval_names = [], [], set()
+    for index, (name, records, config) in enumerate(runs):
         colour = f"C{index % 10}"
         epochs = [r["epoch"] for r in records]
         eval_split = next((key[: -len("_error")] for key in (records[0] if records else {})
-                           if key.endswith("_error") and key != "train_error"), "test")
+                           if key.endswith("_error") and key not in ("train_error", "extra_error")), "test")
+        eval_names.add(eval_split)
 
-        def series(key: str) -> list[float]:
-            return [math.nan if r.get(key) is None else float(r[key]) for r in records]
+        def series(key: str, scale: float = 1.0) -> list[float]:
+            return [math.nan if r.get(key) is None else scale * float(r[key]) for r in records]
 
-        loss_ax.plot(epochs, series("train_loss"), "-", color=colour, marker=".", label=f"{name} train")
-        loss_ax.plot(epochs, series(f"{eval_split}_loss"), "--", color=colour, marker=".", label=f"{name} {eval_split}")
-        error_ax.plot(epochs, [100 * v for v in series("train_error")], "-", color=colour, marker=".",
-                      label=f"{name} train")
-        error_ax.plot(epochs, [100 * v for v in series(f"{eval_split}_error")], "--", color=colour, marker=".",
-                      label=f"{name} {eval_split}")
-        lr_ax.plot(epochs, series("lr"), "-", color=colour, marker=".", label=name)
-        lrs += [v for v in series("lr") if v > 0]
-    if reference is not None:
-        error_ax.axhline(100 * reference, color="grey", linestyle=":", label=f"paper {100 * reference:.2f}%")
+        def measured(key: str, scale: float = 1.0) -> tuple[list, list]:  # skip epochs not evaluated
+            pairs = [(e, v) for e, v in zip(epochs, series(key, scale)) if not math.isnan(v)]
+            return [e for e, _ in pairs], [v for _, v in pairs]
+
+        loss_ax.plot(epochs, series("train_loss"), "-", color=colour)
+        loss_ax.plot(*measured(f"{eval_split}_loss"), "--", color=colour, marker=".")
+        error_ax.plot(epochs, series("train_error", 100), "-", color=colour)
+        error_ax.plot(*measured(f"{eval_split}_error", 100), "--", color=colour, marker=".")
+        xs, ys = lr_per_step(records, config)
+        lr_ax.plot(xs, ys, "-", color=colour)
+        lrs += [v for v in ys if v > 0]
+        if references[index] is not None:
+            error_ax.axhline(100 * references[index], color=colour if len(runs) > 1 else "grey", linestyle=":")
+        handles.append(Line2D([], [], color=colour, label=name))
+    handles += [Line2D([], [], color="black", linestyle="-", label="train"),
+                Line2D([], [], color="black", linestyle="--", marker=".", label=" / ".join(sorted(eval_names)))]
+    if any(r is not None for r in references):
+        label = (f"paper {100 * references[0]:.2f}%" if len(runs) == 1 else "paper (each run's colour)")
+        handles.append(Line2D([], [], color="grey", linestyle=":", label=label))
     for ax, title, unit in ((loss_ax, "loss", "cross-entropy (nats)"), (error_ax, "error", "error (%)"),
-                            (lr_ax, "learning rate", "lr (last step of the epoch)")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(unit)
+                            (lr_ax, "learning rate (per step)", "lr")):
+        ax.set_title(title, fontsize=FONT_PT)
+        ax.set_xlabel("epoch", fontsize=FONT_PT)
+        ax.set_ylabel(unit, fontsize=FONT_PT)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=FONT_PT)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
-    if lrs and max(lrs) / min(lrs) > 20:  # the paper's lr / 10 drops read best on a log axis
+    if lrs and max(lrs) / min(lrs) > 20 and len(set(lrs)) <= 10:  # the paper's lr / 10 drops: a log axis
+        from matplotlib.ticker import LogFormatter, NullFormatter
+
         lr_ax.set_yscale("log")
+        lr_ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(0, 0)))
+        lr_ax.yaxis.set_minor_formatter(NullFormatter())
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=FONT_PT, frameon=False)
     return _save(figure, path)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str | os.PathLike) -> Path:
-    """The test set's confusion matrix, each row (true class) coloured by its share; counts written in the cells.
+    """The test set's confusion matrix, each row (true class) coloured by its share; counts in the cells.
 
-    Size: side × side pixels, side = 200 + K × cell with cell = clamp(2000 // K, 2, 50) (700 for K = 10).
+    At print size: min(`TEXT_WIDTH_IN`, 2.3 + 0.42 × K) inches square; class names label the axes up to 30
+    classes (class indices beyond); counts are written up to 12 classes. Text ≥ `FONT_PT`.
     """
     confusion = confusion.detach().cpu().to(torch.int64)
     num_classes = len(classes)
     assert confusion.shape == (num_classes, num_classes), f"confusion {tuple(confusion.shape)} for {num_classes} classes"
-    side = 200 + num_classes * max(2, min(50, 2000 // num_classes))
+    figure_format(path)
+    side = min(TEXT_WIDTH_IN, 2.3 + 0.42 * num_classes)
     figure = _figure(side, side, layout="constrained")
     ax = figure.subplots()
     shares = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp_min(1)
     picture = ax.imshow(shares.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
-    figure.colorbar(picture, ax=ax, shrink=0.8, label="share of the true class's images")
+    bar = figure.colorbar(picture, ax=ax, shrink=0.8)
+    bar.set_label("share of the true class's images", fontsize=FONT_PT)
+    bar.ax.tick_params(labelsize=FONT_PT)
     correct, total = int(confusion.diagonal().sum()), int(confusion.sum())
-    ax.set_title(f"Confusion matrix: {correct}/{total} correct ({correct / max(total, 1):.2%})", fontsize=10)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if num_classes <= 50:
-        ax.set_xticks(range(num_classes), list(classes), rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(num_classes), list(classes), fontsize=8)
-    if num_classes <= 20:
+    ax.set_title(f"Confusion matrix: {correct}/{total} correct ({correct / max(total, 1):.2%})", fontsize=FONT_PT)
+    ax.set_xlabel("predicted class", fontsize=FONT_PT)
+    ax.set_ylabel("true class", fontsize=FONT_PT)
+    ax.tick_params(labelsize=FONT_PT)
+    if num_classes <= 30:
+        ax.set_xticks(range(num_classes), list(classes), rotation=45, ha="right", fontsize=FONT_PT)
+        ax.set_yticks(range(num_classes), list(classes), fontsize=FONT_PT)
+    if num_classes <= 12:
         for true in range(num_classes):
             for predicted in range(num_classes):
                 count = int(confusion[true, predicted])
-                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=7,
+                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=FONT_PT,
                         color="white" if shares[true, predicted] > 0.5 else "black")
     return _save(figure, path)
 
@@ -393,12 +621,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/figures, or WEIGHTS_STEM-figures)")
     parser.add_argument("--images", nargs="+", default=[], metavar="FILE", help="also overlay these image files")
-    parser.add_argument("--per-class", type=int, default=2, metavar="K",
-                        help="test images per class in the figures (default 2)")
+    parser.add_argument("--per-class", type=int, default=1, metavar="K",
+                        help="test images per class in the figures (default 1)")
     parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
                         help="training curves of these runs on one plot (default: RUN_DIR itself)")
     parser.add_argument("--limit", type=int, metavar="N", help="use only the first N test images")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--format", choices=FORMATS, default="png",
+                        help="figure files: png (300 dpi), pdf or svg (vector); default png")
     parser.add_argument("--device", help="cpu, cuda (default: cuda when available)")
 
 
@@ -408,20 +638,26 @@ def _output_folder(weights: Path, out: str | None) -> Path:
     return weights / "figures" if weights.is_dir() else weights.with_name(weights.stem + "-figures")
 
 
-def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], classes: Sequence[str], out: Path,
-                   amp_dtype: torch.dtype | None) -> Path:
-    """Overlays of the user's own images, converted exactly as `nin predict` converts them."""
-    from nin.data.readers import read_image
+def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
+                   amp_dtype: torch.dtype | None, meta: dict) -> Path:
+    """The user's own photos, each at its own resolution under its predicted class's map. The prediction is
+    `nin predict`'s: the same conversion (`read_image`), model and test-time flips."""
+    from nin.data.readers import read_image, read_photo
+    from nin.evaluate import predict_logits
+    from nin.inference import inference_model
 
     config = model.config
     device = next(model.parameters()).device
-    user = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in images])
-    user_maps = confidence_maps(model, preprocessing(user.to(device)), amp_dtype)
-    user_predictions = model.forward_head(user_maps).argmax(dim=1).cpu()
-    for path, k in zip(images, user_predictions.tolist()):
-        print(f"{path}: {classes[k]}")
-    return plot_overlays(user, user_maps.cpu(), user_predictions, classes, out / "overlays_images.png",
-                         names=[Path(p).name for p in images])
+    photos = [read_photo(Path(p), config.in_channels) for p in images]
+    batch = preprocessing(torch.stack([read_image(Path(p), config.input_size, config.in_channels)
+                                       for p in images]).to(device))
+    maps = confidence_maps(model, batch, amp_dtype)
+    logits = predict_logits(inference_model(model, amp_dtype), batch, tta_flip=bool(meta.get("tta_flip")))
+    probabilities, predictions = logits.softmax(dim=1).max(dim=1)
+    for name, k, share in zip(images, predictions.tolist(), probabilities.tolist()):
+        print(f"{name}: {classes[k]} ({share:.1%})")
+    return plot_photo_overlays(photos, maps.cpu(), predictions.cpu(), classes, path,
+                               probabilities=probabilities.cpu(), names=[Path(p).name for p in images])
 
 
 def _scored_as_evaluate(model: nn.Module, preprocessing, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
@@ -442,6 +678,7 @@ def run(args: argparse.Namespace) -> int:
     from nin.checkpoint import load_weights
     from nin.data.datasets import first_per_class
     from nin.evaluate import load_matching_dataset
+    from nin.inference import inference_model
     from nin.runtime import resolve_device, select_precision
 
     if args.per_class < 1:
@@ -451,6 +688,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise NinError(f"--limit {args.limit}: expected at least 1")
     _figure(1, 1)  # fail now, with the install hint, when matplotlib is missing
+    fmt = getattr(args, "format", "png")
     weights = Path(args.weights)
     out = _output_folder(weights, args.out)
     device = resolve_device(args.device)
@@ -460,6 +698,7 @@ def run(args: argparse.Namespace) -> int:
     images, labels = data.images[: args.limit], data.labels[: args.limit]
     classes = list(meta.get("classes") or data.classes or [str(k) for k in range(config.num_classes)])
     amp_dtype = select_precision("auto", device)
+    model = inference_model(model, amp_dtype).model  # the one inference path's model: batch norm folded, in amp_dtype
     written: list[Path] = []
 
     # the map statistic (plain GAP, no flips), over the whole (or --limit) test set
@@ -476,30 +715,31 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "maps.json").write_text(json.dumps(report, indent=2) + "\n")
     written.append(out / "maps.json")
-    written.append(plot_confusion(confusion, classes, out / "confusion.png"))
+    written.append(plot_confusion(confusion, classes, out / f"confusion.{fmt}"))
 
     # Figure 4 and the test-image overlays: the first --per-class images of every class
     chosen = first_per_class(labels, args.per_class, num_classes)
     chosen_maps = confidence_maps(model, preprocessing(images[chosen].to(device)), amp_dtype).cpu()
     chosen_predictions = predictions[chosen]
     written.append(plot_confidence_maps(images[chosen], chosen_maps, labels[chosen], chosen_predictions, classes,
-                                        out / "confidence_maps.png"))
-    written.append(plot_overlays(images[chosen], chosen_maps, chosen_predictions, classes, out / "overlays.png",
+                                        out / f"confidence_maps.{fmt}"))
+    written.append(plot_overlays(images[chosen], chosen_maps, chosen_predictions, classes, out / f"overlays.{fmt}",
                                  labels=labels[chosen]))
 
     if args.images:
-        written.append(_user_overlays(model, preprocessing, args.images, classes, out, amp_dtype))
+        written.append(_user_overlays(model, preprocessing, args.images, classes, out / f"overlays_images.{fmt}",
+                                      amp_dtype, meta))
 
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
     if runs:
-        written.append(plot_curves(runs, out / "curves.png"))
+        written.append(plot_curves(runs, out / f"curves.{fmt}"))
 
     print(f"{dataset} test, {statistics['n']} images ({report['precision']}), {weights}:")
     print(f"  map with the largest activation is the true class:  {statistics['max_map_true_class']:.2%}  "
           f"(chance {statistics['chance']:.0%})")
     print(f"  ... and agrees with the GAP prediction:              {statistics['max_map_agrees_with_gap']:.2%}")
     print(f"  GAP prediction accuracy (no test-time flips):        {statistics['gap_accuracy']:.2%}")
-    print(f"  accuracy as `nin evaluate` counts it (confusion.png): {report['accuracy']:.2%}")
+    print(f"  accuracy as `nin evaluate` counts it (confusion.{fmt}): {report['accuracy']:.2%}")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -525,6 +525,20 @@ def read_image(path: Path, image_size: int, channels: int, max_pixels: int = DEF
         uint8 tensor (channels, image_size, image_size).
     """
     assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+    return _decode(path, max_pixels, lambda image: image_to_tensor(image, image_size, channels))
+
+
+def read_photo(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image as `read_image` does (as seen, ``channels``), but keep its own size: a PIL image.
+
+    `nin visualize --images` draws the class map on it; the square `read_image` crops is its centre square.
+    """
+    assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+    return _decode(path, max_pixels, lambda image: _as_seen(image).convert("L" if channels == 1 else "RGB"))
+
+
+def _decode(path: Path, max_pixels: int, convert):
+    """Open ``path`` with Pillow, refuse it in one line when it is missing, too large or damaged, else convert it."""
     _require_file(path)
     try:
         with warnings.catch_warnings():
@@ -533,7 +547,7 @@ def read_image(path: Path, image_size: int, channels: int, max_pixels: int = DEF
                 width, height = image.size
                 if width * height > max_pixels:
                     raise DataError(f"{path}: {width}x{height} image exceeds the {max_pixels}-pixel limit")
-                return image_to_tensor(image, image_size, channels)
+                return convert(image)
     except DataError:
         raise
     except PermissionError as error:

@@ -56,3 +56,56 @@ def test_mnist_weights_by_tag_reproduce_their_recorded_accuracy(data_root, capsy
     assert main(["evaluate", "fast-mnist", "--data-dir", str(data_root), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert round(result["accuracy"], 4) == get_weights("fast-mnist").accuracy["MNIST test (10,000)"]
+
+
+def test_installed_wheel_scores_as_recorded(tmp_path, data_root):
+    """Built as a wheel and installed into a fresh virtual environment (not this checkout), the package's
+    shipped CIFAR-10 weights load through get_model / Classifier by tag and score what the registry records."""
+    import json
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+
+    if not (data_root / "cifar-10-test-lossless-first1000").is_dir():
+        pytest.skip("the pixel-exact CIFAR-10 test images are not in the data folder")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("network_in_network-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    target = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                 check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    # the dependencies (torch, numpy, ...) from this environment; a plain path entry, so the checkout's
+    # editable-install hook in it is not run and `import nin` can only find the installed wheel
+    dependencies = [p for p in {sysconfig.get_path("purelib"), *site.getsitepackages()} if Path(p).is_dir()]
+    (target / "deps.pth").write_text("\n".join(dependencies) + "\n")
+    script = f"""
+import json, torch, nin
+from nin.classifier import Classifier
+from nin.data import load_dataset
+from nin.models import get_model
+from nin.pretrained import get_weights
+test = load_dataset("cifar10-lossless-first1000", "test", {str(data_root)!r})
+model = get_model("nin_cifar10", weights="fast-cifar10")   # fp32, the plain model with the shipped weights
+prep = get_weights("fast-cifar10").transforms()
+with torch.no_grad():
+    x = prep(test.images)
+    logits = model(x) + model(x.flip(-1))                       # the weights' test-time flips
+print(json.dumps({{"file": nin.__file__, "plain": (logits.argmax(1) == test.labels).double().mean().item(),
+                  "classifier": (Classifier.load("fast-cifar10").predict(test.images).argmax(1)
+                                 == test.labels).double().mean().item()}}))
+"""
+    out = subprocess.run([str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]).is_relative_to(target)  # the installed package, not the checkout
+    from nin.pretrained import EXACT_1000
+
+    recorded = get_weights("fast-cifar10").accuracy[EXACT_1000]
+    assert round(result["classifier"], 4) == recorded  # nin's inference path: exactly the recorded number
+    assert abs(result["plain"] - recorded) <= 0.003  # plain fp32: within 3 images of 1,000 of it

@@ -257,7 +257,7 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
     figure_format(path)
     shared = num_classes <= MAX_CLASS_PANELS
     panels = num_classes if shared else MANY_CLASS_PANELS
-    label_in, bar_in = 0.95, 0.5
+    label_in, bar_in = 1.05, 0.5
     cell = (TEXT_WIDTH_IN - label_in - bar_in) / (1 + panels)
     cmap, how = _map_scale(maps)
     title = _wrap("Confidence maps of the last mlpconv block, before global average pooling. " + how +
@@ -279,7 +279,7 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
             return figure.add_axes((left / TEXT_WIDTH_IN, top - cell / height, width * 0.92 / TEXT_WIDTH_IN,
                                     cell * 0.92 / height))
         figure.text(0.05 / TEXT_WIDTH_IN, top - cell * 0.46 / height,
-                    f"{_fit(classes[label], label_in - 0.1)}\n→ {_fit(classes[predicted], label_in - 0.2)}",
+                    f"{_fit(classes[label], label_in - 0.15)}\n→ {_fit(classes[predicted], label_in - 0.3)}",
                     ha="left", va="center", fontsize=FONT_PT,
                     color="black" if predicted == label else PREDICTED_COLOUR)
         ax = axes(0)
@@ -303,7 +303,7 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
                 ax.text(0.3, 1.08, classes[k], transform=ax.transAxes, rotation=45, ha="left", va="bottom",
                         fontsize=FONT_PT)
             elif not shared:
-                ax.set_title(_fit(classes[k], cell), fontsize=FONT_PT, pad=2)
+                ax.set_title(_fit(classes[k], 0.75 * cell), fontsize=FONT_PT, pad=2)
         bar_ax = figure.add_axes(((label_in + (1 + panels) * cell + 0.02) / TEXT_WIDTH_IN, top - cell / height,
                                   0.06 / TEXT_WIDTH_IN, cell * 0.92 / height))
         bar = figure.colorbar(picture, cax=bar_ax)

@@ -21,7 +21,8 @@ import torch
 
 from nin.models import NiN, NiNConfig, model_config
 
-__all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate"]
+__all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate",
+           "small_phase_epochs"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainConfig:
     # the pixel-exact first 1,000 official CIFAR-10 test images; "" = none
     small_size: int = 0  # progressive resizing: pixels of the (downscaled) training images of the first epochs; 0 = off
     small_epochs: int = 0  # progressive resizing: how many first epochs train at small_size
+    small_fraction: float = 0.0  # ... or, when small_epochs is 0, this fraction of the epochs (rounded down)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
     stall_check_steps: int = 200  # look for dead class maps after this many steps (or at the end of epoch 1)
 
@@ -120,6 +122,14 @@ FAST = TrainConfig(
 RECIPES = {"paper": PAPER, "caffe": CAFFE, "fast": FAST}
 
 
+def small_phase_epochs(cfg: TrainConfig) -> int:
+    """How many first epochs train at ``small_size`` (progressive resizing): ``small_epochs``, else
+    ``small_fraction`` of the epochs; 0 when ``small_size`` is 0."""
+    if not cfg.small_size:
+        return 0
+    return cfg.small_epochs or int(cfg.small_fraction * cfg.epochs)
+
+
 def recipe(name: str, dataset: str) -> TrainConfig:
     """The named recipe ("paper", "caffe", "fast") for a data set, with that data set's defaults."""
     from nin.data.datasets import DATASET_NAMES, dataset_info
@@ -136,7 +146,7 @@ def recipe(name: str, dataset: str) -> TrainConfig:
         changes.update(model=info.paper_model, preprocessing=info.paper_preprocessing, **dict(info.paper_overrides))
     elif name == "fast":
         changes.update(model=info.paper_model, epochs=info.fast_epochs, tta_flip=info.flip,
-                       preprocessing=info.fast_preprocessing)
+                       preprocessing=info.fast_preprocessing, **dict(info.fast_overrides))
     return dataclasses.replace(RECIPES[name], **changes)
 
 
@@ -242,6 +252,7 @@ def validate(cfg: TrainConfig) -> None:
          f"max_lr_drops must be >= 0 and plateau_patience >= 1, got {cfg.max_lr_drops} and {cfg.plateau_patience}"),
         (cfg.small_size >= 0 and cfg.small_epochs >= 0,
          f"small_size and small_epochs must be >= 0, got {cfg.small_size} and {cfg.small_epochs}"),
+        (0 <= cfg.small_fraction < 1, f"small_fraction must be in [0, 1), got {cfg.small_fraction}"),
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
     ]
     from nin.data.datasets import DATASET_NAMES, SPLITS

@@ -37,7 +37,8 @@ from torch.nn import functional as F
 from nin import distributed
 from nin.checkpoint import (atomic_write_bytes, git_revision, load_checkpoint, remove_stale_temp_files,
                             save_checkpoint, save_weights)
-from nin.config import CAFFE, FAST, PAPER, RECIPES, TrainConfig, apply_overrides, recipe, validate
+from nin.config import (CAFFE, FAST, PAPER, RECIPES, TrainConfig, apply_overrides, recipe, small_phase_epochs,
+                        validate)
 from nin.data.datasets import resolve_root
 from nin.errors import CheckpointError, NinError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
@@ -301,7 +302,7 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
     run.loader.skip(state.batches_done)
     batches = _progress(run, state)
     lr_drops = state.rule.drops
-    small = cfg.small_size if state.epoch < cfg.small_epochs else 0  # progressive resizing: GAP takes any size
+    small = cfg.small_size if state.epoch < small_phase_epochs(cfg) else 0  # progressive resizing: GAP takes any size
     tick = time.perf_counter()
     for images, labels in batches:
         if small:

@@ -46,12 +46,15 @@ class DatasetInfo:
     fast_epochs: int  # the fast recipe's default length
     fast_preprocessing: str = "standardize"  # the fast recipe's input normalisation
     paper_overrides: tuple[tuple[str, object], ...] = ()  # TrainConfig changes of the paper recipe on this data set
+    fast_overrides: tuple[tuple[str, object], ...] = ()  # ... and of the fast recipe
     train_images: int = 0  # the official training split's size (0: unknown)
     folder: str = ""  # the folder under the data root that holds its files ("" for an image folder)
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("cifar10", "CIFAR-10", 10, 3, 32, "nin_cifar10", "gcn_zca", True, 30,
+    # fast: the first half of the epochs on 24 px images (1.9× the images/s), evaluated every 4 epochs
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10", 10, 3, 32, "nin_cifar10", "gcn_zca", True, 32,
+                           fast_overrides=(("small_size", 24), ("small_fraction", 0.5), ("eval_every", 4)),
                            train_images=50_000, folder="cifar-10-batches-bin"),
     # cuda-convnet's CIFAR-100 parameters, as the NiN paper used them
     "cifar100": DatasetInfo("cifar100", "CIFAR-100", 100, 3, 32, "nin_cifar100", "gcn_zca", True, 40,

@@ -274,29 +274,21 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
     for row in range(num_images):
         label, predicted = int(labels[row]), int(predictions[row])
         top = 1 - (header_in + row * row_in + (row_in - cell)) / height
-        def axes(column: int, width: float = cell, left_in: float | None = None):
-            left = label_in + column * cell if left_in is None else left_in
-            return figure.add_axes((left / TEXT_WIDTH_IN, top - cell / height, width * 0.92 / TEXT_WIDTH_IN,
+        def axes(left_in: float, width_in: float):
+            return figure.add_axes((left_in / TEXT_WIDTH_IN, top - cell / height, width_in / TEXT_WIDTH_IN,
                                     cell * 0.92 / height))
+
         figure.text(0.05 / TEXT_WIDTH_IN, top - cell * 0.46 / height,
                     f"{_fit(classes[label], label_in - 0.15)}\n→ {_fit(classes[predicted], label_in - 0.3)}",
                     ha="left", va="center", fontsize=FONT_PT,
                     color="black" if predicted == label else PREDICTED_COLOUR)
-        ax = axes(0)
+        ax = axes(label_in, 0.92 * cell)
         _show_image(ax, images[row])
         _frame(ax, None)
-        if shared:
-            shown = list(range(num_classes))
-        else:
-            others = [k for k in scores[row].argsort(descending=True).tolist() if k != label]
-            shown = [label, *others[: panels - 1]]
-        low, high = float(maps[row, shown].min()), float(maps[row, shown].max())
-        high = high if high > low else low + 1e-6
-        if cmap == "RdBu_r":
-            bound = max(abs(low), abs(high))
-            low, high = -bound, bound
+        shown = _shown_classes(scores[row], label, panels)
+        low, high = _colour_limits(maps[row, shown], cmap)
         for column, k in enumerate(shown, start=1):
-            ax = axes(column)
+            ax = axes(label_in + column * cell, 0.92 * cell)
             picture = ax.imshow(maps[row, k].numpy(), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
             _frame(ax, TRUE_COLOUR if k == label else PREDICTED_COLOUR if k == predicted else None)
             if shared and row == 0:
@@ -304,12 +296,28 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
                         fontsize=FONT_PT)
             elif not shared:
                 ax.set_title(_fit(classes[k], 0.75 * cell), fontsize=FONT_PT, pad=2)
-        bar_ax = figure.add_axes(((label_in + (1 + panels) * cell + 0.02) / TEXT_WIDTH_IN, top - cell / height,
-                                  0.06 / TEXT_WIDTH_IN, cell * 0.92 / height))
-        bar = figure.colorbar(picture, cax=bar_ax)
+        bar = figure.colorbar(picture, cax=axes(label_in + (1 + panels) * cell + 0.02, 0.06))
         bar.ax.tick_params(labelsize=FONT_PT, length=2, pad=1)
         bar.ax.locator_params(nbins=2)
     return _save(figure, path)
+
+
+def _shown_classes(scores: torch.Tensor, label: int, panels: int) -> list[int]:
+    """The classes of one map row: all of them when they fit, else the true class and the top scorers."""
+    if len(scores) <= MAX_CLASS_PANELS:
+        return list(range(len(scores)))
+    others = [k for k in scores.argsort(descending=True).tolist() if k != label]
+    return [label, *others[: panels - 1]]
+
+
+def _colour_limits(values: torch.Tensor, cmap: str) -> tuple[float, float]:
+    """One row's colour scale: its range, or symmetric about 0 for signed maps (the diverging map)."""
+    low, high = float(values.min()), float(values.max())
+    high = high if high > low else low + 1e-6
+    if cmap == "RdBu_r":
+        bound = max(abs(low), abs(high))
+        return -bound, bound
+    return low, high
 
 
 def _overlay_figure(count: int, columns: int, panel_in: tuple[float, float], title: str):
@@ -529,25 +537,7 @@ def plot_curves(runs: Sequence, path: str | os.PathLike, *,
     handles, lrs, eval_names = [], [], set()
     for index, (name, records, config) in enumerate(runs):
         colour = f"C{index % 10}"
-        epochs = [r["epoch"] for r in records]
-        eval_split = next((key[: -len("_error")] for key in (records[0] if records else {})
-                           if key.endswith("_error") and key not in ("train_error", "extra_error")), "test")
-        eval_names.add(eval_split)
-
-        def series(key: str, scale: float = 1.0) -> list[float]:
-            return [math.nan if r.get(key) is None else scale * float(r[key]) for r in records]
-
-        def measured(key: str, scale: float = 1.0) -> tuple[list, list]:  # skip epochs not evaluated
-            pairs = [(e, v) for e, v in zip(epochs, series(key, scale)) if not math.isnan(v)]
-            return [e for e, _ in pairs], [v for _, v in pairs]
-
-        loss_ax.plot(epochs, series("train_loss"), "-", color=colour)
-        loss_ax.plot(*measured(f"{eval_split}_loss"), "--", color=colour, marker=".")
-        error_ax.plot(epochs, series("train_error", 100), "-", color=colour)
-        error_ax.plot(*measured(f"{eval_split}_error", 100), "--", color=colour, marker=".")
-        xs, ys = lr_per_step(records, config)
-        lr_ax.plot(xs, ys, "-", color=colour)
-        lrs += [v for v in ys if v > 0]
+        eval_names.add(_plot_run(loss_ax, error_ax, lr_ax, records, config, colour, lrs))
         if references[index] is not None:
             error_ax.axhline(100 * references[index], color=colour if len(runs) > 1 else "grey", linestyle=":")
         handles.append(Line2D([], [], color=colour, label=name))
@@ -572,6 +562,30 @@ def plot_curves(runs: Sequence, path: str | os.PathLike, *,
         lr_ax.yaxis.set_minor_formatter(NullFormatter())
     figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=FONT_PT, frameon=False)
     return _save(figure, path)
+
+
+def _plot_run(loss_ax, error_ax, lr_ax, records: list[dict], config: dict | None, colour: str,
+              lrs: list[float]) -> str:
+    """One run's lines on the three panels (its lr values appended to ``lrs``); returns its test split's name."""
+    epochs = [r["epoch"] for r in records]
+    eval_split = next((key[: -len("_error")] for key in (records[0] if records else {})
+                       if key.endswith("_error") and key not in ("train_error", "extra_error")), "test")
+
+    def series(key: str, scale: float = 1.0) -> list[float]:
+        return [math.nan if r.get(key) is None else scale * float(r[key]) for r in records]
+
+    def measured(key: str, scale: float = 1.0) -> tuple[list, list]:  # skip epochs not evaluated
+        pairs = [(e, v) for e, v in zip(epochs, series(key, scale)) if not math.isnan(v)]
+        return [e for e, _ in pairs], [v for _, v in pairs]
+
+    loss_ax.plot(epochs, series("train_loss"), "-", color=colour)
+    loss_ax.plot(*measured(f"{eval_split}_loss"), "--", color=colour, marker=".")
+    error_ax.plot(epochs, series("train_error", 100), "-", color=colour)
+    error_ax.plot(*measured(f"{eval_split}_error", 100), "--", color=colour, marker=".")
+    xs, ys = lr_per_step(records, config)
+    lr_ax.plot(xs, ys, "-", color=colour)
+    lrs += [v for v in ys if v > 0]
+    return eval_split
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str | os.PathLike) -> Path:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `nin bench` on a CUDA GPU (issue: performance, item 4). Not yet run on a GPU: no GPU was at hand.
+# `nin bench` on a CUDA GPU, eager and with a compiled training step. Its eager half ran on an H200 through
+# experiments/gpu_cifar10.sh (docs/performance.md, "GPU runs"); the compiled half has not run on a GPU yet.
 #
 #   experiments/gpu_bench.sh                     # needs CIFAR-10 under NIN_DATA (or DATA_PARTS, see gpu_reproduce.sh)
 #

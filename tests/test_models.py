@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nin.layers import GlobalAvgPool, MLPConv
+from nin.layers import GlobalAvgPool, MLPConv, patch_whitening_
 from nin.models import NiN, NiNConfig, get_model, list_models, model_config, original_layer_names
 
 EXPECT = Path(__file__).parent / "expect"
@@ -179,3 +179,19 @@ def test_golden_output():
         torch.save({"logits": logits}, path)
     expected = torch.load(path, weights_only=True)["logits"]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_whitening_decorrelates_the_first_layer():
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 12, 12)
+    x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]  # strongly correlated channels: an ill-conditioned input
+    conv = nn.Conv2d(3, 160, 3, padding=1)
+    kept = conv.weight[150:].clone()
+    assert patch_whitening_(conv, x, eps=1e-8) == 2 * 27
+    patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27)
+    out = patches @ conv.weight[:27].reshape(27, -1).T
+    torch.testing.assert_close(out.T @ out / len(out), torch.eye(27), atol=2e-3, rtol=0)
+    torch.testing.assert_close(conv.weight[27:54], -conv.weight[:27])  # each filter with its negation
+    torch.testing.assert_close(conv.weight[150:], kept)  # filters beyond 2·27 keep their init
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        patch_whitening_(conv, torch.randn(2, 1, 8, 8))

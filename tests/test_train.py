@@ -73,7 +73,7 @@ def test_overrides_parse_with_field_types():
 
 def _tiny(tmp_path, **changes) -> TrainConfig:
     cfg = recipe("fast", "mnist")
-    base = {"train_subset": 2048, "eval_subset": 500, "batch_size": 64, "epochs": 2}
+    base = {"train_subset": 2048, "eval_subset": 500, "batch_size": 64, "epochs": 2, "eval_every": 1}
     return dataclasses.replace(cfg, **{**base, **changes})
 
 
@@ -171,3 +171,24 @@ def test_config_json_keeps_the_starting_command_across_resumes(data_root, tmp_pa
                                                        "nin train --resume run --epochs 3"]
     _, meta = load_state(run / "checkpoint.safetensors")
     assert meta["command"] == saved["command"] and len(meta["resumes"]) == 2
+
+
+def test_whiten_init_sets_the_first_conv_from_the_training_images():
+    from nin.train import _build_model
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    cfg = dataclasses.replace(recipe("fast", "mnist"), whiten_init=True)
+    first = {}
+    for whiten in (True, False):
+        torch.manual_seed(1)
+        model = _build_model(dataclasses.replace(cfg, whiten_init=whiten), [str(i) for i in range(10)],
+                             (images, labels), None, print)
+        first[whiten] = model.blocks[0].convs[0]
+    conv, plain = first[True], first[False]
+    patches = torch.nn.functional.unfold(images, 5).transpose(1, 2).reshape(-1, 25)
+    for layer, whitened in ((conv, True), (plain, False)):
+        out = patches @ layer.weight.detach()[:25].reshape(25, -1).T
+        covariance = out.T @ out / len(out)
+        assert torch.allclose(covariance, torch.eye(25), atol=0.05) == whitened
+    assert torch.equal(conv.weight[50:], plain.weight[50:])  # the other filters: the seed's He init

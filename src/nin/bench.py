@@ -59,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--quick", action="store_true", help="tiny run for tests: 2 steps, small batches")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--inference", nargs="?", const="weights/fast-cifar10.safetensors", metavar="WEIGHTS",
+    parser.add_argument("--inference", nargs="?", const="fast-cifar10", metavar="WEIGHTS",
                         help="instead: time every inference backend (nin's path, torch fp32, folded, TorchScript, ONNX "
-                             "Runtime, OpenVINO) on WEIGHTS (default weights/fast-cifar10.safetensors) in one run, "
-                             "throughput at --eval-batch-size and one-image latency p50/p99")
+                             "Runtime, OpenVINO) on WEIGHTS (a weights file or a pretrained tag; default fast-cifar10, "
+                             "the packaged weights) in one run, throughput at --eval-batch-size and one-image latency "
+                             "p50/p99")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLPConv", "GlobalAvgPool", "Dropout"]
+__all__ = ["MLPConv", "GlobalAvgPool", "Dropout", "patch_whitening_"]
 
 
 class MLPConv(nn.Module):
@@ -129,3 +129,34 @@ class Dropout(nn.Dropout):
 
 def _dense(x: torch.Tensor) -> bool:
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def patch_whitening_(conv: nn.Conv2d, images: torch.Tensor, *, max_patches: int = 500_000, eps: float = 5e-4) -> int:
+    """Initialise a convolution's first filters to whiten its input patches; returns how many it set.
+
+    The eigenvectors of the covariance of the k×k input patches, each divided by the square root of its
+    eigenvalue (+ ``eps``), are filters whose outputs are decorrelated with unit variance: a well-conditioned
+    first layer (the patch-whitening init of fast CIFAR-10 trainers such as airbench). Each comes with its
+    negation, so a ReLU after the layer keeps both signs: ``2·d`` filters for ``d = channels·k²`` patch
+    dimensions, largest eigenvalues first, at most ``out_channels`` (rounded down to an even count). The
+    remaining filters and the bias keep their values. ``images`` (N, C, H, W) are the layer's input as
+    training feeds it (preprocessed); up to ``max_patches`` patches, spread over the images, are used.
+    """
+    if conv.groups != 1 or conv.dilation != (1, 1):
+        raise ValueError("patch_whitening_ needs a plain convolution (groups 1, dilation 1)")
+    if images.dim() != 4 or images.shape[1] != conv.in_channels:
+        raise ValueError(f"images must be (N, {conv.in_channels}, H, W), got {tuple(images.shape)}")
+    kh, kw = conv.kernel_size
+    per_image = max(1, (images.shape[2] - kh + 1) * (images.shape[3] - kw + 1))
+    sample = images[: max(1, min(len(images), max_patches // per_image))].float()
+    patches = nn.functional.unfold(sample, (kh, kw), stride=conv.stride)  # (N, C·kh·kw, L)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    count = min(conv.out_channels // 2, len(eigenvalues))
+    filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]).flip(0)[:count]
+    filters = filters.reshape(count, conv.in_channels, kh, kw).to(conv.weight.dtype)
+    conv.weight[:count].copy_(filters)
+    conv.weight[count : 2 * count].copy_(-filters)
+    return 2 * count

@@ -42,6 +42,7 @@ from nin.config import (CAFFE, FAST, PAPER, RECIPES, TrainConfig, apply_override
 from nin.data.datasets import resolve_root
 from nin.errors import CheckpointError, NinError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
+from nin.layers import patch_whitening_
 from nin.metrics import MetricsLog
 from nin.models import NiN, get_model
 from nin.runtime import autocast, resolve_device, select_precision
@@ -479,7 +480,7 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                        f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
     cfg = _fit_to_data(cfg, classes, log)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = _build_model(cfg, classes, train_data[1], source, log).to(device).to(memory_format=memory_format)
+    model = _build_model(cfg, classes, train_data, source, log).to(device).to(memory_format=memory_format)
     state = RunState(model, make_optimizer(model, cfg), PlateauRule(cfg.plateau_patience, cfg.plateau_min_delta,
                                                                    cfg.max_lr_drops),
                      Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, EpochTotals.zeros(device))
@@ -522,14 +523,19 @@ def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
     return dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
 
 
-def _build_model(cfg: TrainConfig, classes: list[str], labels: torch.Tensor, source, log) -> NiN:
-    """The run's model: a fresh init, or the ``--init-from`` weights (class maps afresh where classes differ)."""
+def _build_model(cfg: TrainConfig, classes: list[str], train_data: tuple[torch.Tensor, torch.Tensor], source,
+                 log) -> NiN:
+    """The run's model: a fresh init (its first conv patch-whitened when ``whiten_init``), or the ``--init-from``
+    weights (class maps afresh where classes differ)."""
+    images, labels = train_data
     model = get_model(cfg.model, **cfg.model_args)
     if int(labels.max()) >= model.config.num_classes:
         raise NinError(f"{cfg.dataset} has labels up to {int(labels.max())} but {cfg.model} has "
                        f"{model.config.num_classes} classes")
     if source is not None:
         _start_from(model, source[0], cfg.init_from, log, same_classes=source[2].get("classes") == classes)
+    elif cfg.whiten_init:
+        patch_whitening_(model.blocks[0].convs[0], images)
     return model
 
 

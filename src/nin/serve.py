@@ -180,24 +180,9 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         decoded = decode_image(data, config.input_size, config.in_channels, max_pixels)
         with lock, torch.no_grad():
             probabilities, maps = module(decoded.pixels[None])  # (1, K), (1, K, h, w)
-        top = probabilities[0].topk(top_k)
-        best = int(top.indices[0])
-        left, top_edge, side, _ = decoded.box
-        return {
-            "top": [{"class": classes[i], "index": i, "probability": round(p, 6)}
-                    for p, i in zip(top.values.tolist(), top.indices.tolist())],
-            "confidence_map": {"class": classes[best], "index": best, "size": list(maps.shape[2:]),
-                               "values": [[round(v, 4) for v in row] for row in maps[0, best].tolist()],
-                               "box": {"left": left, "top": top_edge, "width": side, "height": side}},
-            "image": {"width": decoded.width, "height": decoded.height},
-        }
+        return _prediction(probabilities[0], maps[0], classes, decoded, top_k)
 
-    upload_schema = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
-        "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
-
-    @app.post("/predict", openapi_extra=upload_schema)
+    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request,
                       top_k: int = Query(min(5, len(classes)), ge=1, le=len(classes),
                                          description="how many classes")) -> dict:
@@ -218,6 +203,28 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         return Response(pages[name], media_type=STATIC_FILES[name], headers=headers)
 
     return app
+
+
+# /predict's body in the OpenAPI page: a multipart field `file`, or the raw image
+UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def _prediction(probabilities: torch.Tensor, maps: torch.Tensor, classes: list[str], decoded, top_k: int) -> dict:
+    """/predict's answer for one image: the top-k classes, and the best class's map with its box in the image."""
+    top = probabilities.topk(top_k)
+    best = int(top.indices[0])
+    left, top_edge, side, _ = decoded.box
+    return {
+        "top": [{"class": classes[i], "index": i, "probability": round(p, 6)}
+                for p, i in zip(top.values.tolist(), top.indices.tolist())],
+        "confidence_map": {"class": classes[best], "index": best, "size": list(maps.shape[1:]),
+                           "values": [[round(v, 4) for v in row] for row in maps[best].tolist()],
+                           "box": {"left": left, "top": top_edge, "width": side, "height": side}},
+        "image": {"width": decoded.width, "height": decoded.height},
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

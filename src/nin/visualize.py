@@ -695,12 +695,7 @@ def run(args: argparse.Namespace) -> int:
     from nin.inference import inference_model
     from nin.runtime import resolve_device, select_precision
 
-    if args.per_class < 1:
-        raise NinError(f"--per-class {args.per_class}: expected at least 1")
-    if args.batch_size < 1:
-        raise NinError(f"--batch-size {args.batch_size}: expected at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise NinError(f"--limit {args.limit}: expected at least 1")
+    _check_args(args)
     _figure(1, 1)  # fail now, with the install hint, when matplotlib is missing
     fmt = getattr(args, "format", "png")
     weights = Path(args.weights)
@@ -748,12 +743,26 @@ def run(args: argparse.Namespace) -> int:
     if runs:
         written.append(plot_curves(runs, out / f"curves.{fmt}"))
 
-    print(f"{dataset} test, {statistics['n']} images ({report['precision']}), {weights}:")
-    print(f"  map with the largest activation is the true class:  {statistics['max_map_true_class']:.2%}  "
-          f"(chance {statistics['chance']:.0%})")
-    print(f"  ... and agrees with the GAP prediction:              {statistics['max_map_agrees_with_gap']:.2%}")
-    print(f"  GAP prediction accuracy (no test-time flips):        {statistics['gap_accuracy']:.2%}")
+    _print_summary(report, fmt, written)
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One line naming the flag for each out-of-range count."""
+    if args.per_class < 1:
+        raise NinError(f"--per-class {args.per_class}: expected at least 1")
+    if args.batch_size < 1:
+        raise NinError(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise NinError(f"--limit {args.limit}: expected at least 1")
+
+
+def _print_summary(report: dict, fmt: str, written: list[Path]) -> None:
+    print(f"{report['dataset']} test, {report['n']} images ({report['precision']}), {report['weights']}:")
+    print(f"  map with the largest activation is the true class:  {report['max_map_true_class']:.2%}  "
+          f"(chance {report['chance']:.0%})")
+    print(f"  ... and agrees with the GAP prediction:              {report['max_map_agrees_with_gap']:.2%}")
+    print(f"  GAP prediction accuracy (no test-time flips):        {report['gap_accuracy']:.2%}")
     print(f"  accuracy as `nin evaluate` counts it (confusion.{fmt}): {report['accuracy']:.2%}")
     for path in written:
         print(f"wrote {path}")
-    return 0

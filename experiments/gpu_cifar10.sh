@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check of the CIFAR-10 speed work, in one call of at most ~9 minutes: `nin bench` on the card, the
-# default fast run timed alone (evaluated every epoch, so the time to each accuracy shows), then three runs
-# side by side on the same card that measure levers at the default run's full length: patch-whitening init,
-# weight averaging (EMA), and a longer preset.
+# The GPU check of the CIFAR-10 speed work, in one call of about 9 minutes at most: `nin bench` on the card, the
+# default fast run timed alone (evaluated every epoch, so the time to each accuracy shows), then lever runs side
+# by side on the same card, each at the default run's full length (accuracy only: they share the card).
 #
 #   experiments/gpu_cifar10.sh                        # CIFAR-10 under NIN_DATA (or DATA_PARTS, see below)
+#   LEVERS="d0=--set model.dropout=0;d0s1=--set model.dropout=0 --seed 1" experiments/gpu_cifar10.sh
 #   DEVICE=cpu EXTRA="--epochs 1 --train-subset 512" experiments/gpu_cifar10.sh     # smoke test on a CPU
 #
 # Environment:
 #   NIN_DATA     data root with cifar-10-batches-bin/ and cifar-10-test-lossless-first1000/ (default ../shared/data)
 #   DATA_PARTS   a folder made by `experiments/pack_data.py pack`: checked and unpacked into NIN_DATA first
 #   OUT          where results go (default results/gpu): summary.txt, bench.json, runs.tar (each run's
-#                config.json, metrics.csv, metrics.jsonl, log; the default run's model.safetensors)
+#                config.json, metrics.csv, metrics.jsonl and log), default-model.safetensors (the default run's)
+#   LEVERS       name=flags pairs separated by ';' (default: whitening init, EMA 0.999, 96 epochs); each becomes
+#                `nin train --dataset cifar10 ... --out RUNS/name flags`
+#   BENCH_S, DEFAULT_S, LEVER_S: seconds the bench, the default run and each lever run may take (90, 200, 230);
+#                a run stopped by its limit keeps its checkpoint (RUNS/name): `nin train --resume` goes on
 #   DEVICE       cuda (default) or cpu;  EXTRA: more `nin train` flags for every run (smoke tests)
-#   LONG_EPOCHS  the longer preset's epochs (default 96);  LEVER_S: seconds the three lever runs may take (default 300)
-#   BENCH_S, DEFAULT_S: seconds the bench and the default run may take (default 120, 240)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,8 +24,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NIN_DATA=${NIN_DATA:-$(cd .. && pwd)/shared/data}
 OUT=${OUT:-results/gpu}
 DEVICE=${DEVICE:-cuda}
-LONG_EPOCHS=${LONG_EPOCHS:-96}
-LEVER_S=${LEVER_S:-300}
+LEVERS=${LEVERS:-"whiten=--set whiten_init=true;ema=--set ema_decay=0.999;long96=--epochs 96"}
+LEVER_S=${LEVER_S:-230}
 RUNS=${RUNS:-$(mktemp -d)}
 read -r -a extra <<< "${EXTRA:-}"
 mkdir -p "$OUT"
@@ -40,7 +42,7 @@ say "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 # 1. nin bench on the card (the baseline port and nin's engine, training and inference)
 bench_flags=(--device "$DEVICE" --steps 50 --warmup 10 --json)
 [ -n "${EXTRA:-}" ] && bench_flags=(--device "$DEVICE" --quick --json)
-timeout "${BENCH_S:-120}" "$PYTHON" -m nin bench "${bench_flags[@]}" > "$OUT/bench.json" 2> "$RUNS/bench.log" \
+timeout "${BENCH_S:-90}" "$PYTHON" -m nin bench "${bench_flags[@]}" > "$OUT/bench.json" 2> "$RUNS/bench.log" \
     && "$PYTHON" -c "import json, sys; from nin.bench import report; print(report(json.load(open(sys.argv[1]))))" \
         "$OUT/bench.json" | tee -a "$summary" || say "bench: failed or timed out (see bench.log in runs.tar)"
 
@@ -54,12 +56,14 @@ train() {  # name, seconds, flags...
 }
 
 # 2. the default fast run, alone on the card (timed); every epoch evaluated on both test sets
-train default "${DEFAULT_S:-240}"
+train default "${DEFAULT_S:-200}"
 
-# 3. levers at the default's full length, three runs side by side on the card (not timed against each other)
-train whiten "$LEVER_S" --set whiten_init=true &
-train ema "$LEVER_S" --set ema_decay=0.999 &
-train "long$LONG_EPOCHS" "$LEVER_S" --epochs "$LONG_EPOCHS" &
+# 3. levers at the default's full length, side by side on the card (not timed against each other)
+IFS=';' read -r -a levers <<< "$LEVERS"
+for lever in "${levers[@]}"; do
+    read -r -a flags <<< "${lever#*=}"
+    train "${lever%%=*}" "$LEVER_S" "${flags[@]}" &
+done
 wait
 
 # 4. per run: seconds to each accuracy on both test sets, from its metrics

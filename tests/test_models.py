@@ -185,13 +185,29 @@ def test_patch_whitening_decorrelates_the_first_layer():
     torch.manual_seed(0)
     x = torch.randn(32, 3, 12, 12)
     x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]  # strongly correlated channels: an ill-conditioned input
-    conv = nn.Conv2d(3, 160, 3, padding=1)
-    kept = conv.weight[150:].clone()
-    assert patch_whitening_(conv, x, eps=1e-8) == 2 * 27
-    patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27)
-    out = patches @ conv.weight[:27].reshape(27, -1).T
-    torch.testing.assert_close(out.T @ out / len(out), torch.eye(27), atol=2e-3, rtol=0)
-    torch.testing.assert_close(conv.weight[27:54], -conv.weight[:27])  # each filter with its negation
-    torch.testing.assert_close(conv.weight[150:], kept)  # filters beyond 2·27 keep their init
-    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        patch_whitening_(conv, torch.randn(2, 1, 8, 8))
+    for stride, padding in ((1, 1), (2, 0)):
+        conv = nn.Conv2d(3, 160, 3, stride=stride, padding=padding)
+        kept = conv.weight[54:].clone()
+        assert patch_whitening_(conv, x, eps=1e-8) == 2 * 27
+        patches = F.unfold(x, 3, padding=padding, stride=stride).transpose(1, 2).reshape(-1, 27)
+        out = patches @ conv.weight[:27].reshape(27, -1).T  # the layer's outputs over the patches it sees
+        torch.testing.assert_close(out.T @ out / len(out), torch.eye(27), atol=2e-3, rtol=0)
+        torch.testing.assert_close(conv.weight[27:54], -conv.weight[:27])  # each filter with its negation
+        torch.testing.assert_close(conv.weight[54:], kept)  # filters beyond 2·27 keep their init
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda conv: patch_whitening_(conv, torch.randn(2, 1, 8, 8)), r"\(N >= 1, 3, H, W\)"),
+    (lambda conv: patch_whitening_(conv, torch.randn(0, 3, 8, 8)), r"\(N >= 1, 3, H, W\)"),
+    (lambda conv: patch_whitening_(conv, torch.randn(2, 3, 2, 2)), "hold no 5×5 patch"),
+    (lambda conv: patch_whitening_(conv, torch.full((2, 3, 8, 8), float("nan"))), "NaN"),
+    (lambda conv: patch_whitening_(conv, torch.randn(2, 3, 8, 8), eps=0.0), "eps must be positive"),
+    (lambda conv: patch_whitening_(conv, torch.randn(2, 3, 8, 8), max_patches=0), "max_patches"),
+    (lambda conv: patch_whitening_(nn.Conv1d(3, 8, 3), torch.randn(2, 3, 8, 8)), "nn.Conv2d"),
+])
+def test_patch_whitening_refuses_bad_input(call, message):
+    conv = nn.Conv2d(3, 192, 5)
+    before = conv.weight.clone()
+    with pytest.raises(ValueError, match=message):
+        call(conv)
+    assert torch.equal(conv.weight, before)  # nothing written

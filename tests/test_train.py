@@ -173,22 +173,23 @@ def test_config_json_keeps_the_starting_command_across_resumes(data_root, tmp_pa
     assert meta["command"] == saved["command"] and len(meta["resumes"]) == 2
 
 
-def test_whiten_init_sets_the_first_conv_from_the_training_images():
-    from nin.train import _build_model
+def test_whiten_init_whitens_conv1_on_the_preprocessed_training_images(data_root, tmp_path):
+    from nin.data import load_dataset
+    from nin.layers import patch_whitening_
+    from nin.train import start_run
 
-    torch.manual_seed(0)
-    images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    cfg = dataclasses.replace(recipe("fast", "mnist"), whiten_init=True)
-    first = {}
-    for whiten in (True, False):
-        torch.manual_seed(1)
-        model = _build_model(dataclasses.replace(cfg, whiten_init=whiten), [str(i) for i in range(10)],
-                             (images, labels), None, print)
-        first[whiten] = model.blocks[0].convs[0]
-    conv, plain = first[True], first[False]
-    patches = torch.nn.functional.unfold(images, 5).transpose(1, 2).reshape(-1, 25)
-    for layer, whitened in ((conv, True), (plain, False)):
-        out = patches @ layer.weight.detach()[:25].reshape(25, -1).T
-        covariance = out.T @ out / len(out)
-        assert torch.allclose(covariance, torch.eye(25), atol=0.05) == whitened
-    assert torch.equal(conv.weight[50:], plain.weight[50:])  # the other filters: the seed's He init
+    cfg = dataclasses.replace(_tiny(tmp_path), data_dir=str(data_root), whiten_init=True)
+    lines = []
+    run, state = start_run(cfg, tmp_path / "run", resume=False, epochs=None, checkpoint_every=None, command="test",
+                           device="cpu", log=lines.append)
+    conv = state.model.blocks[0].convs[0]
+    expected = torch.nn.Conv2d(1, conv.out_channels, 5, padding=2)
+    images = load_dataset("mnist", "train", data_root).images[:2048]
+    assert patch_whitening_(expected, run.preprocessing(images)) == 50
+    torch.testing.assert_close(conv.weight[:50], expected.weight[:50])  # from the scaled images, not raw uint8
+    assert any("whiten_init: 50 of conv1's 96 filters" in line for line in lines)
+    plain = start_run(dataclasses.replace(cfg, whiten_init=False), tmp_path / "plain", resume=False, epochs=None,
+                      checkpoint_every=None, command="test", device="cpu", log=lines.append)[1].model
+    assert not torch.allclose(plain.blocks[0].convs[0].weight[:50], conv.weight[:50])
+    with pytest.raises(NinError, match="whiten_init initialises a fresh model"):
+        train(dataclasses.replace(cfg, init_from=str(tmp_path / "run")), tmp_path / "other", log=lambda *_: None)

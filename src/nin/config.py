@@ -255,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
          f"small_size and small_epochs must be >= 0, got {cfg.small_size} and {cfg.small_epochs}"),
         (0 <= cfg.small_fraction < 1, f"small_fraction must be in [0, 1), got {cfg.small_fraction}"),
         (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
+        (not (cfg.whiten_init and cfg.init_from),
+         f"whiten_init initialises a fresh model; --init-from {cfg.init_from} brings its own first layer: use one"),
     ]
     from nin.data.datasets import DATASET_NAMES, SPLITS
     from nin.transforms import PREPROCESSING_KINDS

@@ -135,25 +135,37 @@ def _dense(x: torch.Tensor) -> bool:
 def patch_whitening_(conv: nn.Conv2d, images: torch.Tensor, *, max_patches: int = 500_000, eps: float = 5e-4) -> int:
     """Initialise a convolution's first filters to whiten its input patches; returns how many it set.
 
-    The eigenvectors of the covariance of the k×k input patches, each divided by the square root of its
-    eigenvalue (+ ``eps``), are filters whose outputs are decorrelated with unit variance: a well-conditioned
-    first layer (the patch-whitening init of fast CIFAR-10 trainers such as airbench). Each comes with its
-    negation, so a ReLU after the layer keeps both signs: ``2·d`` filters for ``d = channels·k²`` patch
-    dimensions, largest eigenvalues first, at most ``out_channels`` (rounded down to an even count). The
-    remaining filters and the bias keep their values. ``images`` (N, C, H, W) are the layer's input as
-    training feeds it (preprocessed); up to ``max_patches`` patches, spread over the images, are used.
+    The eigenvectors of the second moment of the k×k input patches (their covariance when the input has zero
+    mean, as per-channel standardization gives), each divided by the square root of its eigenvalue (+ ``eps``),
+    are filters whose outputs are decorrelated with unit variance: a well-conditioned first layer (the
+    patch-whitening init of fast CIFAR-10 trainers such as airbench). Each comes with its negation, so a ReLU
+    after the layer keeps both signs: ``2·d`` filters for ``d = channels·k²`` patch dimensions, largest
+    eigenvalues first, at most ``out_channels`` (rounded down to an even count). The remaining filters and the
+    bias keep their values. ``images`` (N, C, H, W) are the layer's input (preprocessed); the patches are taken
+    with the convolution's stride and zero padding, from images evenly spaced through the set, up to
+    ``max_patches`` of them.
     """
-    if conv.groups != 1 or conv.dilation != (1, 1):
-        raise ValueError("patch_whitening_ needs a plain convolution (groups 1, dilation 1)")
-    if images.dim() != 4 or images.shape[1] != conv.in_channels:
-        raise ValueError(f"images must be (N, {conv.in_channels}, H, W), got {tuple(images.shape)}")
-    kh, kw = conv.kernel_size
-    per_image = max(1, (images.shape[2] - kh + 1) * (images.shape[3] - kw + 1))
-    sample = images[: max(1, min(len(images), max_patches // per_image))].float()
-    patches = nn.functional.unfold(sample, (kh, kw), stride=conv.stride)  # (N, C·kh·kw, L)
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1):
+        raise ValueError(f"patch_whitening_ needs an nn.Conv2d with groups 1 and dilation 1, got {conv!r}")
+    if images.dim() != 4 or images.shape[1] != conv.in_channels or len(images) == 0:
+        raise ValueError(f"images must be (N >= 1, {conv.in_channels}, H, W), got {tuple(images.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if max_patches < 1:
+        raise ValueError(f"max_patches must be at least 1, got {max_patches}")
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    padding = conv.padding if conv.padding_mode == "zeros" and not isinstance(conv.padding, str) else (0, 0)
+    rows = (images.shape[2] + 2 * padding[0] - kh) // sh + 1
+    cols = (images.shape[3] + 2 * padding[1] - kw) // sw + 1
+    if rows < 1 or cols < 1:
+        raise ValueError(f"images of {images.shape[2]}×{images.shape[3]} px hold no {kh}×{kw} patch")
+    count_images = max(1, min(len(images), max_patches // (rows * cols)))
+    picked = torch.linspace(0, len(images) - 1, count_images, device=images.device).round().long()
+    patches = nn.functional.unfold(images[picked].float(), (kh, kw), padding=padding, stride=(sh, sw))  # (n, d, L)
     patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
-    covariance = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    if not torch.isfinite(patches).all():
+        raise ValueError("images hold NaN or infinite values")
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
     count = min(conv.out_channels // 2, len(eigenvalues))
     filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]).flip(0)[:count]
     filters = filters.reshape(count, conv.in_channels, kh, kw).to(conv.weight.dtype)

@@ -480,7 +480,8 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                        f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
     cfg = _fit_to_data(cfg, classes, log)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = _build_model(cfg, classes, train_data, source, log).to(device).to(memory_format=memory_format)
+    model = _build_model(cfg, classes, train_data, source, log, whiten=cfg.whiten_init and not resume)
+    model = model.to(device).to(memory_format=memory_format)
     state = RunState(model, make_optimizer(model, cfg), PlateauRule(cfg.plateau_patience, cfg.plateau_min_delta,
                                                                    cfg.max_lr_drops),
                      Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, EpochTotals.zeros(device))
@@ -524,9 +525,10 @@ def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
 
 
 def _build_model(cfg: TrainConfig, classes: list[str], train_data: tuple[torch.Tensor, torch.Tensor], source,
-                 log) -> NiN:
-    """The run's model: a fresh init (its first conv patch-whitened when ``whiten_init``), or the ``--init-from``
-    weights (class maps afresh where classes differ)."""
+                 log, *, whiten: bool = False) -> NiN:
+    """The run's model: a fresh init (its first conv patch-whitened from the preprocessed training images when
+    ``whiten``: the same on every rank; a resumed run's checkpoint replaces it, so it is skipped there), or the
+    ``--init-from`` weights (class maps afresh where classes differ)."""
     images, labels = train_data
     model = get_model(cfg.model, **cfg.model_args)
     if int(labels.max()) >= model.config.num_classes:
@@ -534,8 +536,12 @@ def _build_model(cfg: TrainConfig, classes: list[str], train_data: tuple[torch.T
                        f"{model.config.num_classes} classes")
     if source is not None:
         _start_from(model, source[0], cfg.init_from, log, same_classes=source[2].get("classes") == classes)
-    elif cfg.whiten_init:
-        patch_whitening_(model.blocks[0].convs[0], images)
+    elif whiten:
+        conv = model.blocks[0].convs[0]
+        count = patch_whitening_(conv, images)
+        if distributed.is_main():
+            log(f"nin: whiten_init: {count} of conv1's {conv.out_channels} filters whiten its "
+                f"{conv.kernel_size[0]}×{conv.kernel_size[1]} training-image patches")
     return model
 
 

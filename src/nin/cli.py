@@ -33,9 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"nin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_arguments(sub.add_parser("train", help="train a model (or --resume a run)",
+                                        description="Train a NiN model. Defaults per data set: the matching paper "
+                                                    "model."))
+    _add_evaluate_arguments(sub.add_parser("evaluate", help="test error, per-class accuracy, confusion matrix"))
+    _add_predict_arguments(sub.add_parser("predict", help="class probabilities for image files"))
+    sub.add_parser("models", help="list the registered models with their parameter counts")
+    p = sub.add_parser("download", help="download a data set's official files (needs internet)")
+    p.add_argument("dataset", choices=[d for d in DATASET_NAMES if d != FOLDER.name])
+    p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
 
-    p = sub.add_parser("train", help="train a model (or --resume a run)",
-                       description="Train a NiN model. Defaults per data set: the matching paper model.")
+    # Subcommands whose module owns its arguments: add_arguments(parser) and run(args) -> int
+    for name, module, help_text in EXTENSIONS:
+        extension = _extension(module)
+        if extension is not None:
+            extension.add_arguments(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASET_NAMES, help="data set (required unless --resume)")
     p.add_argument("--model", help="model name (see `nin models`); default: the data set's paper model")
     p.add_argument("--recipe", choices=["paper", "caffe", "fast"], default="fast",
@@ -59,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
-    p = sub.add_parser("evaluate", help="test error, per-class accuracy, confusion matrix")
+
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -70,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("predict", help="class probabilities for image files")
+
+def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--top-k", type=_positive_int, default=5)
@@ -81,19 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime or openvino: the same probabilities through another engine (docs/deploy.md)")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    sub.add_parser("models", help="list the registered models with their parameter counts")
-
-    p = sub.add_parser("download", help="download a data set's official files (needs internet)")
-    p.add_argument("dataset", choices=[d for d in DATASET_NAMES if d != FOLDER.name])
-    p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
-
-    # Subcommands whose module owns its arguments: add_arguments(parser) and run(args) -> int
-    for name, module, help_text in EXTENSIONS:
-        extension = _extension(module)
-        if extension is not None:
-            extension.add_arguments(sub.add_parser(name, help=help_text))
-    return parser
 
 
 EXTENSIONS = [

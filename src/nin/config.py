@@ -61,7 +61,7 @@ class TrainConfig:
     augment: bool = False  # random translation + horizontal flip (paper: the CIFAR-10 8.81% run)
     flip: bool = True  # horizontal flips when augmenting (off for digits)
     translate: int = 4  # pixels of random pad-and-crop translation when augmenting
-    whiten_init: bool = False  # first conv's first filters set to whiten its training-image patches (nin.layers.patch_whitening_)
+    whiten_init: bool = False  # conv1's first filters whiten its training-image patches (nin.layers.patch_whitening_)
     ema_decay: float = 0.0  # weight averaging: exponential moving average per step; 0 = off
     tta_flip: bool = False  # test-time augmentation: average the logits of the image and its mirror
     seed: int = 0

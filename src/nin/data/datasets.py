@@ -63,7 +63,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "svhn": DatasetInfo("svhn", "SVHN", 10, 3, 32, "nin_svhn", "gcn_lcn", False, 15, train_images=598_388,
                         folder="svhn"),
     # digits: the paper's [0, 1] input is all the fast recipe needs too. MNIST fast: 6 epochs, evaluated every
-    # other one (8 scored 0.30-0.35% in 13-16 min; 6 scored 0.34% in 9.8 min; 24 or 16 px first epochs did worse)
+    # other one (8 scored 0.30-0.35% in 13-16 min; 6 scored 0.34% in 9.8 min; 20 or 16 px first epochs did worse)
     "mnist": DatasetInfo("mnist", "MNIST", 10, 1, 28, "nin_mnist", "scale", False, 6, fast_preprocessing="scale",
                          fast_overrides=(("eval_every", 2),), train_images=60_000, folder="mnist"),
     "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST", 10, 1, 28, "nin_mnist", "scale", True, 20,

@@ -23,6 +23,8 @@ from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
 from nin.train import make_optimizer, train_step
 
+from _steps import seconds_for_steps
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,14 +38,10 @@ def main() -> None:
     amp_dtype = select_precision(cfg.precision, torch.device("cpu"))
     images, labels = torch.randn(cfg.batch_size, 3, args.size, args.size), torch.randint(0, 10, (cfg.batch_size,))
 
-    def speed(model, warmup: int = 2) -> float:
-        optimizer = make_optimizer(model, cfg)
-        for _ in range(warmup):
-            train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
-        return cfg.batch_size * args.steps / (time.perf_counter() - start)
+    def speed(model) -> float:
+        seconds = seconds_for_steps(model, make_optimizer(model, cfg), images, labels, cfg=cfg, amp_dtype=amp_dtype,
+                                    steps=args.steps)
+        return cfg.batch_size * args.steps / seconds
 
     def fresh():
         torch.manual_seed(0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -25,7 +24,9 @@ from torch import nn
 from nin.config import recipe
 from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
-from nin.train import make_optimizer, train_step
+from nin.train import make_optimizer
+
+from _steps import seconds_for_steps
 
 
 def _timed_steps(batch: int, size: int, steps: int, ddp: bool) -> float:
@@ -38,16 +39,8 @@ def _timed_steps(batch: int, size: int, steps: int, ddp: bool) -> float:
     if ddp:
         model = nn.parallel.DistributedDataParallel(model)
     images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    for _ in range(2):
-        train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
-    if ddp:
-        dist.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
-    if ddp:
-        dist.barrier()
-    return time.perf_counter() - start
+    return seconds_for_steps(model, optimizer, images, labels, cfg=cfg, amp_dtype=amp_dtype, steps=steps,
+                             sync=dist.barrier if ddp else lambda: None)
 
 
 def _rank(rank: int, world: int, port: int, batch: int, size: int, steps: int, result) -> None:

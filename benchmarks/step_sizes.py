@@ -12,14 +12,15 @@ show the drift of a shared host.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from nin.config import recipe
 from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
-from nin.train import make_optimizer, train_step
+from nin.train import make_optimizer
+
+from _steps import seconds_for_steps
 
 
 def main() -> None:
@@ -37,12 +38,8 @@ def main() -> None:
     base = None
     for batch, size in settings:
         images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-        for _ in range(2):
-            train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
-        speed = batch * args.steps / (time.perf_counter() - start)
+        speed = batch * args.steps / seconds_for_steps(model, optimizer, images, labels, cfg=cfg,
+                                                       amp_dtype=amp_dtype, steps=args.steps)
         base = base or speed
         print(f"batch {batch:>3}, {size} px: {speed:6.0f} img/s  {speed / base:.2f}×", flush=True)
 

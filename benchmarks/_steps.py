@@ -1,0 +1,23 @@
+"""The timed loop the training-step benchmarks share: warm-up steps, then timed `nin.train.train_step` calls."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nin.train import train_step
+
+
+def seconds_for_steps(model, optimizer, images: torch.Tensor, labels: torch.Tensor, *, cfg, amp_dtype,
+                      steps: int, warmup: int = 2, sync=lambda: None) -> float:
+    """Wall seconds for ``steps`` training steps on one batch, after ``warmup`` untimed ones; ``sync`` runs
+    before the clock starts and stops (a DDP barrier, say)."""
+    for _ in range(warmup):
+        train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype)
+    sync()
+    return time.perf_counter() - start

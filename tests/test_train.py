@@ -27,6 +27,15 @@ def test_paper_recipe_values():
         recipe("slow", "cifar10")
 
 
+def test_data_set_model_changes_add_to_the_fast_recipe():
+    c10 = recipe("fast", "cifar10")
+    assert c10.model_args == {**FAST.model_args, "dropout": 0.0}  # CIFAR-10 drops dropout, keeps batch norm etc.
+    mnist = recipe("fast", "mnist")
+    assert mnist.model_args == FAST.model_args and mnist.model_args is not FAST.model_args  # a copy to change
+    assert FAST.model_args["dropout"] == 0.25  # the shared recipe is not changed by building one
+    assert apply_overrides(c10, ["model.dropout=0.25"]).model_args == FAST.model_args
+
+
 def test_lr_at_known_steps():
     multistep = dataclasses.replace(PAPER, schedule="multistep", milestones=(200, 230), epochs=260)
     assert lr_at(0, multistep, 100) == pytest.approx(0.1)

@@ -8,7 +8,7 @@
 Both sides train nin_cifar10 on the same CIFAR-10 images in one process:
 - baseline: the paper model (`get_model("nin_cifar10")`), NCHW fp32 eager, a per-image augmentation
   (pad-crop 4 + flip) `Dataset` in a `DataLoader`, plain `torch.optim.SGD`;
-- nin: exactly what `nin train --recipe fast` runs: the FAST model_args, channels_last, `select_precision("auto")`,
+- nin: exactly what `nin train --recipe fast` runs on CIFAR-10: its model_args, channels_last, `select_precision("auto")`,
   `make_optimizer`, `TensorLoader` + `Augment`, `lr_at` and `train_step`.
 Each step's time is split into the batch (loader + augmentation) and the step; medians after warm-up.
 The baseline runs first, with glibc malloc at its defaults; nin's engine is timed once with those defaults

@@ -530,7 +530,6 @@ def import_caffe(caffemodel: str | os.PathLike, arch: str, out: str | os.PathLik
         NinError: Anything wrong with the inputs; then nothing is written.
     """
     from nin.checkpoint import save_weights
-    from nin.transforms import Preprocessing, fit_preprocessing
 
     caffemodel, out = Path(caffemodel), Path(out)
     if arch not in list_models():
@@ -544,11 +543,35 @@ def import_caffe(caffemodel: str | os.PathLike, arch: str, out: str | os.PathLik
     tensors = map_blobs(net, model, arch, str(caffemodel))
     check_structure(net, model, arch, str(caffemodel))
     if prototxt is not None:
-        definition = read_prototxt(prototxt)
-        missing = [name for name in original_layer_names(model) if definition.layer(name) is None]
-        if missing:
-            raise NinError(f"{prototxt}: no layer {missing[0]!r}; not the definition of {arch}")
-        check_structure(definition, model, arch, str(prototxt))
+        _check_prototxt(prototxt, model, arch)
+    preprocessing = _fitted_preprocessing(preprocessing, config, arch, data_dir)
+
+    model.load_state_dict(tensors)
+    source = {"format": "caffemodel", "file": caffemodel.name, "sha256": _file_sha256(caffemodel),
+              "net": net.name, "caffe_layers": net.format, "arch": arch,
+              "prototxt": Path(prototxt).name if prototxt is not None else None,
+              "layer_mapping": original_layer_names(model)}
+    cifar = config.num_classes == 10 and config.input_size == 32
+    meta = {"dataset": "cifar10" if cifar else None,
+            "classes": CIFAR10_CLASSES if cifar else [str(k) for k in range(config.num_classes)],
+            "tta_flip": False, "source": source}
+    save_weights(out, model, preprocessing, meta)
+    return source
+
+
+def _check_prototxt(prototxt: str | os.PathLike, model: NiN, arch: str) -> None:
+    """The net definition names every layer of ``arch`` and has its structure (pooling, kernel sizes)."""
+    definition = read_prototxt(prototxt)
+    missing = [name for name in original_layer_names(model) if definition.layer(name) is None]
+    if missing:
+        raise NinError(f"{prototxt}: no layer {missing[0]!r}; not the definition of {arch}")
+    check_structure(definition, model, arch, str(prototxt))
+
+
+def _fitted_preprocessing(preprocessing, config, arch: str, data_dir: str | os.PathLike | None):
+    """``preprocessing`` as a fitted `Preprocessing`: a kind is fitted on CIFAR-10's training images (the
+    kinds that need data) or on nothing; a fitted one is returned as it is."""
+    from nin.transforms import Preprocessing, fit_preprocessing
 
     if isinstance(preprocessing, str):
         needs_data = preprocessing in ("gcn_zca", "standardize")
@@ -562,18 +585,7 @@ def import_caffe(caffemodel: str | os.PathLike, arch: str, out: str | os.PathLik
         else:
             preprocessing = fit_preprocessing(preprocessing, torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
     assert isinstance(preprocessing, Preprocessing), "preprocessing must be a kind or a fitted Preprocessing"
-
-    model.load_state_dict(tensors)
-    source = {"format": "caffemodel", "file": caffemodel.name, "sha256": _file_sha256(caffemodel),
-              "net": net.name, "caffe_layers": net.format, "arch": arch,
-              "prototxt": Path(prototxt).name if prototxt is not None else None,
-              "layer_mapping": original_layer_names(model)}
-    cifar = config.num_classes == 10 and config.input_size == 32
-    meta = {"dataset": "cifar10" if cifar else None,
-            "classes": CIFAR10_CLASSES if cifar else [str(k) for k in range(config.num_classes)],
-            "tta_flip": False, "source": source}
-    save_weights(out, model, preprocessing, meta)
-    return source
+    return preprocessing
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,7 +148,10 @@ def recipe(name: str, dataset: str) -> TrainConfig:
     elif name == "fast":
         changes.update(model=info.paper_model, epochs=info.fast_epochs, tta_flip=info.flip,
                        preprocessing=info.fast_preprocessing, **dict(info.fast_overrides))
-    return dataclasses.replace(RECIPES[name], **changes)
+    base = RECIPES[name]
+    # a data set's model changes ((key, value) pairs) add to the recipe's; always a new dict, never the recipe's own
+    changes["model_args"] = {**base.model_args, **dict(changes.get("model_args", ()))}
+    return dataclasses.replace(base, **changes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -285,21 +285,31 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
         ax = axes(label_in, 0.92 * cell)
         _show_image(ax, images[row])
         _frame(ax, None)
-        shown = _shown_classes(scores[row], label, panels)
-        low, high = _colour_limits(maps[row, shown], cmap)
-        for column, k in enumerate(shown, start=1):
-            ax = axes(label_in + column * cell, 0.92 * cell)
-            picture = ax.imshow(maps[row, k].numpy(), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
-            _frame(ax, TRUE_COLOUR if k == label else PREDICTED_COLOUR if k == predicted else None)
-            if shared and row == 0:
-                ax.text(0.3, 1.08, classes[k], transform=ax.transAxes, rotation=45, ha="left", va="bottom",
-                        fontsize=FONT_PT)
-            elif not shared:
-                ax.set_title(_fit(classes[k], 0.75 * cell), fontsize=FONT_PT, pad=2)
+        picture = _class_panels(axes, maps[row], scores[row], label, predicted, classes, panels=panels,
+                                shared=shared, first_row=row == 0, left_in=label_in, cell=cell, cmap=cmap)
         bar = figure.colorbar(picture, cax=axes(label_in + (1 + panels) * cell + 0.02, 0.06))
         bar.ax.tick_params(labelsize=FONT_PT, length=2, pad=1)
         bar.ax.locator_params(nbins=2)
     return _save(figure, path)
+
+
+def _class_panels(axes, maps: torch.Tensor, scores: torch.Tensor, label: int, predicted: int, classes: Sequence[str],
+                  *, panels: int, shared: bool, first_row: bool, left_in: float, cell: float, cmap: str):
+    """One image's class-map panels of `plot_confidence_maps`, on one colour scale: the true class framed green,
+    a wrong prediction red; names over the first row's columns (``shared``) or over every panel. Returns the last
+    panel's image, for the colour bar."""
+    shown = _shown_classes(scores, label, panels)
+    low, high = _colour_limits(maps[shown], cmap)
+    for column, k in enumerate(shown, start=1):
+        ax = axes(left_in + column * cell, 0.92 * cell)
+        picture = ax.imshow(maps[k].numpy(), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        _frame(ax, TRUE_COLOUR if k == label else PREDICTED_COLOUR if k == predicted else None)
+        if shared and first_row:
+            ax.text(0.3, 1.08, classes[k], transform=ax.transAxes, rotation=45, ha="left", va="bottom",
+                    fontsize=FONT_PT)
+        elif not shared:
+            ax.set_title(_fit(classes[k], 0.75 * cell), fontsize=FONT_PT, pad=2)
+    return picture
 
 
 def _shown_classes(scores: torch.Tensor, label: int, panels: int) -> list[int]:
@@ -652,21 +662,22 @@ def _output_folder(weights: Path, out: str | None) -> Path:
     return weights / "figures" if weights.is_dir() else weights.with_name(weights.stem + "-figures")
 
 
-def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
+def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
                    amp_dtype: torch.dtype | None, meta: dict) -> Path:
     """The user's own photos, each at its own resolution under its predicted class's map. The prediction is
-    `nin predict`'s: the same conversion (`read_image`), model and test-time flips."""
+    `nin predict`'s: the same conversion (`read_image`), model (``served``, an `InferenceModel`) and test-time
+    flips."""
     from nin.data.readers import read_image, read_photo
     from nin.evaluate import predict_logits
-    from nin.inference import inference_model
 
+    model = served.model
     config = model.config
     device = next(model.parameters()).device
     photos = [read_photo(Path(p), config.in_channels) for p in images]
     batch = preprocessing(torch.stack([read_image(Path(p), config.input_size, config.in_channels)
                                        for p in images]).to(device))
     maps = confidence_maps(model, batch, amp_dtype)
-    logits = predict_logits(inference_model(model, amp_dtype), batch, tta_flip=bool(meta.get("tta_flip")))
+    logits = predict_logits(served, batch, tta_flip=bool(meta.get("tta_flip")))
     probabilities, predictions = logits.softmax(dim=1).max(dim=1)
     for name, k, share in zip(images, predictions.tolist(), probabilities.tolist()):
         print(f"{name}: {classes[k]} ({share:.1%})")
@@ -674,17 +685,18 @@ def _user_overlays(model: nn.Module, preprocessing, images: Sequence[str], class
                                probabilities=probabilities.cpu(), names=[Path(p).name for p in images])
 
 
-def _scored_as_evaluate(model: nn.Module, preprocessing, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+def _scored_as_evaluate(served, preprocessing, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                         amp_dtype: torch.dtype | None, meta: dict):
-    """The test images scored exactly as `nin evaluate` scores them (its test-time flips included)."""
+    """The test images scored exactly as `nin evaluate` scores them (its test-time flips included); ``served`` is
+    the `InferenceModel` the figures use, so batch norm is folded once."""
     from nin.data import TensorLoader
     from nin.evaluate import evaluate
 
-    device = next(model.parameters()).device
+    device = next(served.parameters()).device
     prepared = preprocessing(images).to(device).contiguous(memory_format=torch.channels_last)
-    return evaluate(model.to(memory_format=torch.channels_last),
-                    TensorLoader(prepared, labels.to(device), batch_size, shuffle=False),
-                    num_classes=model.config.num_classes, amp_dtype=amp_dtype, tta_flip=bool(meta.get("tta_flip")))
+    return evaluate(served, TensorLoader(prepared, labels.to(device), batch_size, shuffle=False),
+                    num_classes=served.model.config.num_classes, amp_dtype=amp_dtype,
+                    tta_flip=bool(meta.get("tta_flip")))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -707,7 +719,8 @@ def run(args: argparse.Namespace) -> int:
     images, labels = data.images[: args.limit], data.labels[: args.limit]
     classes = list(meta.get("classes") or data.classes or [str(k) for k in range(config.num_classes)])
     amp_dtype = select_precision("auto", device)
-    model = inference_model(model, amp_dtype).model  # the one inference path's model: batch norm folded, in amp_dtype
+    served = inference_model(model, amp_dtype)  # the one inference path: batch norm folded once, in amp_dtype
+    model = served.model  # its folded copy, whose class maps the figures show
     written: list[Path] = []
 
     # the map statistic (plain GAP, no flips), over the whole (or --limit) test set
@@ -715,7 +728,7 @@ def run(args: argparse.Namespace) -> int:
     statistics = map_statistics(peaks, logits, labels)
     predictions = logits.argmax(dim=1)
     num_classes = config.num_classes
-    scored = _scored_as_evaluate(model, preprocessing, images, labels, args.batch_size, amp_dtype, meta)
+    scored = _scored_as_evaluate(served, preprocessing, images, labels, args.batch_size, amp_dtype, meta)
     confusion = scored.confusion
     report = {"weights": str(weights), "dataset": dataset, "split": "test", "limit": args.limit,
               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "tta_flip": False,
@@ -736,7 +749,7 @@ def run(args: argparse.Namespace) -> int:
                                  labels=labels[chosen]))
 
     if args.images:
-        written.append(_user_overlays(model, preprocessing, args.images, classes, out / f"overlays_images.{fmt}",
+        written.append(_user_overlays(served, preprocessing, args.images, classes, out / f"overlays_images.{fmt}",
                                       amp_dtype, meta))
 
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])

@@ -46,7 +46,7 @@ class DatasetInfo:
     fast_epochs: int  # the fast recipe's default length
     fast_preprocessing: str = "standardize"  # the fast recipe's input normalisation
     paper_overrides: tuple[tuple[str, object], ...] = ()  # TrainConfig changes of the paper recipe on this data set
-    fast_overrides: tuple[tuple[str, object], ...] = ()  # ... and of the fast recipe
+    fast_overrides: tuple[tuple[str, object], ...] = ()  # ... and of the fast recipe ("model_args": (key, value) pairs)
     train_images: int = 0  # the official training split's size (0: unknown)
     folder: str = ""  # the folder under the data root that holds its files ("" for an image folder)
 
@@ -54,7 +54,8 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     # fast: the first half of the epochs on 24 px images (1.9× the images/s), evaluated every 4 epochs
     "cifar10": DatasetInfo("cifar10", "CIFAR-10", 10, 3, 32, "nin_cifar10", "gcn_zca", True, 32,
-                           fast_overrides=(("small_size", 24), ("small_fraction", 0.5), ("eval_every", 4)),
+                           fast_overrides=(("small_size", 24), ("small_fraction", 0.5), ("eval_every", 4),
+                                           ("model_args", (("dropout", 0.0),))),
                            train_images=50_000, folder="cifar-10-batches-bin"),
     # cuda-convnet's CIFAR-100 parameters, as the NiN paper used them
     "cifar100": DatasetInfo("cifar100", "CIFAR-100", 100, 3, 32, "nin_cifar100", "gcn_zca", True, 40,
@@ -361,16 +362,22 @@ def load_dataset(
         return dataset
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}, folder")
+    images, labels, classes = _load_official(name, split, root, verify)
+    return ImageDataset(_convert(images, image_size, channels), labels, classes, name)
+
+
+def _load_official(name: str, split: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images, labels, classes) of a split of one of `DATASETS` from its official files under ``root``; the
+    val splits of CIFAR and MNIST-like sets are the last 10,000 training images (SVHN has its own rule)."""
     if name == "svhn":
         images, labels = _load_svhn(split, root, verify)
-        classes = list(SVHN_CLASSES)
-    else:
-        reader = _load_cifar if name in ("cifar10", "cifar100") else _load_idx
-        images, labels, classes = reader(name, "test" if split == "test" else "train", root, verify)
-        if split in ("val", "train_minus_val"):
-            if len(labels) <= CIFAR_VALIDATION_SIZE:
-                raise DataError(f"{root}: {len(labels)} {name} training images, too few for a 10,000-image val split")
-            cut = len(labels) - CIFAR_VALIDATION_SIZE
-            part = slice(cut, None) if split == "val" else slice(0, cut)
-            images, labels = images[part].contiguous(), labels[part].contiguous()
-    return ImageDataset(_convert(images, image_size, channels), labels, classes, name)
+        return images, labels, list(SVHN_CLASSES)
+    reader = _load_cifar if name in ("cifar10", "cifar100") else _load_idx
+    images, labels, classes = reader(name, "test" if split == "test" else "train", root, verify)
+    if split in ("val", "train_minus_val"):
+        if len(labels) <= CIFAR_VALIDATION_SIZE:
+            raise DataError(f"{root}: {len(labels)} {name} training images, too few for a 10,000-image val split")
+        cut = len(labels) - CIFAR_VALIDATION_SIZE
+        part = slice(cut, None) if split == "val" else slice(0, cut)
+        images, labels = images[part].contiguous(), labels[part].contiguous()
+    return images, labels, classes

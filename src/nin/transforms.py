@@ -190,8 +190,9 @@ def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
     elif kind == "standardize":
         scaled = train_images.float() / 255.0
         preprocessing.mean = scaled.mean(dim=(0, 2, 3))
-        std = scaled.std(dim=(0, 2, 3))  # NaN for a single value, 0 for a constant channel: divide by 1 there, as gcn does
-        preprocessing.std = torch.where(torch.isfinite(std) & (std > 1e-8), std, torch.ones_like(std))
+        values = scaled[:, :1].numel()  # per channel
+        std = scaled.std(dim=(0, 2, 3), correction=int(values > 1))  # 0 for one value or a constant channel:
+        preprocessing.std = torch.where(torch.isfinite(std) & (std > 1e-8), std, torch.ones_like(std))  # 1, as gcn
     return preprocessing
 
 

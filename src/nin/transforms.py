@@ -191,8 +191,9 @@ def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
         scaled = train_images.float() / 255.0
         preprocessing.mean = scaled.mean(dim=(0, 2, 3))
         values = scaled[:, :1].numel()  # per channel
-        std = scaled.std(dim=(0, 2, 3), correction=int(values > 1))  # 0 for one value or a constant channel:
-        preprocessing.std = torch.where(torch.isfinite(std) & (std > 1e-8), std, torch.ones_like(std))  # 1, as gcn
+        std = scaled.std(dim=(0, 2, 3), correction=int(values > 1))  # 0 for one value or a constant channel
+        # ... where the divisor is 1, as gcn does
+        preprocessing.std = torch.where(torch.isfinite(std) & (std > 1e-8), std, torch.ones_like(std))
     return preprocessing
 
 

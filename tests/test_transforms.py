@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nin.data import load_dataset
+from nin.errors import NinError
 from nin.transforms import (
     Augment,
     Zca,
@@ -111,6 +112,12 @@ def test_standardize_and_scale_values():
     assert torch.equal(fit_preprocessing("scale", images)(images)[1], torch.ones(1, 2, 2))
     standardized = fit_preprocessing("standardize", images)(images)
     assert abs(float(standardized.mean())) < 1e-6 and standardized[1, 0, 0, 0] > 0
+
+
+@pytest.mark.parametrize("kind", ["gcn_zca", "gcn_lcn", "scale", "standardize"])
+def test_fitting_on_no_images_is_an_error(kind):
+    with pytest.raises(NinError, match=f"no training images to fit the '{kind}' preprocessing"):
+        fit_preprocessing(kind, torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
 
 
 def test_flip_and_translate():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nin.errors import NinError
+
 PREPROCESSING_KINDS = ("gcn_zca", "gcn_lcn", "scale", "standardize")
 GCN_SCALE = 55.0  # pylearn2 CIFAR-10 gcn=55.: global_contrast_normalize(scale=55, sqrt_bias=0, use_std=False)
 ZCA_FILTER_BIAS = 0.1  # pylearn2 ZCA(filter_bias=0.1), as in the Maxout CIFAR-10 setup
@@ -183,6 +185,8 @@ def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
     Returns:
         The fitted `Preprocessing`.
     """
+    if len(train_images) == 0:
+        raise NinError(f"no training images to fit the {kind!r} preprocessing on")
     preprocessing = Preprocessing(kind)
     if kind == "gcn_zca":
         flat = torch.cat([gcn(chunk.float()).reshape(len(chunk), -1) for chunk in train_images.split(APPLY_CHUNK)])

@@ -571,10 +571,10 @@ def _check_prototxt(prototxt: str | os.PathLike, model: NiN, arch: str) -> None:
 def _fitted_preprocessing(preprocessing, config, arch: str, data_dir: str | os.PathLike | None):
     """``preprocessing`` as a fitted `Preprocessing`: a kind is fitted on CIFAR-10's training images (the
     kinds that need data) or on nothing; a fitted one is returned as it is."""
-    from nin.transforms import Preprocessing, fit_preprocessing
+    from nin.transforms import FITTED_KINDS, Preprocessing, fit_preprocessing
 
     if isinstance(preprocessing, str):
-        needs_data = preprocessing in ("gcn_zca", "standardize")
+        needs_data = preprocessing in FITTED_KINDS
         if needs_data and (config.in_channels, config.input_size) != (3, 32):
             raise NinError(f"--preprocessing {preprocessing} is fitted on CIFAR-10's 3×32×32 training images; "
                            f"{arch} takes {config.in_channels}×{config.input_size}×{config.input_size} inputs")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from nin.errors import NinError
 
 PREPROCESSING_KINDS = ("gcn_zca", "gcn_lcn", "scale", "standardize")
+FITTED_KINDS = ("gcn_zca", "standardize")  # the kinds with statistics fitted on the training images
 GCN_SCALE = 55.0  # pylearn2 CIFAR-10 gcn=55.: global_contrast_normalize(scale=55, sqrt_bias=0, use_std=False)
 ZCA_FILTER_BIAS = 0.1  # pylearn2 ZCA(filter_bias=0.1), as in the Maxout CIFAR-10 setup
 APPLY_CHUNK = 8192  # images per chunk when preprocessing a whole split (bounds float32 temporaries)
@@ -185,7 +186,7 @@ def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
     Returns:
         The fitted `Preprocessing`.
     """
-    if len(train_images) == 0:
+    if len(train_images) == 0 and kind in FITTED_KINDS:
         raise NinError(f"no training images to fit the {kind!r} preprocessing on")
     preprocessing = Preprocessing(kind)
     if kind == "gcn_zca":

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,29 @@ def test_train_evaluate_predict(data_root, tmp_path, capsys):
     assert main(["predict", str(run), str(not_image)]) == 1
     err = capsys.readouterr().err
     assert "notes.txt" in err and err.count("\n") == 1
+
+
+def test_predict_dark_ink_on_light_paper(data_root, tmp_path, capsys):
+    """Real MNIST test digits drawn as a user would photograph them (dark ink, light paper, larger, RGB): the
+    shipped MNIST weights say so and, with --invert, read them right."""
+    from nin.data import load_dataset
+
+    test = load_dataset("mnist", "test", data_root)
+    paper = []
+    for i in range(4):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(255 - test.images[i, 0].numpy()).resize((112, 112)).convert("RGB").save(path)
+        paper.append(str(path))
+    weights = str(Path(__file__).parents[1] / "weights" / "fast-mnist.safetensors")
+    assert main(["predict", weights, *paper, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "4 of 4 images" in captured.err and "--invert" in captured.err and captured.err.count("\n") == 1
+    assert main(["predict", weights, *paper, "--json", "--invert"]) == 0
+    captured = capsys.readouterr()
+    predicted = [int(p["top"][0]["class"]) for p in json.loads(captured.out)["predictions"]]
+    assert predicted == test.labels[:4].tolist() and captured.err == ""
+    assert main(["predict", weights, str(tmp_path / "digit0.png"), "--invert", "--backend", "torch-fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]["class"] == str(int(test.labels[0]))
 
 
 def test_resume_refuses_flags_that_would_change_the_run(data_root, tmp_path, capsys):

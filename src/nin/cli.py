@@ -98,6 +98,9 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch (default: nin's inference path, as `nin evaluate`), torch-fp32, torch-folded, torchscript, "
                         "onnxruntime or openvino: the same probabilities through another engine (docs/deploy.md)")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--invert", action="store_true",
+                   help="score 255 - each pixel: dark ink on light paper for weights trained on light-on-dark images "
+                        "(MNIST, Fashion-MNIST)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -287,6 +290,15 @@ def _image_paths(items: list[str]) -> list[Path]:
     return paths
 
 
+LIGHT_ON_DARK = ("mnist", "fashion-mnist")  # data sets whose images are a light object on a black background
+
+
+def _light_background(image) -> bool:
+    """Whether a uint8 (C, H, W) image's border is mostly light: the opposite of MNIST's black background."""
+    border = [image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]]
+    return float(sum(part.float().mean() for part in border)) / 4 > 127
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
@@ -307,16 +319,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         backend = load_runner(args.backend, args.weights)
         runner = lambda batch: torch.from_numpy(backend(batch))  # noqa: E731
     k = min(args.top_k, config.num_classes)
-    results = []
+    results, light = [], []
     for start in range(0, len(paths), args.batch_size):  # one batch in memory at a time: folders of any size
         chunk = paths[start:start + args.batch_size]
         batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
+        if args.invert:
+            batch = 255 - batch
+        elif meta.get("dataset") in LIGHT_ON_DARK:
+            light += [path for path, image in zip(chunk, batch) if _light_background(image)]
         probabilities = runner(batch)
         top = probabilities.topk(k, dim=1)
         results += [{"image": str(path),
                      "top": [{"class": classes[i], "index": int(i), "probability": float(p)}
                              for p, i in zip(values.tolist(), indices.tolist())]}
                     for path, values, indices in zip(chunk, top.values, top.indices)]
+    if light:
+        print(f"nin predict: {len(light)} of {len(paths)} images (first: {light[0]}) look like dark ink on a light "
+              f"background; {meta['dataset']} weights expect a light object on a dark background: try --invert",
+              file=sys.stderr)
     if args.output:
         _write_predictions(Path(args.output), results)
         print(f"nin predict: {len(results)} images -> {args.output}")

@@ -83,26 +83,53 @@ def test_train_evaluate_predict(data_root, tmp_path, capsys):
 
 
 def test_predict_dark_ink_on_light_paper(data_root, tmp_path, capsys):
-    """Real MNIST test digits drawn as a user would photograph them (dark ink, light paper, larger, RGB): the
-    shipped MNIST weights say so and, with --invert, read them right."""
+    """Real MNIST test digits as a user would photograph them (dark ink on white or grey paper, larger, RGB, one
+    with a dark scanner edge): the shipped MNIST weights say so after the listing and, with --invert, read them
+    right; digits already light on black get the opposite advice."""
     from nin.data import load_dataset
 
     test = load_dataset("mnist", "test", data_root)
+    digits = test.images[:4, 0].numpy().astype(np.float64) / 255  # ink amount, 0..1
     paper = []
-    for i in range(4):
+    for i, (level, ink) in enumerate([(255, 0), (200, 20), (230, 40), (255, 0)]):
+        pixels = np.round(level + (ink - level) * digits[i])
+        if i == 3:
+            pixels[:, :2] = 0  # a dark edge down one side
         path = tmp_path / f"digit{i}.png"
-        Image.fromarray(255 - test.images[i, 0].numpy()).resize((112, 112)).convert("RGB").save(path)
+        Image.fromarray(pixels.astype(np.uint8)).resize((112, 112)).convert("RGB").save(path)
         paper.append(str(path))
     weights = str(Path(__file__).parents[1] / "weights" / "fast-mnist.safetensors")
-    assert main(["predict", weights, *paper, "--json"]) == 0
+    assert main(["predict", weights, *paper]) == 0
     captured = capsys.readouterr()
-    assert "4 of 4 images" in captured.err and "--invert" in captured.err and captured.err.count("\n") == 1
+    assert captured.err.count("\n") == 1 and "4 of 4 images (first: " in captured.err and "with --invert" in captured.err
+    assert captured.out.index(paper[-1]) > 0  # the listing is on stdout; the hint, after it, on stderr
     assert main(["predict", weights, *paper, "--json", "--invert"]) == 0
     captured = capsys.readouterr()
     predicted = [int(p["top"][0]["class"]) for p in json.loads(captured.out)["predictions"]]
     assert predicted == test.labels[:4].tolist() and captured.err == ""
-    assert main(["predict", weights, str(tmp_path / "digit0.png"), "--invert", "--backend", "torch-fp32", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]["class"] == str(int(test.labels[0]))
+    assert main(["predict", weights, paper[1], "--invert", "--backend", "torch-fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]["class"] == str(int(test.labels[1]))
+
+    mnist_like = tmp_path / "mnist_like.png"
+    Image.fromarray(test.images[0, 0].numpy()).save(mnist_like)
+    assert main(["predict", weights, str(mnist_like), "--invert"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 1 image (first: " in err and "score them without --invert" in err
+    assert main(["predict", "fast-cifar10", *paper]) == 0 and capsys.readouterr().err == ""  # CIFAR-10: no advice
+
+
+def test_predict_output_is_checked_before_scoring(tmp_path, capsys, monkeypatch):
+    import nin.data.readers
+
+    def refuse(*_):
+        raise AssertionError("an image was read before --output was checked")
+
+    monkeypatch.setattr(nin.data.readers, "read_image", refuse)
+    (tmp_path / "taken.csv").write_text("mine")
+    for output in ("preds.txt", "taken.csv"):
+        assert main(["predict", "fast-mnist", str(tmp_path / "x.png"), "--output", str(tmp_path / output)]) == 1
+        assert output in capsys.readouterr().err
+    assert (tmp_path / "taken.csv").read_text() == "mine"
 
 
 def test_resume_refuses_flags_that_would_change_the_run(data_root, tmp_path, capsys):

@@ -18,7 +18,9 @@ from nin.transforms import (
     fit_preprocessing,
     gaussian_kernel,
     gcn,
+    invert_ink,
     lcn,
+    looks_dark_on_light,
 )
 
 
@@ -123,6 +125,28 @@ def test_fitting_on_no_images(kind):
     else:  # nothing to fit: the preprocessing works on other images
         images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(fit_preprocessing(kind, none)(images)).all()
+
+
+def test_invert_ink_makes_grey_paper_black_and_ink_white():
+    images = torch.full((2, 1, 10, 10), 200, dtype=torch.uint8)  # grey paper
+    images[:, :, 3:7, 4:6] = 20  # dark ink
+    images[1, :, 3:7, 6] = 110  # and a half-tone edge on the second
+    out = invert_ink(images)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert (out[:, :, 0] == 0).all() and (out[:, :, 3:7, 4:6] == 255).all()
+    assert int(out[1, 0, 4, 6]) == 128  # halfway between paper and ink stays halfway
+    blank = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    assert (invert_ink(blank) == 0).all()  # nothing drawn: black, no division by zero
+
+
+def test_looks_dark_on_light_ignores_frames():
+    digit = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    digit[:, :, 8:20, 12:16] = 255  # light strokes on black, as MNIST
+    framed = digit.clone()
+    framed[1, :, :3] = 255  # a white frame's top rows
+    paper = 255 - digit
+    paper[2, :, :, :2] = 0  # dark ink on white paper with a dark scanner edge
+    assert looks_dark_on_light(torch.cat([digit[:1], framed[1:2], paper[2:]])).tolist() == [False, False, True]
 
 
 def test_flip_and_translate():

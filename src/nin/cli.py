@@ -99,8 +99,8 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
                         "onnxruntime or openvino: the same probabilities through another engine (docs/deploy.md)")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--invert", action="store_true",
-                   help="score 255 - each pixel: dark ink on light paper for weights trained on light-on-dark images "
-                        "(MNIST, Fashion-MNIST)")
+                   help="dark ink on light paper for weights trained on light-on-black images (MNIST, Fashion-MNIST): "
+                        "255 - each pixel, levels stretched so the paper is black and the strongest ink white")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -290,22 +290,20 @@ def _image_paths(items: list[str]) -> list[Path]:
     return paths
 
 
-LIGHT_ON_DARK = ("mnist", "fashion-mnist")  # data sets whose images are a light object on a black background
-
-
-def _light_background(image) -> bool:
-    """Whether a uint8 (C, H, W) image's border is mostly light: the opposite of MNIST's black background."""
-    border = [image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]]
-    return float(sum(part.float().mean() for part in border)) / 4 > 127
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from nin.checkpoint import load_weights
     from nin.classifier import Classifier
+    from nin.data.datasets import LIGHT_ON_DARK
     from nin.data.readers import read_image
+    from nin.errors import NinError
+    from nin.transforms import invert_ink, looks_dark_on_light
 
+    if args.output and Path(args.output).suffix.lower() not in (".csv", ".jsonl"):  # before any image is scored
+        raise NinError(f"--output {args.output}: expected a .csv or .jsonl file name")
+    if args.output and Path(args.output).exists():
+        raise NinError(f"--output {args.output}: exists; not overwriting it (choose a new file name)")
     model, preprocessing, meta = load_weights(args.weights)
     config = model.config
     paths = _image_paths(args.images)
@@ -319,24 +317,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         backend = load_runner(args.backend, args.weights)
         runner = lambda batch: torch.from_numpy(backend(batch))  # noqa: E731
     k = min(args.top_k, config.num_classes)
-    results, light = [], []
+    results, odd = [], []
     for start in range(0, len(paths), args.batch_size):  # one batch in memory at a time: folders of any size
         chunk = paths[start:start + args.batch_size]
         batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
+        if meta.get("dataset") in LIGHT_ON_DARK:  # which images look the other way round from what is expected
+            odd += [path for path, light in zip(chunk, looks_dark_on_light(batch).tolist()) if light != args.invert]
         if args.invert:
-            batch = 255 - batch
-        elif meta.get("dataset") in LIGHT_ON_DARK:
-            light += [path for path, image in zip(chunk, batch) if _light_background(image)]
+            batch = invert_ink(batch)
         probabilities = runner(batch)
         top = probabilities.topk(k, dim=1)
         results += [{"image": str(path),
                      "top": [{"class": classes[i], "index": int(i), "probability": float(p)}
                              for p, i in zip(values.tolist(), indices.tolist())]}
                     for path, values, indices in zip(chunk, top.values, top.indices)]
-    if light:
-        print(f"nin predict: {len(light)} of {len(paths)} images (first: {light[0]}) look like dark ink on a light "
-              f"background; {meta['dataset']} weights expect a light object on a dark background: try --invert",
-              file=sys.stderr)
     if args.output:
         _write_predictions(Path(args.output), results)
         print(f"nin predict: {len(results)} images -> {args.output}")
@@ -347,7 +341,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(result["image"])
             for item in result["top"]:
                 print(f"  {item['probability']:7.2%}  {item['class']}")
+    if odd:  # after the listing, where a long one does not scroll it away
+        print(_polarity_hint(odd, len(paths), args.invert, meta.get("dataset")), file=sys.stderr)
     return 0
+
+
+def _polarity_hint(odd: list, total: int, inverted: bool, dataset: str | None) -> str:
+    """One line for images whose polarity is the other way round from what the weights (and --invert) expect."""
+    which = f"{len(odd)} of {total} image{'s' if total > 1 else ''} (first: {odd[0]})"
+    if inverted:
+        return (f"nin predict: {which} already look light on a dark background, as the weights expect; "
+                f"--invert turned them dark on light: score them without --invert")
+    return (f"nin predict: {which} look dark on a light background; {dataset} weights expect light on a dark "
+            f"background: score them with --invert")
 
 
 def _write_predictions(path: Path, results: list[dict]) -> None:

@@ -207,6 +207,23 @@ def build_preprocessing(kind: str, state: dict[str, torch.Tensor]) -> Preprocess
     return Preprocessing(kind, state)
 
 
+def looks_dark_on_light(images: torch.Tensor) -> torch.Tensor:
+    """Which images of a batch (N, C, H, W), on the 0..255 scale, are mostly light: dark ink on light paper, the
+    opposite of MNIST's light strokes on black. The median pixel decides (a frame or a desk edge does not)."""
+    return images.flatten(1).float().median(dim=1).values > 127
+
+
+def invert_ink(images: torch.Tensor) -> torch.Tensor:
+    """Dark ink on light paper -> light on black, as MNIST draws it: 255 - each pixel, then each image's levels
+    stretched so that its paper (the 10th percentile after inverting) is 0 and its strongest ink 255, so grey
+    paper becomes black too. uint8 (N, C, H, W) in, uint8 out."""
+    flat = (255.0 - images.flatten(1).float())
+    paper = flat.quantile(0.1, dim=1, keepdim=True)
+    ink = flat.amax(dim=1, keepdim=True)
+    stretched = (flat - paper) * 255.0 / (ink - paper).clamp_min(1.0)
+    return stretched.clamp(0, 255).round().to(torch.uint8).view_as(images)
+
+
 def batch_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Flip each image left-right with probability 0.5, the whole batch at once.
 

@@ -89,6 +89,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 DATASET_NAMES = (*DATASETS, FOLDER.name)  # what --dataset accepts
+LIGHT_ON_DARK = ("mnist", "fashion-mnist")  # data sets of light strokes or objects on a black background
 
 LOSSLESS_CIFAR10_NAME = "cifar10-lossless-first1000"  # shared/data's pixel-exact first 1,000 official test images
 

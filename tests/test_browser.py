@@ -24,7 +24,7 @@ if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
 pytest.importorskip("playwright", reason="playwright (Python) not installed; the browser itself comes from Debian")
 pytest.importorskip("uvicorn", reason="nin serve needs the serve extra")
-from playwright.sync_api import sync_playwright  # noqa: E402
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 
 def _free_port() -> int:
@@ -33,11 +33,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def _serve(weights: str):
+    """`nin serve weights` in a subprocess on a free port: yields its URL, stops it after."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "nin", "serve", str(WEIGHTS), "--port", str(port)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "nin", "serve", weights, "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -53,6 +53,16 @@ def server():
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from _serve(str(WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def mnist_server():
+    yield from _serve("fast-mnist")
 
 
 def test_page_classifies_an_uploaded_test_image(server, data_root, tmp_path):
@@ -90,3 +100,44 @@ def test_page_classifies_an_uploaded_test_image(server, data_root, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "serve_demo.png").stat().st_size > 10_000
+
+
+def test_page_inverts_dark_ink_on_paper_for_mnist_weights(mnist_server, data_root, tmp_path):
+    """MNIST weights: the page offers the invert box, says when an upload is dark on light, and reads it right
+    once the box is ticked."""
+    import numpy as np
+
+    data = load_dataset("mnist", "test", data_root)
+    label = str(int(data.labels[0]))
+    scan = tmp_path / "scan.png"
+    Image.fromarray((255 - data.images[0, 0].numpy()).astype(np.uint8)).resize((140, 140)).save(scan)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 820, "height": 560})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(mnist_server + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('mnist')")
+            assert page.locator("#invert-row").is_visible()
+            page.set_input_files("#file", str(scan))
+            status = page.locator("#status")  # (the page's CSP forbids eval: wait with locators, not functions)
+            expect(status).to_contain_text("with invert=true", timeout=30_000)
+            page.check("#invert")  # classifies the same file again, inverted
+            expect(status).to_have_text(f"scan.png: {label}", timeout=30_000)
+            assert page.locator("#top li").first.locator(".name").inner_text() == label
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_cifar10_page_has_no_invert_box(server):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('cifar10')")
+            assert not page.locator("#invert-row").is_visible()
+        finally:
+            browser.close()

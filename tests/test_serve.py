@@ -1,6 +1,7 @@
 """nin serve through FastAPI's TestClient: real CIFAR-10 test images, every refusal a 4xx JSON, still serving after."""
 
 import io
+import json
 import struct
 import warnings
 import zlib
@@ -152,3 +153,35 @@ def test_default_top_k_fits_a_model_with_few_classes(tmp_path):
     response = client.post("/predict", files={"file": ("x.png", buffer.getvalue(), "image/png")})
     assert response.status_code == 200, response.text
     assert len(response.json()["top"]) == 3
+
+
+def test_mnist_uploads_read_as_nin_predict_reads_them(data_root, tmp_path, capsys):
+    """MNIST weights: a digit drawn only in alpha (a stencil), and dark ink on grey paper with and without
+    invert, give what `nin predict` gives for the same files; the hint says which way round an upload is."""
+    from nin.cli import main
+
+    test = load_dataset("mnist", "test", data_root)
+    ink = test.images[0, 0].numpy()
+    stencil = np.zeros((28, 28, 4), dtype=np.uint8)
+    stencil[..., 3] = ink  # black strokes on a transparent background
+    paper = np.round(210 - 190 * (ink / 255)).astype(np.uint8)  # dark ink on grey paper
+    files = {"stencil.png": Image.fromarray(stencil, "RGBA").resize((84, 84)),
+             "paper.png": Image.fromarray(paper).resize((84, 84)).convert("RGB")}
+    client = TestClient(create_app("fast-mnist"))
+    assert client.get("/health").json()["light_on_dark"] is True
+    label = str(int(test.labels[0]))
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        flags = ["--invert"] if name == "paper.png" else []
+        assert main(["predict", "fast-mnist", str(tmp_path / name), "--json", *flags]) == 0
+        expected = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+        answer = client.post(f"/predict?invert={bool(flags)}",
+                             files={"file": (name, (tmp_path / name).read_bytes(), "image/png")}).json()
+        assert answer["top"][0]["class"] == expected[0]["class"] == label, (name, answer["top"][0], expected[0])
+        assert abs(answer["top"][0]["probability"] - expected[0]["probability"]) < 0.02 and "hint" not in answer
+    plain = client.post("/predict", files={"file": ("paper.png", (tmp_path / "paper.png").read_bytes(), "image/png")})
+    assert "send it with invert=true" in plain.json()["hint"]
+    stencil_inverted = client.post("/predict?invert=true",
+                                   files={"file": ("s.png", (tmp_path / "stencil.png").read_bytes(), "image/png")})
+    assert "send it without invert" in stencil_inverted.json()["hint"]
+    assert TestClient(create_app(WEIGHTS)).get("/health").json()["light_on_dark"] is False

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from nin.data.readers import as_seen
 from nin.errors import NinError
 
 __all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "DecodedImage", "decode_image",
@@ -76,7 +77,7 @@ def decode_image(data: bytes, image_size: int, channels: int, max_pixels: int = 
                 width, height = image.size  # from the header, before any pixel is decoded
                 if width * height > max_pixels:
                     raise RequestError(413, f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
-                image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+                image = as_seen(image).convert("L" if channels == 1 else "RGB")  # as `nin predict` reads files
     except RequestError:
         raise
     except UnidentifiedImageError:
@@ -148,17 +149,19 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     """The FastAPI application serving ``weights`` (a weights file or run folder), loaded once, on the CPU."""
     from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
 
+    from nin.data.datasets import LIGHT_ON_DARK
     from nin.export import build_exported
     from nin.runtime import select_precision
+    from nin.transforms import invert_ink, looks_dark_on_light
 
     # nin's inference path: batch norm folded, bf16 where the CPU runs it fast (as `nin predict`)
     module, meta = build_exported(weights, select_precision("auto", torch.device("cpu")) or torch.float32)
     config = module.model.config
     classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
+    light_on_dark = meta.get("dataset") in LIGHT_ON_DARK  # MNIST-style weights: a hint for dark-on-light uploads
     lock = threading.Lock()
-    pages = {name: _static(name) for name in ("index.html", *STATIC_FILES)}
     with torch.no_grad():
         module(torch.zeros(1, config.in_channels, config.input_size, config.input_size, dtype=torch.uint8))  # warm-up
 
@@ -174,22 +177,38 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         """The model being served."""
         return {"status": "ok", "dataset": meta.get("dataset"), "classes": classes,
                 "input": [config.in_channels, config.input_size, config.input_size], "tta_flip": module.tta_flip,
-                "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
+                "light_on_dark": light_on_dark, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
 
-    def classify(data: bytes, top_k: int) -> dict:
+    def classify(data: bytes, top_k: int, invert: bool) -> dict:
         decoded = decode_image(data, config.input_size, config.in_channels, max_pixels)
+        pixels = decoded.pixels[None]
+        odd = light_on_dark and bool(looks_dark_on_light(pixels)) != invert
         with lock, torch.no_grad():
-            probabilities, maps = module(decoded.pixels[None])  # (1, K), (1, K, h, w)
-        return _prediction(probabilities[0], maps[0], classes, decoded, top_k)
+            probabilities, maps = module(invert_ink(pixels) if invert else pixels)  # (1, K), (1, K, h, w)
+        answer = _prediction(probabilities[0], maps[0], classes, decoded, top_k)
+        if odd:
+            answer["hint"] = _polarity_hint(meta.get("dataset"), invert)
+        return answer
 
     @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request,
                       top_k: int = Query(min(5, len(classes)), ge=1, le=len(classes),
-                                         description="how many classes")) -> dict:
+                                         description="how many classes"),
+                      invert: bool = Query(False, description="dark ink on light paper: inverted as "
+                                           "`nin predict --invert` does (for MNIST-style weights)")) -> dict:
         """Top-k classes of an uploaded image (multipart field `file`, or the raw image as the body)."""
         data = await _read_upload(request, max_upload_bytes)
-        return await run_in_threadpool(classify, data, top_k)
+        return await run_in_threadpool(classify, data, top_k, invert)
 
+    _add_page(app)
+    return app
+
+
+def _add_page(app) -> None:
+    """The web page's routes: / and its /static/ files, read once, with a strict content-security policy."""
+    from fastapi.responses import JSONResponse, Response
+
+    pages = {name: _static(name) for name in ("index.html", *STATIC_FILES)}
     headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff"}
 
     @app.get("/", include_in_schema=False)
@@ -202,7 +221,13 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             return JSONResponse({"error": "not found"}, status_code=404)
         return Response(pages[name], media_type=STATIC_FILES[name], headers=headers)
 
-    return app
+
+def _polarity_hint(dataset: str | None, invert: bool) -> str:
+    """/predict's hint for an upload the other way round from what MNIST-style weights (and ``invert``) expect."""
+    if invert:
+        return f"this image looks light on a dark background already, as {dataset} images are: send it without invert"
+    return (f"this image looks dark on a light background; {dataset} weights expect light on a dark background: "
+            f"send it with invert=true")
 
 
 # /predict's body in the OpenAPI page: a multipart field `file`, or the raw image

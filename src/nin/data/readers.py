@@ -493,7 +493,7 @@ def _composite(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(seen).astype(np.uint8), "RGB")
 
 
-def _as_seen(image: Image.Image) -> Image.Image:
+def as_seen(image: Image.Image) -> Image.Image:
     """The picture a viewer shows: EXIF orientation applied, high bit depths scaled to 8 bits, alpha composited."""
     try:
         image = ImageOps.exif_transpose(image)
@@ -534,7 +534,7 @@ def read_photo(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     `nin visualize --images` draws the class map on it; the square `read_image` crops is its centre square.
     """
     assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
-    return _decode(path, max_pixels, lambda image: _as_seen(image).convert("L" if channels == 1 else "RGB"))
+    return _decode(path, max_pixels, lambda image: as_seen(image).convert("L" if channels == 1 else "RGB"))
 
 
 def _decode(path: Path, max_pixels: int, convert):
@@ -565,7 +565,7 @@ def image_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch
         uint8 tensor (channels, image_size, image_size).
     """
     assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
-    image = _as_seen(image).convert("L" if channels == 1 else "RGB")
+    image = as_seen(image).convert("L" if channels == 1 else "RGB")
     width, height = image.size  # after the EXIF rotation
     scale = image_size / min(width, height)
     resized_width, resized_height = max(image_size, round(width * scale)), max(image_size, round(height * scale))

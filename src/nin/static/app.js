@@ -9,12 +9,17 @@ const photo = document.getElementById("photo");
 const overlay = document.getElementById("overlay");
 const caption = document.getElementById("caption");
 const topList = document.getElementById("top");
+const invert = document.getElementById("invert");
+let lastFile = null;
 
 fetch("/health").then((r) => r.json()).then((health) => {
   const [c, h, w] = health.input;
   document.getElementById("model").textContent =
     `${health.dataset}: ${health.classes.length} classes, ${c}×${h}×${w} input` + (health.tta_flip ? ", flip-averaged" : "");
+  // MNIST-style weights (light on black): offer to invert dark ink on paper, as `nin predict --invert`
+  document.getElementById("invert-row").hidden = !health.light_on_dark;
 });
+invert.addEventListener("change", () => { if (lastFile) classify(lastFile); });
 
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -31,12 +36,13 @@ function say(text, isError = false) {
 }
 
 async function classify(file) {
+  lastFile = file;
   say(`Classifying ${file.name}…`);
   const body = new FormData();
   body.append("file", file);
   let response, answer;
   try {
-    response = await fetch("/predict", { method: "POST", body });
+    response = await fetch(`/predict?invert=${invert.checked}`, { method: "POST", body });
     answer = await response.json();
   } catch (error) {
     say("The server did not answer.", true);
@@ -51,7 +57,7 @@ async function classify(file) {
   showTop(answer.top);
   drawMap(answer.confidence_map);
   result.hidden = false;
-  say(`${file.name}: ${answer.top[0].class}`);
+  say(`${file.name}: ${answer.top[0].class}` + (answer.hint ? ` (${answer.hint})` : ""));
 }
 
 function showPhoto(file) {

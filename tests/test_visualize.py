@@ -3,6 +3,7 @@ its print size (at most 7 in wide, no text under 9 pt) in the format asked for."
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,6 +269,22 @@ def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys):
         predictions = model(preprocessing(test.images[:200])).argmax(dim=1)
     accuracy = float((predictions == test.labels[:200]).double().mean())
     assert stats["gap_accuracy"] == pytest.approx(accuracy, abs=0.02)  # the command may run in bf16
+
+
+def test_images_inverted_as_nin_predict_inverts_them(data_root, tmp_path, capsys):
+    """A real MNIST test digit in dark ink on grey paper: `--invert` predicts it as `nin predict --invert` does."""
+    test = load_dataset("mnist", "test", data_root)
+    scan = tmp_path / "scan.png"
+    Image.fromarray(np.round(210 - 190 * test.images[0, 0].numpy() / 255).astype(np.uint8)).resize((90, 90)).save(scan)
+    weights = str(Path(__file__).resolve().parents[1] / "weights" / "fast-mnist.safetensors")
+    assert main(["predict", weights, str(scan), "--invert", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]
+    assert expected["class"] == str(int(test.labels[0]))
+    for flags, right in (([], False), (["--invert"], True)):
+        assert main(["visualize", weights, "--data-dir", str(data_root), "--out", str(tmp_path / f"f{len(flags)}"),
+                     "--limit", "20", "--images", str(scan), *flags]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{scan}: "))
+        assert (line == f"{scan}: {expected['class']} ({expected['probability']:.1%})") == right, line
 
 
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):

@@ -645,6 +645,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/figures, or WEIGHTS_STEM-figures)")
     parser.add_argument("--images", nargs="+", default=[], metavar="FILE", help="also overlay these image files")
+    parser.add_argument("--invert", action="store_true",
+                        help="read --images as `nin predict --invert` does: dark ink on light paper for MNIST-style weights")
     parser.add_argument("--per-class", type=int, default=1, metavar="K",
                         help="test images per class in the figures (default 1)")
     parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
@@ -663,19 +665,20 @@ def _output_folder(weights: Path, out: str | None) -> Path:
 
 
 def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
-                   amp_dtype: torch.dtype | None, meta: dict) -> Path:
+                   amp_dtype: torch.dtype | None, meta: dict, invert: bool = False) -> Path:
     """The user's own photos, each at its own resolution under its predicted class's map. The prediction is
-    `nin predict`'s: the same conversion (`read_image`), model (``served``, an `InferenceModel`) and test-time
-    flips."""
+    `nin predict`'s: the same conversion (`read_image`, and `invert_ink` with ``invert``), model (``served``, an
+    `InferenceModel`) and test-time flips; the photos are drawn as given."""
     from nin.data.readers import read_image, read_photo
     from nin.evaluate import predict_logits
+    from nin.transforms import invert_ink
 
     model = served.model
     config = model.config
     device = next(model.parameters()).device
     photos = [read_photo(Path(p), config.in_channels) for p in images]
-    batch = preprocessing(torch.stack([read_image(Path(p), config.input_size, config.in_channels)
-                                       for p in images]).to(device))
+    pixels = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in images])
+    batch = preprocessing((invert_ink(pixels) if invert else pixels).to(device))
     maps = confidence_maps(model, batch, amp_dtype)
     logits = predict_logits(served, batch, tta_flip=bool(meta.get("tta_flip")))
     probabilities, predictions = logits.softmax(dim=1).max(dim=1)
@@ -750,7 +753,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.images:
         written.append(_user_overlays(served, preprocessing, args.images, classes, out / f"overlays_images.{fmt}",
-                                      amp_dtype, meta))
+                                      amp_dtype, meta, invert=args.invert))
 
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
     if runs:

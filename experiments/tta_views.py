@@ -4,9 +4,9 @@
 
 Scores one set of weights on the CIFAR-10 copy's 10,000 test images and the 1,000 pixel-exact ones with
 the logits averaged over: the image alone; + its mirror (what `nin evaluate` does for weights with
-``tta_flip``); and + translations by ±``--shift`` pixels (across only, or across and up/down) (zero padding in the preprocessed space, i.e.
-the training augmentation's fill) of both. Every variant runs nin's inference path
-(`nin.inference.inference_model`), so the only difference is the views.
+``tta_flip``); and + translations of both by ±``--shift`` pixels, across only (6 views) or across and up/down
+(10 views), with zero padding in the preprocessed space (the training augmentation's fill). Every variant runs
+nin's inference path (`nin.inference.inference_model`), so the only difference is the views.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def views(shifts: list[int]) -> dict[str, list[tuple[bool, int, int]]]:
     for shift in shifts:
         across = [(shift, 0), (-shift, 0)]
         moves = across + [(0, shift), (0, -shift)]
-        plans[f"flip + ±{shift} px across (6 views)"] = plans["flip (2 views)"] + [(f, *m) for f in (False, True) for m in across]
-        plans[f"flip + ±{shift} px (10 views)"] = plans["flip (2 views)"] + [(f, *m) for f in (False, True) for m in moves]
+        flips = plans["flip (2 views)"]
+        plans[f"flip + ±{shift} px across (6 views)"] = flips + [(f, *m) for f in (False, True) for m in across]
+        plans[f"flip + ±{shift} px (10 views)"] = flips + [(f, *m) for f in (False, True) for m in moves]
     return plans
 
 

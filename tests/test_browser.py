@@ -122,7 +122,7 @@ def test_page_inverts_dark_ink_on_paper_for_mnist_weights(mnist_server, data_roo
             assert page.locator("#invert-row").is_visible()
             page.set_input_files("#file", str(scan))
             status = page.locator("#status")  # (the page's CSP forbids eval: wait with locators, not functions)
-            expect(status).to_contain_text("with invert=true", timeout=30_000)
+            expect(status).to_contain_text("it looks dark on light: tick", timeout=30_000)
             page.check("#invert")  # classifies the same file again, inverted
             expect(status).to_have_text(f"scan.png: {label}", timeout=30_000)
             assert page.locator("#top li").first.locator(".name").inner_text() == label

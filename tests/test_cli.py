@@ -101,8 +101,9 @@ def test_predict_dark_ink_on_light_paper(data_root, tmp_path, capsys):
     weights = str(Path(__file__).parents[1] / "weights" / "fast-mnist.safetensors")
     assert main(["predict", weights, *paper]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and "4 of 4 images (first: " in captured.err and "with --invert" in captured.err
-    assert captured.out.index(paper[-1]) > 0  # the listing is on stdout; the hint, after it, on stderr
+    assert captured.err.count("\n") == 1 and "4 of 4 images (first: " in captured.err
+    assert "look dark on a light background; mnist weights" in captured.err
+    assert "score them with --invert" in captured.err
     assert main(["predict", weights, *paper, "--json", "--invert"]) == 0
     captured = capsys.readouterr()
     predicted = [int(p["top"][0]["class"]) for p in json.loads(captured.out)["predictions"]]
@@ -114,8 +115,11 @@ def test_predict_dark_ink_on_light_paper(data_root, tmp_path, capsys):
     Image.fromarray(test.images[0, 0].numpy()).save(mnist_like)
     assert main(["predict", weights, str(mnist_like), "--invert"]) == 0
     err = capsys.readouterr().err
-    assert "1 of 1 image (first: " in err and "score them without --invert" in err
+    assert err == (f"nin predict: {mnist_like} looks light on a dark background already, as mnist weights expect; "
+                   f"--invert made it dark on light: score it without --invert\n")
     assert main(["predict", "fast-cifar10", *paper]) == 0 and capsys.readouterr().err == ""  # CIFAR-10: no advice
+    assert main(["predict", "fast-cifar10", paper[0], "--invert"]) == 0
+    assert "these are cifar10 weights, so the images were scored as negatives" in capsys.readouterr().err
 
 
 def test_predict_output_is_checked_before_scoring(tmp_path, capsys, monkeypatch):

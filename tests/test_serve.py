@@ -184,4 +184,9 @@ def test_mnist_uploads_read_as_nin_predict_reads_them(data_root, tmp_path, capsy
     stencil_inverted = client.post("/predict?invert=true",
                                    files={"file": ("s.png", (tmp_path / "stencil.png").read_bytes(), "image/png")})
     assert "send it without invert" in stencil_inverted.json()["hint"]
-    assert TestClient(create_app(WEIGHTS)).get("/health").json()["light_on_dark"] is False
+    cifar = TestClient(create_app(WEIGHTS))
+    assert cifar.get("/health").json()["light_on_dark"] is False
+    upload = {"file": ("p.png", (tmp_path / "paper.png").read_bytes(), "image/png")}
+    negative = cifar.post("/predict?invert=true", files=upload)
+    assert "these are cifar10 weights, so the image was scored as a negative" in negative.json()["hint"]
+    assert "hint" not in cifar.post("/predict", files=upload).json()

@@ -139,6 +139,17 @@ def test_invert_ink_makes_grey_paper_black_and_ink_white():
     assert (invert_ink(blank) == 0).all()  # nothing drawn: black, no division by zero
 
 
+def test_invert_ink_on_noisy_unevenly_lit_paper():
+    generator = torch.Generator().manual_seed(0)
+    light = torch.linspace(-20, 20, 28).view(1, 1, 1, 28)  # lighter on the right
+    paper = (210 + light + 12 * torch.randn(4, 1, 28, 28, generator=generator)).clamp(0, 255)
+    ink = torch.zeros(4, 1, 28, 28, dtype=torch.bool)
+    ink[:, :, 6:22, 12:16] = True  # a stroke, 8% of the image
+    images = torch.where(ink, torch.full_like(paper, 30), paper).round().to(torch.uint8)
+    out = invert_ink(images).float()
+    assert out[~ink].median() == 0 and out[~ink].mean() < 25  # the paper becomes (nearly) black
+    assert out[ink].mean() > 200  # the ink bright
+
 def test_looks_dark_on_light_ignores_frames():
     digit = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
     digit[:, :, 8:20, 12:16] = 255  # light strokes on black, as MNIST

@@ -287,6 +287,11 @@ def test_images_inverted_as_nin_predict_inverts_them(data_root, tmp_path, capsys
         assert (line == f"{scan}: {expected['class']} ({expected['probability']:.1%})") == right, line
 
 
+def test_invert_without_images_is_an_error(tmp_path, capsys):
+    assert main(["visualize", "fast-mnist", "--out", str(tmp_path / "out"), "--invert"]) == 1
+    assert "--invert applies to --images" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["visualize", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
     assert "error" in capsys.readouterr().err

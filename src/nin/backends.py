@@ -146,11 +146,13 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
         if not info_path.is_file():
             raise NinError(f"{path}: its sidecar {info_path.name} is missing")
         return _exported_runner(backend, path, len(json.loads(info_path.read_text())["classes"]))
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino"):
         import importlib.util
 
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise NinError('--backend onnxruntime needs the onnxruntime package: pip install "network-in-network[onnx]"')
+        package, extra = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}[backend]
+        if importlib.util.find_spec(package) is None:
+            raise NinError(f'--backend {backend} needs the {package} package: '
+                           f'pip install "network-in-network[{extra}]"')
     if export_dir is None:
         export_dir = tempfile.mkdtemp(prefix="nin-export-")
     target = Path(export_dir) / f"model{_EXPORTED_SUFFIX[backend]}"

@@ -297,13 +297,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from nin.classifier import Classifier
     from nin.data.datasets import LIGHT_ON_DARK
     from nin.data.readers import read_image
-    from nin.errors import NinError
-    from nin.transforms import invert_ink, looks_dark_on_light
+    from nin.transforms import invert_ink, odd_polarity
 
-    if args.output and Path(args.output).suffix.lower() not in (".csv", ".jsonl"):  # before any image is scored
-        raise NinError(f"--output {args.output}: expected a .csv or .jsonl file name")
-    if args.output and Path(args.output).exists():
-        raise NinError(f"--output {args.output}: exists; not overwriting it (choose a new file name)")
+    if args.output:
+        _check_output(Path(args.output))  # before any image is scored
     model, preprocessing, meta = load_weights(args.weights)
     config = model.config
     paths = _image_paths(args.images)
@@ -321,8 +318,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for start in range(0, len(paths), args.batch_size):  # one batch in memory at a time: folders of any size
         chunk = paths[start:start + args.batch_size]
         batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
-        if meta.get("dataset") in LIGHT_ON_DARK:  # which images look the other way round from what is expected
-            odd += [path for path, light in zip(chunk, looks_dark_on_light(batch).tolist()) if light != args.invert]
+        odd += [path for path, flag in zip(chunk, odd_polarity(batch, meta.get("dataset"), args.invert)) if flag]
         if args.invert:
             batch = invert_ink(batch)
         probabilities = runner(batch)
@@ -343,17 +339,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"  {item['probability']:7.2%}  {item['class']}")
     if odd:  # after the listing, where a long one does not scroll it away
         print(_polarity_hint(odd, len(paths), args.invert, meta.get("dataset")), file=sys.stderr)
+    if args.invert and meta.get("dataset") not in LIGHT_ON_DARK:
+        print(f"nin predict: --invert is for weights trained on light-on-black images ({', '.join(LIGHT_ON_DARK)}); "
+              f"these are {meta.get('dataset')} weights, so the images were scored as negatives", file=sys.stderr)
     return 0
 
 
 def _polarity_hint(odd: list, total: int, inverted: bool, dataset: str | None) -> str:
     """One line for images whose polarity is the other way round from what the weights (and --invert) expect."""
-    which = f"{len(odd)} of {total} image{'s' if total > 1 else ''} (first: {odd[0]})"
+    which = f"{odd[0]} looks" if len(odd) == 1 else f"{len(odd)} of {total} images (first: {odd[0]}) look"
+    them = "it" if len(odd) == 1 else "them"
     if inverted:
-        return (f"nin predict: {which} already look light on a dark background, as the weights expect; "
-                f"--invert turned them dark on light: score them without --invert")
-    return (f"nin predict: {which} look dark on a light background; {dataset} weights expect light on a dark "
-            f"background: score them with --invert")
+        return (f"nin predict: {which} light on a dark background already, as {dataset} weights expect; "
+                f"--invert made {them} dark on light: score {them} without --invert")
+    return (f"nin predict: {which} dark on a light background; {dataset} weights expect light on a dark "
+            f"background: score {them} with --invert")
+
+
+def _check_output(path: Path) -> None:
+    """--output must be a new .csv or .jsonl file."""
+    from nin.errors import NinError
+
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise NinError(f"--output {path}: expected a .csv or .jsonl file name")
+    if path.exists():
+        raise NinError(f"--output {path}: exists; not overwriting it (choose a new file name)")
 
 
 def _write_predictions(path: Path, results: list[dict]) -> None:
@@ -361,11 +371,11 @@ def _write_predictions(path: Path, results: list[dict]) -> None:
     import csv
 
     from nin.checkpoint import atomic_write_bytes
-    from nin.errors import NinError
 
+    _check_output(path)
     if path.suffix.lower() == ".jsonl":
         text = "".join(json.dumps(r) + "\n" for r in results)
-    elif path.suffix.lower() == ".csv":
+    else:  # .csv
         import io
 
         buffer = io.StringIO()
@@ -375,10 +385,6 @@ def _write_predictions(path: Path, results: list[dict]) -> None:
         for r in results:
             writer.writerow([r["image"], *[v for item in r["top"] for v in (item["class"], f"{item['probability']:.6f}")]])
         text = buffer.getvalue()
-    else:
-        raise NinError(f"--output {path}: expected a .csv or .jsonl file name")
-    if path.exists():
-        raise NinError(f"--output {path}: exists; not overwriting it (choose a new file name)")
     atomic_write_bytes(path, text.encode())
 
 

@@ -244,8 +244,7 @@ def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET
     try:
         import openvino
     except ModuleNotFoundError:
-        raise NinError('openvino (--format or --backend openvino) needs the openvino package: '
-                       'pip install "network-in-network[openvino]"') from None
+        raise NinError('--format openvino needs the openvino package: pip install "network-in-network[openvino]"') from None
     module, meta = build_exported(weights)
     path = Path(path)
     if path.suffix != ".xml":

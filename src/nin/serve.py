@@ -154,13 +154,13 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     from nin.data.datasets import LIGHT_ON_DARK
     from nin.export import build_exported
     from nin.runtime import select_precision
-    from nin.transforms import invert_ink, looks_dark_on_light
+    from nin.transforms import invert_ink, odd_polarity
 
     # nin's inference path: batch norm folded, bf16 where the CPU runs it fast (as `nin predict`)
     module, meta = build_exported(weights, select_precision("auto", torch.device("cpu")) or torch.float32)
     config = module.model.config
     classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
-    light_on_dark = meta.get("dataset") in LIGHT_ON_DARK  # MNIST-style weights: a hint for dark-on-light uploads
+    light_on_dark = meta.get("dataset") in LIGHT_ON_DARK  # MNIST-style weights: the page offers invert
     lock = threading.Lock()
     with torch.no_grad():
         module(torch.zeros(1, config.in_channels, config.input_size, config.input_size, dtype=torch.uint8))  # warm-up
@@ -182,13 +182,11 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     def classify(data: bytes, top_k: int, invert: bool) -> dict:
         decoded = decode_image(data, config.input_size, config.in_channels, max_pixels)
         pixels = decoded.pixels[None]
-        odd = light_on_dark and bool(looks_dark_on_light(pixels)) != invert
+        hint = _upload_hint(meta.get("dataset"), invert, bool(odd_polarity(pixels, meta.get("dataset"), invert)))
         with lock, torch.no_grad():
             probabilities, maps = module(invert_ink(pixels) if invert else pixels)  # (1, K), (1, K, h, w)
         answer = _prediction(probabilities[0], maps[0], classes, decoded, top_k)
-        if odd:
-            answer["hint"] = _polarity_hint(meta.get("dataset"), invert)
-        return answer
+        return {**answer, "hint": hint} if hint else answer
 
     @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request,
@@ -222,8 +220,16 @@ def _add_page(app) -> None:
         return Response(pages[name], media_type=STATIC_FILES[name], headers=headers)
 
 
-def _polarity_hint(dataset: str | None, invert: bool) -> str:
-    """/predict's hint for an upload the other way round from what MNIST-style weights (and ``invert``) expect."""
+def _upload_hint(dataset: str | None, invert: bool, odd: bool) -> str | None:
+    """/predict's hint: ``invert`` for weights that do not take it, or an upload (``odd``) the other way round from
+    what MNIST-style weights (and ``invert``) expect; None when all is as expected."""
+    from nin.data.datasets import LIGHT_ON_DARK
+
+    if invert and dataset not in LIGHT_ON_DARK:
+        return (f"invert=true is for weights trained on light-on-black images ({', '.join(LIGHT_ON_DARK)}); these "
+                f"are {dataset} weights, so the image was scored as a negative")
+    if not odd:
+        return None
     if invert:
         return f"this image looks light on a dark background already, as {dataset} images are: send it without invert"
     return (f"this image looks dark on a light background; {dataset} weights expect light on a dark background: "

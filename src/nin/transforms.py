@@ -210,18 +210,32 @@ def build_preprocessing(kind: str, state: dict[str, torch.Tensor]) -> Preprocess
 def looks_dark_on_light(images: torch.Tensor) -> torch.Tensor:
     """Which images of a batch (N, C, H, W), on the 0..255 scale, are mostly light: dark ink on light paper, the
     opposite of MNIST's light strokes on black. The median pixel decides (a frame or a desk edge does not)."""
+    assert images.ndim == 4, f"expected a batch (N, C, H, W), got shape {tuple(images.shape)}"
     return images.flatten(1).float().median(dim=1).values > 127
 
 
 def invert_ink(images: torch.Tensor) -> torch.Tensor:
     """Dark ink on light paper -> light on black, as MNIST draws it: 255 - each pixel, then each image's levels
-    stretched so that its paper (the 10th percentile after inverting) is 0 and its strongest ink 255, so grey
-    paper becomes black too. uint8 (N, C, H, W) in, uint8 out."""
-    flat = (255.0 - images.flatten(1).float())
-    paper = flat.quantile(0.1, dim=1, keepdim=True)
+    stretched so that its paper (the median, the paper being most of the image) is 0 and its strongest ink (the
+    darkest pixel, a dark scanner edge included) 255: grey, noisy or unevenly lit paper becomes black too.
+    uint8 (N, C, H, W) in, uint8 out."""
+    assert images.ndim == 4, f"expected a batch (N, C, H, W), got shape {tuple(images.shape)}"
+    flat = 255.0 - images.flatten(1).float()
+    paper = flat.median(dim=1, keepdim=True).values
     ink = flat.amax(dim=1, keepdim=True)
     stretched = (flat - paper) * 255.0 / (ink - paper).clamp_min(1.0)
     return stretched.clamp(0, 255).round().to(torch.uint8).view_as(images)
+
+
+def odd_polarity(images: torch.Tensor, dataset: str | None, invert: bool) -> torch.Tensor:
+    """Which images look the other way round from what weights trained on ``dataset`` expect, given ``invert``:
+    for MNIST-style (light on black) weights, dark-on-light images without ``invert`` and light-on-dark ones with
+    it; for other data sets none. A bool per image of the batch (N, C, H, W)."""
+    from nin.data.datasets import LIGHT_ON_DARK
+
+    if dataset not in LIGHT_ON_DARK:
+        return torch.zeros(len(images), dtype=torch.bool)
+    return looks_dark_on_light(images) != invert
 
 
 def batch_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

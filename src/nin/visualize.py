@@ -646,7 +646,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: RUN_DIR/figures, or WEIGHTS_STEM-figures)")
     parser.add_argument("--images", nargs="+", default=[], metavar="FILE", help="also overlay these image files")
     parser.add_argument("--invert", action="store_true",
-                        help="read --images as `nin predict --invert` does: dark ink on light paper for MNIST-style weights")
+                        help="read --images as `nin predict --invert` does (dark ink on paper, MNIST-style weights)")
     parser.add_argument("--per-class", type=int, default=1, metavar="K",
                         help="test images per class in the figures (default 1)")
     parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
@@ -771,6 +771,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise NinError(f"--batch-size {args.batch_size}: expected at least 1")
     if args.limit is not None and args.limit < 1:
         raise NinError(f"--limit {args.limit}: expected at least 1")
+    if args.invert and not args.images:
+        raise NinError("--invert applies to --images: give the image files to read inverted")
 
 
 def _print_summary(report: dict, fmt: str, written: list[Path]) -> None:

@@ -11,6 +11,7 @@ const caption = document.getElementById("caption");
 const topList = document.getElementById("top");
 const invert = document.getElementById("invert");
 let lastFile = null;
+let latest = 0;  // the newest request: an older answer arriving after it is dropped
 
 fetch("/health").then((r) => r.json()).then((health) => {
   const [c, h, w] = health.input;
@@ -37,27 +38,33 @@ function say(text, isError = false) {
 
 async function classify(file) {
   lastFile = file;
+  const request = ++latest, inverted = invert.checked;
   say(`Classifying ${file.name}…`);
   const body = new FormData();
   body.append("file", file);
   let response, answer;
   try {
-    response = await fetch(`/predict?invert=${invert.checked}`, { method: "POST", body });
+    response = await fetch(`/predict?invert=${inverted}`, { method: "POST", body });
     answer = await response.json();
   } catch (error) {
-    say("The server did not answer.", true);
+    if (request === latest) say("The server did not answer.", true);
     return;
   }
+  if (request !== latest) return;
   if (!response.ok) {
     result.hidden = true;
     say(answer.error || JSON.stringify(answer.detail), true);
     return;
   }
   await showPhoto(file);
+  if (request !== latest) return;
   showTop(answer.top);
   drawMap(answer.confidence_map);
   result.hidden = false;
-  say(`${file.name}: ${answer.top[0].class}` + (answer.hint ? ` (${answer.hint})` : ""));
+  // the server's hint means the image looks the other way round from what the weights (and the box) expect
+  const advice = inverted ? "it looks light on dark already: untick “dark ink on light paper”"
+                           : "it looks dark on light: tick “dark ink on light paper”";
+  say(`${file.name}: ${answer.top[0].class}` + (answer.hint ? ` (${advice})` : ""));
 }
 
 function showPhoto(file) {

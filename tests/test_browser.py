@@ -1,5 +1,6 @@
 """The web page in a real browser: `nin serve` in a subprocess, Debian's headless Chromium driven by Playwright."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -9,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -65,79 +67,68 @@ def mnist_server():
     yield from _serve("fast-mnist")
 
 
-def test_page_classifies_an_uploaded_test_image(server, data_root, tmp_path):
-    data = load_dataset("cifar10-lossless-first1000", "test", data_root)
-    assert data.classes[int(data.labels[0])] == "cat"  # test image 0, which the shipped weights get right
-    photo = tmp_path / "cat.png"
-    Image.fromarray(data.images[0].permute(1, 2, 0).numpy()).save(photo)
+@contextlib.contextmanager
+def _page(url: str, dataset: str):
+    """The page at ``url`` in headless Chromium, once it names the ``dataset`` model; a page error fails the test.
+    (The page's CSP forbids eval: wait with locators, not with JavaScript functions.)"""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 820, "height": 560})
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('cifar10')")
-            page.set_input_files("#file", str(photo))
-            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
-            top = page.locator("#top li")
-            assert top.count() == 5
-            assert top.first.locator(".name").inner_text() == "cat"
-            overlay = page.locator("#overlay")
-            assert overlay.is_visible()
-            box = overlay.bounding_box()
-            assert box["width"] > 200 and box["height"] > 200  # drawn over the whole (scaled-up) photo
-            assert page.evaluate("document.getElementById('overlay').width") == 32  # the photo's own resolution
-            painted = page.evaluate("""() => {
-                const c = document.getElementById('overlay');
-                return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).some((v, i) => i % 4 == 3 && v > 0);
-            }""")
-            assert painted, "the confidence map was not drawn"
-            page.screenshot(path=str(tmp_path / "serve_demo.png"), full_page=True)
-            if os.environ.get("NIN_SAVE_SCREENSHOT"):  # regenerate the docs figure on purpose only
-                shutil.copy(tmp_path / "serve_demo.png", REPO / "docs" / "figures" / "serve_demo.png")
+            page.goto(url + "/")
+            expect(page.locator("#model")).to_contain_text(dataset, timeout=30_000)
+            yield page
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_page_classifies_an_uploaded_test_image(server, data_root, tmp_path):
+    data = load_dataset("cifar10-lossless-first1000", "test", data_root)
+    assert data.classes[int(data.labels[0])] == "cat"  # test image 0, which the shipped weights get right
+    photo = tmp_path / "cat.png"
+    Image.fromarray(data.images[0].permute(1, 2, 0).numpy()).save(photo)
+    with _page(server, "cifar10") as page:
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+        top = page.locator("#top li")
+        assert top.count() == 5
+        assert top.first.locator(".name").inner_text() == "cat"
+        overlay = page.locator("#overlay")
+        assert overlay.is_visible()
+        box = overlay.bounding_box()
+        assert box["width"] > 200 and box["height"] > 200  # drawn over the whole (scaled-up) photo
+        assert page.evaluate("document.getElementById('overlay').width") == 32  # the photo's own resolution
+        painted = page.evaluate("""() => {
+            const c = document.getElementById('overlay');
+            return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).some((v, i) => i % 4 == 3 && v > 0);
+        }""")
+        assert painted, "the confidence map was not drawn"
+        page.screenshot(path=str(tmp_path / "serve_demo.png"), full_page=True)
+        if os.environ.get("NIN_SAVE_SCREENSHOT"):  # regenerate the docs figure on purpose only
+            shutil.copy(tmp_path / "serve_demo.png", REPO / "docs" / "figures" / "serve_demo.png")
     assert (tmp_path / "serve_demo.png").stat().st_size > 10_000
 
 
 def test_page_inverts_dark_ink_on_paper_for_mnist_weights(mnist_server, data_root, tmp_path):
     """MNIST weights: the page offers the invert box, says when an upload is dark on light, and reads it right
     once the box is ticked."""
-    import numpy as np
-
     data = load_dataset("mnist", "test", data_root)
     label = str(int(data.labels[0]))
     scan = tmp_path / "scan.png"
     Image.fromarray((255 - data.images[0, 0].numpy()).astype(np.uint8)).resize((140, 140)).save(scan)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 820, "height": 560})
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(mnist_server + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('mnist')")
-            assert page.locator("#invert-row").is_visible()
-            page.set_input_files("#file", str(scan))
-            status = page.locator("#status")  # (the page's CSP forbids eval: wait with locators, not functions)
-            expect(status).to_contain_text("it looks dark on light: tick", timeout=30_000)
-            page.check("#invert")  # classifies the same file again, inverted
-            expect(status).to_have_text(f"scan.png: {label}", timeout=30_000)
-            assert page.locator("#top li").first.locator(".name").inner_text() == label
-            assert not errors, errors
-        finally:
-            browser.close()
+    with _page(mnist_server, "mnist") as page:
+        assert page.locator("#invert-row").is_visible()
+        page.set_input_files("#file", str(scan))
+        status = page.locator("#status")
+        expect(status).to_contain_text("it looks dark on light: tick", timeout=30_000)
+        page.check("#invert")  # classifies the same file again, inverted
+        expect(status).to_have_text(f"scan.png: {label}", timeout=30_000)
+        assert page.locator("#top li").first.locator(".name").inner_text() == label
 
 
 def test_cifar10_page_has_no_invert_box(server):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto(server + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('cifar10')")
-            assert not page.locator("#invert-row").is_visible()
-        finally:
-            browser.close()
+    with _page(server, "cifar10") as page:
+        assert not page.locator("#invert-row").is_visible()

@@ -47,6 +47,14 @@ def test_table5_trains_six_heads_on_one_schedule():
     assert "--augment" in aug and "--recipe" in aug and aug[aug.index("--recipe") + 1] == "paper"
 
 
+def test_cifar10_runs_also_score_the_exact_1000_and_checkpoint_as_asked(data_root):
+    argv = plan("table1", data_dir=str(data_root), checkpoint_every=200)[0].argv
+    exact = data_root / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin"
+    assert f"extra_eval={exact}" in argv and argv[argv.index("--checkpoint-every") + 1] == "200"
+    mnist = plan("table4", data_dir=str(data_root))[0].argv
+    assert not any(a.startswith("extra_eval=") for a in mnist) and "--checkpoint-every" not in mnist
+
+
 def test_table5_small_runs_three_heads_identically_but_for_the_head(capsys):
     runs = plan("table5-small")
     models = [r.argv[r.argv.index("--model") + 1] for r in runs]

@@ -101,6 +101,14 @@ EXPERIMENTS: dict[str, tuple[str, tuple[RunSpec, ...]]] = {
 }
 
 
+def exact_1000_file(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The pixel-exact first 1,000 official CIFAR-10 test images in the data folder, or None."""
+    from nin.data.datasets import resolve_root
+
+    path = resolve_root(data_dir) / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin"
+    return path if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class PlannedRun:
     name: str
@@ -113,8 +121,13 @@ class PlannedRun:
 
 
 def plan(experiment: str, *, out_root: str | os.PathLike = "runs", data_dir: str | None = None,
-         epochs: int | None = None, train_subset: int | None = None, gpu: bool = False) -> list[PlannedRun]:
-    """The `nin train` invocations of ``experiment`` (a key of EXPERIMENTS), in the order they run."""
+         epochs: int | None = None, train_subset: int | None = None, gpu: bool = False,
+         checkpoint_every: int = 0) -> list[PlannedRun]:
+    """The `nin train` invocations of ``experiment`` (a key of EXPERIMENTS), in the order they run.
+
+    A CIFAR-10 run is also scored at each evaluation on the pixel-exact first 1,000 official test images
+    (``extra_eval``) when the data folder has them; ``checkpoint_every`` (steps, 0 = each epoch) is passed on.
+    """
     if experiment not in EXPERIMENTS:
         raise NinError(f"unknown experiment {experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
     runs = []
@@ -126,6 +139,9 @@ def plan(experiment: str, *, out_root: str | os.PathLike = "runs", data_dir: str
         if spec.augment is not None:
             argv.append("--augment" if spec.augment else "--no-augment")
         argv += ["--out", str(run_dir)]
+        exact = exact_1000_file(data_dir) if spec.dataset == "cifar10" else None
+        if exact is not None and not any(s.startswith("extra_eval=") for s in spec.sets):
+            argv += ["--set", f"extra_eval={exact}"]
         if spec.fixed_schedule:
             total = epochs or PAPER_EPOCHS
             drops = ",".join(str(max(1, round(total * d / PAPER_EPOCHS))) for d in PAPER_DROPS)
@@ -138,6 +154,8 @@ def plan(experiment: str, *, out_root: str | os.PathLike = "runs", data_dir: str
             argv += ["--set", setting]
         if data_dir:
             argv += ["--data-dir", str(data_dir)]
+        if checkpoint_every:
+            argv += ["--checkpoint-every", str(checkpoint_every)]
         if gpu:
             argv += ["--device", "cuda"]
         runs.append(PlannedRun(spec.name, run_dir, tuple(argv)))
@@ -644,6 +662,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
         p.add_argument("--dry-run", action="store_true", help="print the nin train commands and exit")
         p.add_argument("--gpu", action="store_true", help="train on cuda (--device cuda)")
+        p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                       help="also checkpoint every STEPS optimizer steps (default: at the end of each epoch)")
         _add_record_arguments(p)
 
     p = sub.add_parser("record", help="record a finished run: results/<name>.json, weights/<name>.safetensors")
@@ -691,7 +711,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     runs = plan(args.experiment, out_root=args.out_root, data_dir=args.data_dir, epochs=args.epochs,
-                train_subset=args.train_subset, gpu=args.gpu)
+                train_subset=args.train_subset, gpu=args.gpu, checkpoint_every=args.checkpoint_every)
     if args.dry_run:
         for planned in runs:
             print(planned.command)

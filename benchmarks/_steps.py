@@ -1,4 +1,4 @@
-"""The timed loop the training-step benchmarks share: warm-up steps, then timed `nin.train.train_step` calls."""
+"""The timed loop the training-step benchmarks share: warm-up steps, then timed `nin.engine.train_step` calls."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from nin.train import train_step
+from nin.engine import train_step
 
 
 def seconds_for_steps(model, optimizer, images: torch.Tensor, labels: torch.Tensor, *, cfg, amp_dtype,

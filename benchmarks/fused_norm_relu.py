@@ -6,7 +6,7 @@ Batch norm and ReLU are about 44% of nin's CPU training step (docs/performance.m
 memory traffic: each reads and writes the whole activation in the forward pass and again in the backward.
 This compiles each MLPConv block on its own (`torch.compile(block)`: the convolutions stay oneDNN calls,
 inductor fuses the batch-norm statistics, normalisation and ReLU around them, forward and backward) and
-times `nin.train.train_step` on the fast recipe's nin_cifar10 (bf16 autocast where the CPU has it,
+times `nin.engine.train_step` on the fast recipe's nin_cifar10 (bf16 autocast where the CPU has it,
 channels_last) with random images: eager, the per-block compiled model, and eager again to show the drift
 of a shared host. Prints images/s, the ratio against eager, and the compile time.
 """
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from nin.config import recipe
+from nin.engine import recipe
 from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
-from nin.train import make_optimizer, train_step
+from nin.engine import make_optimizer, train_step
 
 from _steps import seconds_for_steps
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nin.backends import BACKENDS, available_backends, format_table, time_backends
+from nin.deploy.backends import BACKENDS, available_backends, format_table, time_backends
 from nin.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]

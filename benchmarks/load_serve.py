@@ -119,7 +119,7 @@ def batching_gain(weights: str, batch: int = 8, repeats: int = 20) -> dict:
     """Seconds for ``batch`` one-image forwards against one forward of ``batch`` images (medians)."""
     import torch
 
-    from nin.export import build_exported
+    from nin.deploy.export import build_exported
 
     module, _ = build_exported(weights)
     config = module.model.config

@@ -4,7 +4,7 @@
 
 The lever: on a 2-core CPU, one process with two threads splits every convolution across the cores and
 synchronises at each operator; two DDP processes with one thread each run whole steps independently and
-meet once per step to all-reduce the gradients (gloo, shared memory). Both sides take `nin.train.train_step`
+meet once per step to all-reduce the gradients (gloo, shared memory). Both sides take `nin.engine.train_step`
 steps on the fast recipe's nin_cifar10 (batch norm, bf16 autocast where the CPU has it, channels_last) with
 random images, at the same global batch: 128 on one process, 64 on each of two. It prints images/s and the
 ratio against one process × two threads, which is timed again at the end to show the drift of a shared host.
@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from nin.config import recipe
+from nin.engine import recipe
 from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
-from nin.train import make_optimizer
+from nin.engine import make_optimizer
 
 from _steps import seconds_for_steps
 

@@ -19,13 +19,13 @@ import time
 import torch
 from torch import nn
 
-from nin.bench import matmul_peak
+from nin.tools.bench import matmul_peak
 from nin.inference import optimize_for_inference
 from nin.models import get_model
 from nin.runtime import keep_freed_memory
-from nin.config import recipe
+from nin.engine import recipe
 from nin.runtime import select_precision
-from nin.train import make_optimizer, train_step
+from nin.engine import make_optimizer, train_step
 
 
 def conv_table(model: nn.Module, images: torch.Tensor, repeats: int, peak: float) -> list[str]:

@@ -3,7 +3,7 @@
     python benchmarks/step_sizes.py                  # batch 128/256 at 32 px and 24 px, 2 threads
 
 Measures the levers behind progressive resizing (`small_size`: the first epochs on 24 px images) and larger
-batches: `nin.train.train_step` on nin_cifar10 with the fast recipe's model (batch norm, bf16 autocast where the
+batches: `nin.engine.train_step` on nin_cifar10 with the fast recipe's model (batch norm, bf16 autocast where the
 CPU has it, channels_last), random images, 2 warm-up and 6 timed steps per setting, and prints images/s with
 the ratio against the first setting (batch 128 at 32 px, today's default), which is timed again at the end to
 show the drift of a shared host.
@@ -15,10 +15,10 @@ import argparse
 
 import torch
 
-from nin.config import recipe
+from nin.engine import recipe
 from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
-from nin.train import make_optimizer
+from nin.engine import make_optimizer
 
 from _steps import seconds_for_steps
 

@@ -1,4 +1,4 @@
-"""Training and inference throughput of nin's engine against a plain PyTorch port (see nin.bench).
+"""Training and inference throughput of nin's engine against a plain PyTorch port (see nin.tools.bench).
 
     NIN_DATA=../shared/data .venv/bin/python benchmarks/throughput.py --steps 20
     .venv/bin/python benchmarks/throughput.py --quick --json
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nin import bench
+from nin.tools import bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -21,6 +21,6 @@ for mode in eager compiled; do
     flags=(--device cuda --steps 50 --warmup 10 --compile --json)
     [ "$mode" = compiled ] && flags+=(--compile-train --warmup 20)
     "$PYTHON" -m nin bench "${flags[@]}" > "results/bench-$gpu-$mode.json"
-    "$PYTHON" -c "import json, sys; from nin.bench import report; print(report(json.load(open(sys.argv[1]))))" \
+    "$PYTHON" -c "import json, sys; from nin.tools.bench import report; print(report(json.load(open(sys.argv[1]))))" \
         "results/bench-$gpu-$mode.json"
 done

@@ -43,7 +43,7 @@ say "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 bench_flags=(--device "$DEVICE" --steps 50 --warmup 10 --json)
 [ -n "${EXTRA:-}" ] && bench_flags=(--device "$DEVICE" --quick --json)
 timeout "${BENCH_S:-90}" "$PYTHON" -m nin bench "${bench_flags[@]}" > "$OUT/bench.json" 2> "$RUNS/bench.log" \
-    && "$PYTHON" -c "import json, sys; from nin.bench import report; print(report(json.load(open(sys.argv[1]))))" \
+    && "$PYTHON" -c "import json, sys; from nin.tools.bench import report; print(report(json.load(open(sys.argv[1]))))" \
         "$OUT/bench.json" | tee -a "$summary" || say "bench: failed or timed out (see bench.log in runs.tar)"
 
 train() {  # name, seconds, flags...

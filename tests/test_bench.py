@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nin.bench import forward_flops
+from nin.tools.bench import forward_flops
 from nin.cli import main
 from nin.inference import optimize_for_inference
 from nin.models import get_model

@@ -1,4 +1,4 @@
-"""nin.caffe: the authors' CIFAR-10 weights score 896/1,000; synthetic V1 and new-format files; bad files.
+"""nin.tools.caffe: the authors' CIFAR-10 weights score 896/1,000; synthetic V1 and new-format files; bad files.
 
 The synthetic files are written in the genuine protobuf wire format by the small encoder below, with
 caffe.proto's field numbers (NetParameter, V1LayerParameter, LayerParameter, BlobProto, BlobShape).
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from nin.caffe import import_caffe, read_caffemodel
-from nin.checkpoint import load_weights
+from nin.tools.caffe import import_caffe, read_caffemodel
+from nin.pretrained import load
 from nin.cli import main
 from nin.data import TensorLoader, load_cifar10_lossless_first1000, load_dataset
 from nin.errors import NinError
@@ -119,7 +119,7 @@ def v1_cifar_model(state: dict[str, torch.Tensor], pools=(0, 1)) -> bytes:
 
 
 def assert_same_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
-    model, _, meta = load_weights(path)
+    model, _, meta = load(path)
     loaded = model.state_dict()
     assert set(loaded) == set(state)
     for name, tensor in state.items():
@@ -293,7 +293,7 @@ def authors_weights(data_root, tmp_path_factory) -> Path:
 
 def test_authors_weights_score_896_of_the_exact_1000(authors_weights, data_root):
     """89.6%, the zoo's number, on the pixel-exact official test images; as `nin evaluate` runs it, and in fp32."""
-    model, preprocessing, meta = load_weights(authors_weights)
+    model, preprocessing, meta = load(authors_weights)
     assert meta["dataset"] == "cifar10" and meta["tta_flip"] is False and meta["preprocessing"] == "gcn_zca"
     assert meta["source"]["sha256"] == CAFFEMODEL_SHA256 and meta["source"]["arch"] == "nin_cifar10_caffe"
     data = load_cifar10_lossless_first1000(data_root)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from nin.cli import build_parser, main
-from nin.train import recipe, train
+from nin.engine import recipe, train
 
 
 def _subcommands() -> list[str]:
@@ -123,12 +123,12 @@ def test_predict_dark_ink_on_light_paper(data_root, tmp_path, capsys):
 
 
 def test_predict_output_is_checked_before_scoring(tmp_path, capsys, monkeypatch):
-    import nin.data.readers
+    import nin.tools.predict
 
     def refuse(*_):
         raise AssertionError("an image was read before --output was checked")
 
-    monkeypatch.setattr(nin.data.readers, "read_image", refuse)
+    monkeypatch.setattr(nin.tools.predict, "read_image", refuse)
     (tmp_path / "taken.csv").write_text("mine")
     for output in ("preds.txt", "taken.csv"):
         assert main(["predict", "fast-mnist", str(tmp_path / "x.png"), "--output", str(tmp_path / output)]) == 1

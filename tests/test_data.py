@@ -33,7 +33,8 @@ from nin.data import (
     load_dataset,
     resolve_root,
 )
-from nin.data.readers import read_cifar_binary, read_cifar_python, read_idx, read_image
+from nin.data.images import read_image
+from nin.data.readers import read_cifar_binary, read_cifar_python, read_idx
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

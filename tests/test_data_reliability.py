@@ -28,13 +28,12 @@ from data_fixtures import (
     write_svhn_mat,
 )
 from nin.data import DataError, load_dataset
+from nin.data.images import read_image, read_image_folder
 from nin.data.readers import (
     read_cifar_binary,
     read_cifar_python,
     read_cifar_python_names,
     read_idx,
-    read_image,
-    read_image_folder,
     read_pickle_dict,
     read_svhn_mat,
 )

@@ -22,12 +22,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from nin import distributed
-from nin.checkpoint import load_state, load_weights
+from nin.checkpoint import load_state
+from nin.pretrained import load
 from nin.data import TensorLoader, load_dataset
 from nin.data.loader import shard_indices
 from nin.evaluate import evaluate
 from nin.models import get_model
-from nin.train import TrainConfig, make_optimizer, recipe, train, train_step
+from nin.engine import TrainConfig, make_optimizer, recipe, train, train_step
 
 WORLD = 2
 
@@ -224,7 +225,7 @@ def test_training_run_evaluates_every_image_once(data_root, ddp_out):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     wrong = record["test_error"] * N_EVAL  # the logged error has denominator 333
     assert wrong == pytest.approx(round(wrong), abs=1e-6)
-    model, preprocessing, _ = load_weights(run)  # rank 0's weights and batch-norm statistics
+    model, preprocessing, _ = load(run)  # rank 0's weights and batch-norm statistics
     test = load_dataset("mnist", "test", str(data_root))
     x, y = preprocessing(test.images[:N_EVAL]), test.labels[:N_EVAL]
     again = evaluate(model, TensorLoader(x, y, 500, shuffle=False), num_classes=10)

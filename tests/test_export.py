@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from nin.backends import load_runner
+from nin.deploy.backends import load_runner
 from nin.cli import main
 from nin.data import load_dataset
 from nin.errors import NinError
-from nin.export import INPUT_NAME, build_exported, export_onnx, export_openvino, export_torchscript
+from nin.deploy.export import INPUT_NAME, build_exported, export_onnx, export_openvino, export_torchscript
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO / "weights" / "fast-cifar10.safetensors"  # standardize, batch norm, tta_flip

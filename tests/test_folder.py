@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nin.checkpoint import load_weights
+from nin.pretrained import load
 from nin.cli import main
 from nin.data import load_dataset
 
@@ -47,7 +47,7 @@ def run(folder, tmp_path_factory) -> Path:
 
 
 def test_folder_run_has_three_classes_in_its_weights(run):
-    model, _, meta = load_weights(run)
+    model, _, meta = load(run)
     assert model.config.num_classes == 3
     assert meta["classes"] == ["airplane", "cat", "ship"]
     assert json.loads((run / "config.json").read_text())["train_config"]["model_args"]["num_classes"] == 3
@@ -91,8 +91,8 @@ def test_fine_tuning_from_cifar10_weights_reinitialises_the_class_maps(folder, t
     assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--batch-size", "32",
                  "--init-from", str(weights), "--set", "lr=0.02", "--out", str(out), "--device", "cpu"]) == 0
     assert "re-initialised the class-map layer for these 3 classes" in capsys.readouterr().out
-    model, _, _ = load_weights(out)
-    source, _, _ = load_weights(weights)
+    model, _, _ = load(out)
+    source, _, _ = load(weights)
     assert model.config.num_classes == 3
     # the first block still carries the source's features, moved by one short epoch only
     first = "blocks.0.convs.0.weight"
@@ -113,7 +113,7 @@ def test_one_answer_for_the_same_weights_everywhere(data_root, tmp_path, capsys)
     """`nin evaluate`, `nin visualize`'s confusion matrix and the Python Classifier agree on the real test set."""
     pytest.importorskip("matplotlib")
     from nin.classifier import Classifier
-    from nin.models import get_model
+    from nin import get_model
 
     assert main(["evaluate", "fast-cifar10", "--data-dir", str(data_root), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)

@@ -9,7 +9,7 @@ import pytest
 from nin.cli import main
 from nin.data.readers import file_digest
 from nin.errors import NinError
-from nin.models import get_model
+from nin import get_model
 from nin.pretrained import PRETRAINED, get_weights, list_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_installed_wheel_scores_as_recorded(tmp_path, data_root):
 import json, torch, nin
 from nin.classifier import Classifier
 from nin.data import load_dataset
-from nin.models import get_model
+from nin import get_model
 from nin.pretrained import get_weights
 test = load_dataset("cifar10-lossless-first1000", "test", {str(data_root)!r})
 model = get_model("nin_cifar10", weights="fast-cifar10")   # fp32, the plain model with the shipped weights

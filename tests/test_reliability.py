@@ -43,10 +43,12 @@ import nin
 from nin.checkpoint import load_state, load_weights, save_state, save_weights
 from nin.cli import main
 from nin.data import DataError
-from nin.data.readers import read_cifar_binary, read_idx, read_image, read_pickle_dict
+from nin.data.images import read_image
+from nin.data.readers import read_cifar_binary, read_idx, read_pickle_dict
 from nin.errors import CheckpointError
 from nin.models import get_model
-from nin.transforms import build_preprocessing, fit_preprocessing
+from nin.pretrained import load
+from nin.transforms import Preprocessing, fit_preprocessing
 
 SRC = Path(nin.__file__).resolve().parent
 FAULT_SEED = int(os.environ.get("NIN_FAULT_SEED", random.SystemRandom().randrange(2**31)))
@@ -174,7 +176,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(baseline, tmp_pa
     metrics = lambda run: [_strip_times(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert metrics(full) == metrics(out), (note, history)
     # leftover temp files of a killed write are never taken for the checkpoint
-    load_weights(out)
+    load(out)
     assert all(p.name.endswith(".tmp") and p.name.startswith(".") for p in _temp_files(out))
 
 
@@ -225,7 +227,7 @@ def test_sigkill_mid_atomic_write_leaves_old_or_new_file(tmp_path, capsys):
     only_temps.mkdir()
     (only_temps / ".checkpoint.safetensors.abc123.tmp").write_bytes(target.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="without model.safetensors or checkpoint.safetensors"):
-        load_weights(only_temps)
+        load(only_temps)
     assert main(["train", "--resume", str(only_temps)]) == 1
     _one_line_error(capsys, "train", "no checkpoint.safetensors")
 
@@ -447,8 +449,8 @@ def test_unwritable_or_full_output_folder(capsys, tmp_path, monkeypatch):
     import shutil as shutil_module
 
     real = shutil_module.disk_usage
-    monkeypatch.setattr("nin.train.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
-    monkeypatch.setattr("nin.train._prepare_data", lambda *a, **k: pytest.fail("read data before checking the folder"))
+    monkeypatch.setattr("nin.engine.run_folder.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    monkeypatch.setattr("nin.engine.start._prepare_data", lambda *a, **k: pytest.fail("read data before checking the folder"))
     out = tmp_path / "full"
     assert main(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(out), "--device", "cpu"]) == 1
     _one_line_error(capsys, "train", str(out), "MiB free")
@@ -491,7 +493,7 @@ def _calls(text: str, name: str) -> list[str]:
 
 def test_source_never_unpickles_outside_the_restricted_unpickler():
     sources = {path.relative_to(SRC).as_posix(): path.read_text() for path in SRC.rglob("*.py")}
-    assert "checkpoint.py" in sources and "data/readers.py" in sources
+    assert "checkpoint.py" in sources and "data/pickles.py" in sources
     problems = []
     for name, text in sources.items():
         for call in _calls(text, "torch.load"):
@@ -501,13 +503,13 @@ def test_source_never_unpickles_outside_the_restricted_unpickler():
                         r"\byaml\.load\s*\(", r"\bmarshal\.loads?\s*\(", r"\bjoblib\.load\s*\(", r"\bdill\."):
             problems += [f"{name}: {m.group(0)}" for m in re.finditer(pattern, text)]
         for match in re.finditer(r"class\s+(\w+)\s*\(\s*pickle\.Unpickler\s*\)", text):
-            if (name, match.group(1)) != ("data/readers.py", "_RestrictedUnpickler"):
+            if (name, match.group(1)) != ("data/pickles.py", "_RestrictedUnpickler"):
                 problems.append(f"{name}: unpickler {match.group(1)}")
         for match in re.finditer(r"pickle\.Unpickler\s*\(", text):
             problems.append(f"{name}: plain {match.group(0)}")
     assert not problems, problems
-    readers = sources["data/readers.py"]
-    assert "def find_class" in readers and "refused to unpickle" in readers  # the allow-list is in force
+    unpickler = sources["data/pickles.py"]
+    assert "def find_class" in unpickler and "refused to unpickle" in unpickler  # the allow-list is in force
 
 
 def test_restricted_unpickler_refuses_every_global_outside_the_list(tmp_path):
@@ -567,7 +569,7 @@ def test_preprocessing_finite_and_state_round_trip(kind, train, seed):
         assert torch.isfinite(out).all(), (kind, images.unique())
     state = fitted.state_dict()
     assert all(isinstance(v, torch.Tensor) and torch.isfinite(v).all() for v in state.values())
-    rebuilt = build_preprocessing(kind, {k: v.clone() for k, v in state.items()})
+    rebuilt = Preprocessing(kind, {k: v.clone() for k, v in state.items()})
     assert torch.equal(rebuilt(test), fitted(test)) and torch.equal(rebuilt(train), fitted(train))
 
 

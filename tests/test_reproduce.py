@@ -11,8 +11,8 @@ import pytest
 
 from nin.cli import build_parser, main
 from nin.models import get_model, multiply_adds
-from nin.reproduce import EXPERIMENTS, PAPER_ROWS, TABLE5_SMALL_ROWS, plan, record_run, write_report
-from nin.train import recipe, train
+from nin.tools.reproduce import EXPERIMENTS, PAPER_ROWS, TABLE5_SMALL_ROWS, plan, record_run, write_report
+from nin.engine import recipe, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_record_run_and_report(data_root, tmp_path):
 
 
 def test_python_dash_m_reproduce_report(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "nin.reproduce", "report", "--results-dir", str(tmp_path / "none"),
+    done = subprocess.run([sys.executable, "-m", "nin", "reproduce", "report", "--results-dir", str(tmp_path / "none"),
                            "--output", str(tmp_path / "R.md"), "--no-curves"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient  # noqa: E402
 
 from nin.data import load_dataset  # noqa: E402
-from nin.serve import MAX_UPLOAD_BYTES, create_app  # noqa: E402
+from nin.deploy.serve import MAX_UPLOAD_BYTES, create_app  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "fast-cifar10.safetensors"
 

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from nin.checkpoint import load_state, load_weights
+from nin.checkpoint import load_state
+from nin.pretrained import load
 from nin.errors import NinError, NonFiniteLoss, TrainingStalled
-from nin.train import (FAST, PAPER, PlateauRule, TrainConfig, _stalled, apply_overrides, lr_at, recipe,
-                       total_steps, train)
+from nin.engine import FAST, PAPER, PlateauRule, TrainConfig, apply_overrides, lr_at, recipe, total_steps, train
+from nin.engine.loop import _stalled
 
 
 def test_paper_recipe_values():
@@ -98,7 +99,7 @@ def test_short_real_run_learns_and_writes_its_files(data_root, tmp_path):
     assert (out / "metrics.csv").read_text().startswith("epoch,")
     config = json.loads((out / "config.json").read_text())
     assert config["train_config"]["train_subset"] == 2048 and "command" in config
-    model, preprocessing, meta = load_weights(out)
+    model, preprocessing, meta = load(out)
     assert meta["dataset"] == "mnist" and len(meta["classes"]) == 10
     _, ckpt = load_state(out / "checkpoint.safetensors")
     assert ckpt["epoch"] == 3 and ckpt["step"] == 3 * 32
@@ -185,7 +186,7 @@ def test_config_json_keeps_the_starting_command_across_resumes(data_root, tmp_pa
 def test_whiten_init_whitens_conv1_on_the_preprocessed_training_images(data_root, tmp_path):
     from nin.data import load_dataset
     from nin.layers import patch_whitening_
-    from nin.train import start_run
+    from nin.engine.start import start_run
 
     cfg = dataclasses.replace(_tiny(tmp_path), data_dir=str(data_root), whiten_init=True)
     lines = []

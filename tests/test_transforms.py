@@ -11,10 +11,10 @@ from nin.data import load_dataset
 from nin.errors import NinError
 from nin.transforms import (
     Augment,
+    Preprocessing,
     Zca,
     batch_flip,
     batch_translate,
-    build_preprocessing,
     fit_preprocessing,
     gaussian_kernel,
     gcn,
@@ -105,7 +105,7 @@ def test_preprocessing_round_trip(kind):
     assert out.shape == (50, 3, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
     state = fitted.state_dict()
     assert all(isinstance(value, torch.Tensor) for value in state.values())
-    rebuilt = build_preprocessing(kind, {key: value.clone() for key, value in state.items()})
+    rebuilt = Preprocessing(kind, {key: value.clone() for key, value in state.items()})
     assert rebuilt.kind == kind and torch.equal(rebuilt(images[:50]), out)
 
 

@@ -1,4 +1,4 @@
-"""nin.visualize: the maps are the model's own pre-pooling output, the statistic counts right, every figure has
+"""nin.tools.visualize: the maps are the model's own pre-pooling output, the statistic counts right, every figure has
 its print size (at most 7 in wide, no text under 9 pt) in the format asked for."""
 
 import dataclasses
@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nin.metrics import read_metrics
+from nin.engine.metrics import read_metrics
 import torch
 from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from nin import visualize  # noqa: E402
-from nin.checkpoint import load_weights  # noqa: E402
+from nin.tools import curves, figures, visualize  # noqa: E402
+from nin.pretrained import load  # noqa: E402
 from nin.cli import main  # noqa: E402
 from nin.data import load_dataset  # noqa: E402
 from nin.errors import NinError  # noqa: E402
@@ -75,7 +75,7 @@ def test_upsample_maps_takes_the_chosen_class_bilinearly():
     maps = torch.zeros(2, 3, 4, 4)
     maps[0, 2] = 7.0
     maps[1, 1, 0, 0] = 1.0
-    heat = visualize.upsample_maps(maps, torch.tensor([2, 1]), (32, 32))
+    heat = figures.upsample_maps(maps, torch.tensor([2, 1]), (32, 32))
     assert heat.shape == (2, 32, 32)
     torch.testing.assert_close(heat[0], torch.full((32, 32), 7.0))  # a constant map stays constant
     assert heat[1, 0, 0] == heat[1].max() and heat[1, -1, -1] == 0 and 0 < heat[1, 5, 5] < 1
@@ -88,21 +88,21 @@ def test_first_per_class_takes_the_first_images_of_each_class():
     assert first_per_class(labels, 2, 4).tolist() == [1, 5, 4, 0, 2]  # class 2 absent: skipped
 
 
-WIDTH_PX = int(visualize.TEXT_WIDTH_IN * visualize.PNG_DPI)  # 2100: 7 in at 300 dpi
+WIDTH_PX = int(figures.TEXT_WIDTH_IN * figures.PNG_DPI)  # 2100: 7 in at 300 dpi
 
 
 @pytest.fixture
 def drawn(monkeypatch):
     """Every figure saved during the test, drawn, so that its text can be inspected."""
-    figures = []
-    save = visualize._save
+    saved = []
+    save = figures.save_figure
 
     def keep(figure, path):
-        figures.append(figure)
+        saved.append(figure)
         return save(figure, path)
 
-    monkeypatch.setattr(visualize, "_save", keep)
-    return figures
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return saved
 
 
 def _small_text(figure) -> list[tuple[str, float]]:
@@ -110,7 +110,7 @@ def _small_text(figure) -> list[tuple[str, float]]:
 
     figure.canvas.draw()  # tick labels exist once drawn
     return [(t.get_text(), t.get_fontsize()) for t in figure.findobj(Text)
-            if t.get_visible() and t.get_text().strip() and t.get_fontsize() < visualize.FONT_PT]
+            if t.get_visible() and t.get_text().strip() and t.get_fontsize() < figures.FONT_PT]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -118,25 +118,25 @@ def test_map_figures_print_at_text_width_with_legible_text(tmp_path, channels, d
     images = torch.randint(0, 256, (3, channels, 32, 32), dtype=torch.uint8)
     maps = torch.randn(3, 10, 8, 8)
     labels, predictions = torch.tensor([0, 1, 2]), torch.tensor([0, 4, 2])
-    path = visualize.plot_confidence_maps(images, maps, labels, predictions, CLASSES, tmp_path / "maps.png")
+    path = figures.plot_confidence_maps(images, maps, labels, predictions, CLASSES, tmp_path / "maps.png")
     assert _png_size(path)[0] == WIDTH_PX
-    path = visualize.plot_overlays(images, maps, predictions, CLASSES, tmp_path / "overlays.png", labels=labels)
+    path = figures.plot_overlays(images, maps, predictions, CLASSES, tmp_path / "overlays.png", labels=labels)
     assert _png_size(path)[0] == WIDTH_PX
     for figure in drawn:
         assert _small_text(figure) == []
-        assert figure.get_size_inches()[0] <= visualize.TEXT_WIDTH_IN
+        assert figure.get_size_inches()[0] <= figures.TEXT_WIDTH_IN
     assert "no ReLU" in " ".join(t.get_text() for t in drawn[0].texts)  # signed maps say so
 
 
 def test_signed_maps_use_a_diverging_scale_centred_at_zero(tmp_path, drawn):
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     maps = torch.randn(1, 10, 8, 8) + 0.5
-    visualize.plot_confidence_maps(images, maps, torch.tensor([0]), torch.tensor([0]), CLASSES, tmp_path / "m.png")
+    figures.plot_confidence_maps(images, maps, torch.tensor([0]), torch.tensor([0]), CLASSES, tmp_path / "m.png")
     pictures = [image for ax in drawn[0].axes for image in ax.get_images()][1:]  # the maps, after the input
     assert {p.get_cmap().name for p in pictures} == {"RdBu_r"}
     low, high = pictures[0].get_clim()
     assert low == -high and high == pytest.approx(float(maps.abs().max()))
-    rectified = visualize.plot_confidence_maps(images, maps.clamp_min(0), torch.tensor([0]), torch.tensor([0]),
+    rectified = figures.plot_confidence_maps(images, maps.clamp_min(0), torch.tensor([0]), torch.tensor([0]),
                                                CLASSES, tmp_path / "r.png")
     assert rectified.is_file()
     assert {i.get_cmap().name for ax in drawn[1].axes for i in ax.get_images()[:1]} >= {"viridis"}
@@ -145,10 +145,10 @@ def test_signed_maps_use_a_diverging_scale_centred_at_zero(tmp_path, drawn):
 @pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])
 def test_vector_formats(tmp_path, fmt, magic):
     confusion = torch.diag(torch.full((10,), 90)) + 1
-    path = visualize.plot_confusion(confusion, CLASSES, tmp_path / f"confusion.{fmt}")
+    path = figures.plot_confusion(confusion, CLASSES, tmp_path / f"confusion.{fmt}")
     assert path.read_bytes()[:5].startswith(magic)
     with pytest.raises(NinError, match="confusion.jpg"):
-        visualize.plot_confusion(confusion, CLASSES, tmp_path / "confusion.jpg")
+        figures.plot_confusion(confusion, CLASSES, tmp_path / "confusion.jpg")
 
 
 def test_many_images_and_many_classes(tmp_path, drawn):
@@ -156,24 +156,24 @@ def test_many_images_and_many_classes(tmp_path, drawn):
     maps = torch.randn(10, 100, 8, 8)
     predictions = torch.arange(10)
     classes = [f"class_with_a_long_name_{k}" for k in range(100)]
-    path = visualize.plot_overlays(images, maps, predictions, classes, tmp_path / "overlays.png",
+    path = figures.plot_overlays(images, maps, predictions, classes, tmp_path / "overlays.png",
                                    names=[f"image_{i}.png" for i in range(10)])
     assert _png_size(path)[0] == WIDTH_PX
-    path = visualize.plot_confidence_maps(images[:2], maps[:2], torch.tensor([50, 99]), predictions[:2], classes,
+    path = figures.plot_confidence_maps(images[:2], maps[:2], torch.tensor([50, 99]), predictions[:2], classes,
                                           tmp_path / "maps.png")
     assert _png_size(path)[0] == WIDTH_PX
     titles = [ax.get_title() for ax in drawn[-1].axes if ax.get_title()]
-    assert len(titles) == 2 * visualize.MANY_CLASS_PANELS and titles[0].startswith("class_w")  # cut to fit
+    assert len(titles) == 2 * figures.MANY_CLASS_PANELS and titles[0].startswith("class_w")  # cut to fit
     confusion = torch.randint(0, 5, (100, 100))
-    assert _png_size(visualize.plot_confusion(confusion, classes, tmp_path / "confusion.png")) == (WIDTH_PX, WIDTH_PX)
+    assert _png_size(figures.plot_confusion(confusion, classes, tmp_path / "confusion.png")) == (WIDTH_PX, WIDTH_PX)
     for figure in drawn:
         assert _small_text(figure) == []
 
 
 def test_confusion_figure(tmp_path, drawn):
     confusion = torch.diag(torch.full((10,), 90)) + 1
-    side = int(round((2.3 + 0.42 * 10) * visualize.PNG_DPI))
-    assert _png_size(visualize.plot_confusion(confusion, CLASSES, tmp_path / "confusion.png")) == (side, side)
+    side = int(round((2.3 + 0.42 * 10) * figures.PNG_DPI))
+    assert _png_size(figures.plot_confusion(confusion, CLASSES, tmp_path / "confusion.png")) == (side, side)
     assert _small_text(drawn[0]) == []
     assert "910/1000" in drawn[0].axes[0].get_title()  # 10 × (90 + 1) on the diagonal of 10 × 100
 
@@ -182,7 +182,7 @@ def test_photo_overlay_is_drawn_on_the_photo_at_its_resolution(tmp_path, drawn):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
     maps = torch.zeros(1, 10, 8, 8)
     maps[0, 3, :, :4] = 1.0  # the left half of class 3's map is hot
-    visualize.plot_photo_overlays([photo], maps, torch.tensor([3]), CLASSES, tmp_path / "photo.png",
+    figures.plot_photo_overlays([photo], maps, torch.tensor([3]), CLASSES, tmp_path / "photo.png",
                                   probabilities=torch.tensor([0.9]), names=["wide.png"])
     ax = drawn[0].axes[0]
     shown, heat = ax.get_images()
@@ -195,18 +195,18 @@ def test_photo_overlay_is_drawn_on_the_photo_at_its_resolution(tmp_path, drawn):
 
 
 def test_lr_per_step_follows_the_schedule():
-    from nin.config import recipe
-    from nin.schedule import lr_at
+    from nin.engine.config import recipe
+    from nin.engine.schedule import lr_at
 
     cfg = dataclasses.replace(recipe("fast", "mnist"), epochs=3, batch_size=20_000)  # 3 steps an epoch
     records = [{"epoch": e, "step": 3 * e, "lr": lr_at(3 * e - 1, cfg, 3)} for e in (1, 2, 3)]
-    xs, ys = visualize.lr_per_step(records, cfg.to_dict())
+    xs, ys = curves.lr_per_step(records, cfg.to_dict())
     assert xs == [s / 3 for s in range(9)] and ys == [lr_at(s, cfg, 3) for s in range(9)]
     assert max(ys) == pytest.approx(cfg.lr)
     plateau = dataclasses.replace(cfg, schedule="plateau").to_dict()
     records = [{"epoch": 1, "step": 3, "lr": 0.1}, {"epoch": 2, "step": 6, "lr": 0.01}]
-    assert visualize.lr_per_step(records, plateau) == ([0, 1, 1, 2], [0.1, 0.1, 0.01, 0.01])
-    assert visualize.lr_per_step(records, None) == ([1, 2], [0.1, 0.01])  # no config: the recorded points
+    assert curves.lr_per_step(records, plateau) == ([0, 1, 1, 2], [0.1, 0.1, 0.01, 0.01])
+    assert curves.lr_per_step(records, None) == ([1, 2], [0.1, 0.01])  # no config: the recorded points
 
 
 def _write_run(folder, split, errors):
@@ -222,7 +222,7 @@ def test_curves_of_several_runs(tmp_path, drawn):
     first = _write_run(tmp_path / "a", "test", [0.5, 0.3, 0.2])
     second = _write_run(tmp_path / "b", "val", [0.6, 0.4])
     assert [r["epoch"] for r in read_metrics(first)] == [1, 2, 3]
-    assert _png_size(visualize.plot_curves([first, second], tmp_path / "curves.png",
+    assert _png_size(curves.plot_curves([first, second], tmp_path / "curves.png",
                                            reference=[0.25, None]))[0] == WIDTH_PX
     assert _small_text(drawn[0]) == []
     error_axis = drawn[0].axes[1]
@@ -232,7 +232,7 @@ def test_curves_of_several_runs(tmp_path, drawn):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
-    from nin.train import recipe, train
+    from nin.engine import recipe, train
 
     cfg = dataclasses.replace(recipe("fast", "mnist"), train_subset=256, eval_subset=200, epochs=2, batch_size=64)
     out = tmp_path_factory.mktemp("visualize") / "run"
@@ -263,7 +263,7 @@ def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys):
     assert stats["n"] == 200 and stats["dataset"] == "mnist"
     for key in ("max_map_true_class", "max_map_agrees_with_gap", "gap_accuracy"):
         assert 0.0 <= stats[key] <= 1.0
-    model, preprocessing, _ = load_weights(tiny_run)
+    model, preprocessing, _ = load(tiny_run)
     test = load_dataset("mnist", "test")
     with torch.no_grad():
         predictions = model(preprocessing(test.images[:200])).argmax(dim=1)

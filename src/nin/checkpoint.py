@@ -22,78 +22,21 @@ import functools
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from nin.errors import CheckpointError
-from nin.models import NiN, NiNConfig
+from nin.files import atomic_write
+from nin.models import NiN, NiNConfig, model_config
+from nin.transforms import Preprocessing
 
-__all__ = ["atomic_write_bytes", "save_state", "load_state", "save_weights", "load_weights", "save_checkpoint",
-           "load_checkpoint", "weights_architecture", "git_revision", "remove_stale_temp_files"]
+__all__ = ["save_state", "load_state", "save_weights", "load_weights", "save_checkpoint", "load_checkpoint",
+           "weights_architecture", "git_revision"]
 
 FORMAT = "nin-1"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temp_files(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
-    """Delete the temporary files that killed writes of ``folder/<name>`` left behind; returns what went.
-
-    Only call it when no other process is writing into ``folder`` (the training run owning it, at its start).
-    """
-    removed = []
-    for name in names:
-        for temp in Path(folder).glob(f".{name}.*.tmp"):
-            temp.unlink(missing_ok=True)
-            removed.append(temp)
-    return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides, as for any other file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file, never a torn one."""
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_bytes(data)
-
-    _atomic(Path(path), write)
 
 
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -101,7 +44,7 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {"nin": json.dumps({"format": FORMAT, **meta})}
     try:
-        _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata=header))
+        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
     except (SafetensorError, OSError) as e:  # disk full, quota, a vanished folder: the old file stays
         raise CheckpointError(f"{path}: cannot write it ({e}); the previous file, if any, is unchanged") from None
 
@@ -151,23 +94,11 @@ def save_weights(path: str | os.PathLike, model: NiN, preprocessing, meta: dict)
 
 
 def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """Rebuild (model, preprocessing, meta) from a weights file, a run folder or a pretrained tag.
-
-    A run folder is read through its ``model.safetensors`` (the final weights) or, while the run is
-    still going, through its ``checkpoint.safetensors`` (its averaged weights when the run keeps an EMA).
-    """
-    from nin.pretrained import PRETRAINED
-    from nin.transforms import build_preprocessing
-
-    if str(path) in PRETRAINED and not Path(path).exists():  # a tag: nin predict fast-cifar10 ...
-        return PRETRAINED[str(path)].load(device)
+    """Rebuild (model, preprocessing, meta) from one file: a weights file, or a training checkpoint (read as
+    weights: its averaged weights when the run keeps an EMA). Tags and run folders: `nin.pretrained.load`."""
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "model.safetensors", path / "checkpoint.safetensors"]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise CheckpointError(f"{path}: a folder without model.safetensors or checkpoint.safetensors")
-        path = found[0]
+        raise CheckpointError(f"{path}: a folder, expected a weights file (nin.pretrained.load reads run folders)")
     tensors, meta = load_state(path)
     broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken is not None:
@@ -176,7 +107,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
         config = NiNConfig.from_dict(meta["model_config"])
         model = NiN(config)
         model.load_state_dict(_unprefixed("ema", tensors) or _unprefixed("model", tensors))
-        preprocessing = build_preprocessing(meta["preprocessing"], _unprefixed("preprocess", tensors))
+        preprocessing = Preprocessing(meta["preprocessing"], _unprefixed("preprocess", tensors))
         _check_preprocessing(preprocessing, config)
         _check_classes(meta.get("classes"), config.num_classes)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
@@ -191,8 +122,6 @@ def weights_architecture(meta: dict) -> tuple[str, dict]:
     The name comes from the training config (or an import's ``source.arch``); the overrides are the fields
     where the file's model config differs from that model's registered one (the blocks follow num_classes).
     """
-    from nin.models import model_config
-
     name = (meta.get("train_config") or {}).get("model") or (meta.get("source") or {}).get("arch")
     try:
         saved = NiNConfig.from_dict(meta["model_config"])

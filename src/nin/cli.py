@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from nin import __version__
+from nin.__about__ import __version__
 from nin.data.datasets import DATASET_NAMES, FOLDER
 
 __all__ = ["main", "build_parser"]
@@ -105,12 +105,12 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 EXTENSIONS = [
-    ("visualize", "nin.visualize", "confidence maps (Figure 4), overlays, curves, confusion matrix"),
-    ("bench", "nin.bench", "training and inference throughput against a plain PyTorch port"),
-    ("reproduce", "nin.reproduce", "run one of the paper's experiments"),
-    ("import-caffe", "nin.caffe", "import the authors' trained Caffe weights (.caffemodel) into a weights file"),
-    ("export", "nin.export", "export a model to ONNX, TorchScript or OpenVINO, preprocessing inside"),
-    ("serve", "nin.serve", "serve a model over HTTP: /predict, /health, /docs and a web page"),
+    ("visualize", "nin.tools.visualize", "confidence maps (Figure 4), overlays, curves, confusion matrix"),
+    ("bench", "nin.tools.bench", "training and inference throughput against a plain PyTorch port"),
+    ("reproduce", "nin.tools.reproduce", "run one of the paper's experiments"),
+    ("import-caffe", "nin.tools.caffe", "import the authors' trained Caffe weights (.caffemodel) into a weights file"),
+    ("export", "nin.deploy.export", "export a model to ONNX, TorchScript or OpenVINO, preprocessing inside"),
+    ("serve", "nin.deploy.serve", "serve a model over HTTP: /predict, /health, /docs and a web page"),
 ]
 
 
@@ -139,10 +139,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from nin import distributed
-    from nin.config import apply_overrides, recipe, validate
+    from nin.checkpoint import load_checkpoint
+    from nin.engine import apply_overrides, recipe, starting_from, train, validate
     from nin.errors import NinError
     from nin.runtime import resolve_device
-    from nin.train import train
 
     command = shlex.join(["nin", *sys.argv[1:]]) if sys.argv else None
     if args.resume:
@@ -159,8 +159,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
                            "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
         if args.dry_run:  # what the run would continue with; nothing is written
-            from nin.checkpoint import load_checkpoint
-
             _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
             print(json.dumps({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or
                               meta["train_config"]["epochs"], "train_config": meta["train_config"]}, indent=2))
@@ -180,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     if args.init_from:
-        cfg = _from_weights(cfg, args.init_from, keep_model=args.model is not None)
+        cfg = starting_from(cfg, args.init_from, keep_model=args.model is not None)
     cfg = apply_overrides(cfg, args.set)
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
@@ -214,32 +212,6 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _from_weights(cfg, weights: str, keep_model: bool):
-    """The config of a run that starts from ``weights``: their architecture (unless --model) and preprocessing."""
-    import dataclasses
-
-    from nin.checkpoint import load_state, weights_architecture
-    from nin.errors import NinError
-
-    from nin.pretrained import PRETRAINED
-
-    path = Path(weights).expanduser()
-    if not path.exists() and weights in PRETRAINED:  # a pretrained tag
-        path = PRETRAINED[weights].path
-    if path.is_dir():
-        path = next((p for p in (path / "model.safetensors", path / "checkpoint.safetensors") if p.is_file()), path)
-    try:
-        _, meta = load_state(path)
-        name, model_args = weights_architecture(meta)
-    except NinError as e:
-        raise NinError(f"--init-from {weights}: {e}") from None
-    model_args.pop("num_classes", None)  # the data set decides (a folder: its sub-folders)
-    changes = {"init_from": str(weights), "preprocessing": meta.get("preprocessing", cfg.preprocessing)}
-    if not keep_model:
-        changes.update(model=name, model_args=model_args)
-    return dataclasses.replace(cfg, **changes)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.evaluate import evaluate_weights
 
@@ -264,128 +236,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_paths(items: list[str]) -> list[Path]:
-    """Files as given; folders walked for images (sorted, hidden files skipped); globs expanded."""
-    import glob
-
-    from nin.data.readers import IMAGE_SUFFIXES
-    from nin.errors import NinError
-
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise NinError(f"{path}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths += found
-        elif glob.has_magic(item) and not path.exists():
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise NinError(f"{item}: no file matches")
-            paths += matches
-        else:
-            paths.append(path)
-    return paths
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from nin.checkpoint import load_weights
-    from nin.classifier import Classifier
-    from nin.data.datasets import LIGHT_ON_DARK
-    from nin.data.readers import read_image
-    from nin.transforms import invert_ink, odd_polarity
+    from nin.tools.predict import (
+        check_output,
+        polarity_hint,
+        predict_files,
+        write_predictions,
+    )
 
     if args.output:
-        _check_output(Path(args.output))  # before any image is scored
-    model, preprocessing, meta = load_weights(args.weights)
-    config = model.config
-    paths = _image_paths(args.images)
-    if args.backend == "torch":  # nin's own inference path, the one `nin evaluate` scores with
-        classifier = Classifier(model, preprocessing, meta, device=args.device)
-        classes, runner = classifier.classes, classifier.predict
-    else:
-        from nin.backends import load_runner
-
-        classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
-        backend = load_runner(args.backend, args.weights)
-        runner = lambda batch: torch.from_numpy(backend(batch))  # noqa: E731
-    k = min(args.top_k, config.num_classes)
-    results, odd = [], []
-    for start in range(0, len(paths), args.batch_size):  # one batch in memory at a time: folders of any size
-        chunk = paths[start:start + args.batch_size]
-        batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
-        odd += [path for path, flag in zip(chunk, odd_polarity(batch, meta.get("dataset"), args.invert)) if flag]
-        if args.invert:
-            batch = invert_ink(batch)
-        probabilities = runner(batch)
-        top = probabilities.topk(k, dim=1)
-        results += [{"image": str(path),
-                     "top": [{"class": classes[i], "index": int(i), "probability": float(p)}
-                             for p, i in zip(values.tolist(), indices.tolist())]}
-                    for path, values, indices in zip(chunk, top.values, top.indices)]
+        check_output(Path(args.output))  # before any image is scored
+    report = predict_files(args.weights, args.images, top_k=args.top_k, batch_size=args.batch_size,
+                           backend=args.backend, device=args.device, invert=args.invert)
+    for problem in report.problems:
+        print(f"nin predict: skipped {problem}", file=sys.stderr)
     if args.output:
-        _write_predictions(Path(args.output), results)
-        print(f"nin predict: {len(results)} images -> {args.output}")
+        write_predictions(Path(args.output), report.rows)
+        print(f"nin predict: {len(report.rows)} images -> {args.output}")
     elif args.json:
-        print(json.dumps({"weights": str(args.weights), "predictions": results}))
+        print(json.dumps({"weights": str(args.weights), "predictions": report.rows}))
     else:
-        for result in results:
-            print(result["image"])
-            for item in result["top"]:
+        for row in report.rows:
+            print(row["image"])
+            for item in row["top"]:
                 print(f"  {item['probability']:7.2%}  {item['class']}")
-    if odd:  # after the listing, where a long one does not scroll it away
-        print(_polarity_hint(odd, len(paths), args.invert, meta.get("dataset")), file=sys.stderr)
-    if args.invert and meta.get("dataset") not in LIGHT_ON_DARK:
-        print(f"nin predict: --invert is for weights trained on light-on-black images ({', '.join(LIGHT_ON_DARK)}); "
-              f"these are {meta.get('dataset')} weights, so the images were scored as negatives", file=sys.stderr)
+    for line in polarity_hint(report, len(report.rows), args.invert):  # after the listing, where it stays in view
+        print(line, file=sys.stderr)
     return 0
-
-
-def _polarity_hint(odd: list, total: int, inverted: bool, dataset: str | None) -> str:
-    """One line for images whose polarity is the other way round from what the weights (and --invert) expect."""
-    which = f"{odd[0]} looks" if len(odd) == 1 else f"{len(odd)} of {total} images (first: {odd[0]}) look"
-    them = "it" if len(odd) == 1 else "them"
-    if inverted:
-        return (f"nin predict: {which} light on a dark background already, as {dataset} weights expect; "
-                f"--invert made {them} dark on light: score {them} without --invert")
-    return (f"nin predict: {which} dark on a light background; {dataset} weights expect light on a dark "
-            f"background: score {them} with --invert")
-
-
-def _check_output(path: Path) -> None:
-    """--output must be a new .csv or .jsonl file."""
-    from nin.errors import NinError
-
-    if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise NinError(f"--output {path}: expected a .csv or .jsonl file name")
-    if path.exists():
-        raise NinError(f"--output {path}: exists; not overwriting it (choose a new file name)")
-
-
-def _write_predictions(path: Path, results: list[dict]) -> None:
-    """One row per image: CSV (image, top-1 class and probability, then top-k) or JSON lines (.jsonl)."""
-    import csv
-
-    from nin.checkpoint import atomic_write_bytes
-
-    _check_output(path)
-    if path.suffix.lower() == ".jsonl":
-        text = "".join(json.dumps(r) + "\n" for r in results)
-    else:  # .csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        k = len(results[0]["top"]) if results else 0
-        writer.writerow(["image", *[f"{name}{j + 1}" for j in range(k) for name in ("class", "probability")]])
-        for r in results:
-            writer.writerow([r["image"], *[v for item in r["top"] for v in (item["class"], f"{item['probability']:.6f}")]])
-        text = buffer.getvalue()
-    atomic_write_bytes(path, text.encode())
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -425,12 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     if args.debug:
         return COMMANDS[args.command](args)
-    from nin.data import DataError
     from nin.errors import NinError
 
     try:
         return COMMANDS[args.command](args)
-    except (NinError, DataError) as e:
+    except NinError as e:
         message = " ".join(str(e).split())  # one line, even when a library's message had several
         print(f"nin {args.command}: error: {message}", file=sys.stderr)
         return 1

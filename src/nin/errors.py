@@ -5,6 +5,10 @@ class NinError(Exception):
     """A user-facing error: the message names what is wrong and where."""
 
 
+class DataError(NinError, ValueError):
+    """A data file is missing, damaged, or not in the format its name promises."""
+
+
 class TrainingStalled(NinError):
     """The loss sits at ln K with every class map dead: training would go on learning nothing."""
 

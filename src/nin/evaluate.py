@@ -19,11 +19,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin import distributed
+from nin.data import ImageDataset, TensorLoader, load_dataset
+from nin.data.readers import read_cifar_binary
 from nin.errors import NinError
-from nin.runtime import autocast, resolve_device, select_precision
+from nin.inference import inference_model, predict_logits
+from nin.pretrained import load
+from nin.runtime import resolve_device, select_precision
 
-__all__ = ["EvalResult", "evaluate", "predict_logits", "evaluate_weights", "load_matching_dataset",
-           "check_image_shape", "read_data_file"]
+__all__ = ["EvalResult", "evaluate", "evaluate_weights", "load_matching_dataset", "check_image_shape",
+           "read_data_file"]
 
 
 @dataclass
@@ -62,16 +66,6 @@ class EvalResult:
         return out
 
 
-def predict_logits(model: nn.Module, images: torch.Tensor, *, amp_dtype: torch.dtype | None = None,
-                   tta_flip: bool = False) -> torch.Tensor:
-    """fp32 logits of a preprocessed batch; with ``tta_flip`` averaged with the mirrored batch's."""
-    with autocast(images.device, amp_dtype):
-        logits = model(images).float()
-        if tta_flip:
-            logits = 0.5 * (logits + model(images.flip(-1)).float())
-    return logits
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
              amp_dtype: torch.dtype | None = None, tta_flip: bool = False) -> EvalResult:
@@ -81,8 +75,6 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     the path `nin evaluate`, `nin predict`, `nin visualize`, `Classifier` and the per-epoch evaluation of
     `train()` all take, so one set of weights gives one number everywhere.
     """
-    from nin.inference import inference_model
-
     runner = inference_model(model, amp_dtype)  # a frozen, folded copy: ``model`` itself is left as it is
     device = next(runner.parameters()).device
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
@@ -111,9 +103,6 @@ def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--dat
 
     The layout follows the model's class count (100: CIFAR-100's coarse + fine label bytes).
     """
-    from nin.data import ImageDataset
-    from nin.data.readers import read_cifar_binary
-
     path = Path(path)
     if not path.is_file():
         raise NinError(f"{flag} {path}: no such file")
@@ -129,8 +118,6 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
     Returns (name, ImageDataset). Raises NinError naming ``weights`` when the data set is unknown, its images
     have another shape, or its labels exceed the model's classes.
     """
-    from nin.data import load_dataset
-
     if data_file is not None:
         data, dataset = read_data_file(data_file, config.num_classes), Path(data_file).name
     else:
@@ -156,22 +143,19 @@ def evaluate_weights(weights: str | os.PathLike, *, dataset: str | None = None, 
                      data_dir: str | os.PathLike | None = None, data_file: str | os.PathLike | None = None,
                      subset: int = 0, batch_size: int = 500, precision: str = "auto",
                      device: torch.device | str | None = None) -> tuple[EvalResult, str, list[str]]:
-    """Evaluate a weights file (or run folder) as `nin evaluate` does: (result, data set name, class names).
+    """Evaluate weights as `nin evaluate` does: (result, data set name, class names).
 
     Args:
-        weights: A weights file or run folder.
+        weights: A pretrained tag, a weights file or a run folder.
         dataset: The data set to score (default: the model's own); ``data_file`` replaces it with one
             CIFAR binary batch file.
         subset: Score only the first ``subset`` images (0: all).
         precision: "auto" (bf16 where the hardware runs it fast), "fp32" or "bf16".
     """
-    from nin.checkpoint import load_weights
-    from nin.data import TensorLoader
-
     if batch_size < 1:
         raise NinError(f"--batch-size must be at least 1, got {batch_size}")
     device = resolve_device(device)
-    model, preprocessing, meta = load_weights(weights, device)
+    model, preprocessing, meta = load(weights, device)
     name, data = load_matching_dataset(weights, model.config, meta, dataset, split, data_dir, data_file)
     images, labels = (data.images[:subset], data.labels[:subset]) if subset else (data.images, data.labels)
     images = preprocessing(images).to(device).contiguous(memory_format=torch.channels_last)

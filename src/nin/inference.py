@@ -1,11 +1,14 @@
-"""A trained model made faster for inference: batch norm folded into the convolutions, bf16 weights, NHWC.
+"""The one inference path: a trained model with batch norm folded into its convolutions, bf16 weights, NHWC.
 
-    fast = optimize_for_inference(model, amp_dtype=torch.bfloat16)          # an nn.Module, eval only
-    result = evaluate(fast, eval_loader, num_classes=10)                     # amp_dtype not needed any more
+    fast = inference_model(model, torch.bfloat16)                            # an nn.Module, eval only
+    logits = predict_logits(fast, batch, tta_flip=True)                      # what `nin evaluate` scores
+    pipeline = InferencePipeline(preprocessing, fast, tta_flip=True)         # uint8 images -> (logits, class maps)
 
-The returned module takes the same preprocessed fp32 (N, C, H, W) batches and returns fp32 logits, so
+The folded module takes the same preprocessed fp32 (N, C, H, W) batches and returns fp32 logits, so
 `evaluate`, `predict_logits` (test-time flips included) and the CLI can use it in place of the model. The
 source model is left untouched (it keeps training); the copy is frozen at the weights it had when called.
+`InferencePipeline` puts the fitted preprocessing in front and returns the class maps too: `Classifier`,
+`nin predict`, `nin serve` and the exported graphs (in fp32) are this one module.
 
 ``method``: "eager" runs the folded copy as ordinary PyTorch; "jit" also traces and freezes it with TorchScript
 (one graph, constant weights); "compile" hands it to torch.compile (needs a C++ compiler, and time to compile).
@@ -22,8 +25,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from nin.layers import MLPConv
+from nin.runtime import autocast
+from nin.transforms import Preprocessing
 
-__all__ = ["InferenceModel", "fold_batch_norm", "optimize_for_inference", "inference_model"]
+__all__ = ["InferenceModel", "fold_batch_norm", "optimize_for_inference", "inference_model", "predict_logits",
+           "InferencePipeline"]
 
 METHODS = ("eager", "jit", "compile")
 
@@ -53,11 +59,27 @@ class InferenceModel(nn.Module):
         super().train(False)  # evaluate() toggles modes; this model only ever infers
         return self
 
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.dtype).contiguous(memory_format=self.memory_format)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.dtype).contiguous(memory_format=self.memory_format)
+        images = self._input(images)
         with torch.autocast(images.device.type, enabled=False):  # weights already in dtype; no casts per layer
             return self.runner(images).float()
+
+    @torch.no_grad()
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The class maps (N, K, h, w) in the model's dtype: `forward_head` of them is exactly `forward`'s logits."""
+        images = self._input(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.model.forward_features(images)
+
+    @torch.no_grad()
+    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (N, K) of `forward_features`' maps."""
+        with torch.autocast(maps.device.type, enabled=False):
+            return self.model.forward_head(maps).float()
 
 
 def optimize_for_inference(model: nn.Module, *, amp_dtype: torch.dtype | None = torch.bfloat16,
@@ -104,3 +126,54 @@ def inference_model(model: nn.Module, amp_dtype: torch.dtype | None) -> nn.Modul
     if isinstance(model, InferenceModel):
         return model
     return optimize_for_inference(model, amp_dtype=amp_dtype, channels_last=True, method="eager")
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, *, amp_dtype: torch.dtype | None = None,
+                   tta_flip: bool = False) -> torch.Tensor:
+    """fp32 logits of a preprocessed batch; with ``tta_flip`` averaged with the mirrored batch's."""
+    with autocast(images.device, amp_dtype):
+        logits = model(images).float()
+        if tta_flip:
+            logits = 0.5 * (logits + model(images.flip(-1)).float())
+    return logits
+
+
+class InferencePipeline(nn.Module):
+    """Images in, (fp32 logits (N, K), fp32 class maps (N, K, h, w)) out: preprocessing, the folded model, flips.
+
+    ``images`` are uint8 (N, C, H, W), or floats on the 0..255 scale. The logits are exactly `predict_logits`'
+    (what `nin evaluate` scores): the maps are computed once and the head applied to them, which is the folded
+    model's own forward. With ``tta_flip`` the maps are the average of the image's maps and the mirrored image's
+    maps mirrored back, so that (with the GAP head) their spatial means are the flip-averaged logits.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, model: InferenceModel, tta_flip: bool) -> None:
+        super().__init__()
+        self.preprocessing = preprocessing
+        self.model = model
+        self.tta_flip = bool(tta_flip)
+
+    @property
+    def config(self):
+        """The architecture's NiNConfig."""
+        return self.model.model.config
+
+    def train(self, mode: bool = True) -> InferencePipeline:
+        super().train(False)  # inference only: dropout stays off whatever the caller asks
+        return self
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of an already preprocessed batch (= `predict_logits`)."""
+        return predict_logits(self.model, batch, tta_flip=self.tta_flip)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.preprocessing(images)
+        maps = self.model.forward_features(x)  # (N, K, h, w) in the model's dtype
+        logits = self.model.forward_head(maps)
+        maps = maps.float()
+        if self.tta_flip:
+            mirrored = self.model.forward_features(x.flip(-1))
+            logits = 0.5 * (logits + self.model.forward_head(mirrored))
+            maps = 0.5 * (maps + mirrored.float().flip(-1))
+        return logits, maps

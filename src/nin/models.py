@@ -1,7 +1,7 @@
 """Every Network In Network model of the paper, built from a frozen config.
 
     from nin.models import get_model
-    model = get_model("nin_cifar10")            # 966,986 parameters
+    model = get_model("nin_cifar10")            # 966,986 parameters (trained weights: nin.get_model, nin.pretrained)
     maps = model.forward_features(images)       # (N, 10, 8, 8) category-confidence maps
     logits = model.forward_head(maps)           # (N, 10) by global average pooling
 
@@ -291,23 +291,15 @@ def model_config(name: str, **overrides) -> NiNConfig:
     return dataclasses.replace(config, **overrides)
 
 
-def get_model(name: str, *, weights: str | None = None, pretrained: bool = False, **overrides) -> NiN:
-    """Build a registered model: ``get_model("nin_cifar10", batch_norm=True, dropout=0.3)``.
+def get_model(name: str, **overrides) -> NiN:
+    """Build a registered model, freshly initialised: ``get_model("nin_cifar10", batch_norm=True, dropout=0.3)``.
 
-    With ``weights`` (a tag of `nin.pretrained.list_pretrained(name)`, or "DEFAULT") or ``pretrained=True``, the
-    model is the one those weights were trained as (e.g. with batch norm), loaded and in eval mode; its
-    preprocessing is ``nin.pretrained.get_weights(tag).transforms()``, and ``nin.classifier.Classifier``
-    applies both. ``overrides`` cannot be combined with weights.
+    Architectures only: trained weights are `nin.get_model(name, weights=...)` (`nin.pretrained`), one layer up.
     """
-    if weights is None and not pretrained:
-        return NiN(model_config(name, **overrides))
-    from nin.pretrained import get_weights
-
-    if overrides:
-        raise ValueError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
-                         "weights fix the architecture")
-    model, _, _ = get_weights(weights or "DEFAULT", model=name).load()
-    return model
+    if "weights" in overrides or "pretrained" in overrides:
+        raise TypeError("nin.models.get_model builds architectures; for trained weights use "
+                        "nin.get_model(name, weights=...) (nin.pretrained.get_model)")
+    return NiN(model_config(name, **overrides))
 
 
 def multiply_adds(model: nn.Module, image_shape: tuple[int, int, int] | None = None) -> int:

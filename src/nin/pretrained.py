@@ -1,26 +1,36 @@
-"""Pretrained weights by name, shipped inside the package, each with what it is and how it scored.
+"""Weights by name: the shipped pretrained tags, weights files and run folders, turned into models.
 
-    from nin.models import get_model
+    from nin import get_model
     model = get_model("nin_cifar10", weights="DEFAULT")        # or weights="fast-cifar10", or pretrained=True
-    from nin.pretrained import get_weights, list_pretrained
+    from nin.pretrained import get_weights, list_pretrained, load
     weights = get_weights("fast-cifar10")
     batch = weights.transforms()(pil_image)                     # the preprocessing these weights were trained with
+    model, preprocessing, meta = load("runs/c10-fast")         # a tag, a weights file or a run folder
     print(weights.model_card())
 
-`nin predict fast-cifar10 photo.jpg`, `nin evaluate fast-cifar10` and every command that takes a weights file
-also take a tag. The files live in ``nin/weights/`` of the installed package; each entry's sha256 is checked
-when the file is loaded.
+This module sits above the architecture registry (`nin.models`, which knows no weights) and the file formats
+(`nin.checkpoint`, which reads one file): `resolve(source)` turns a tag, a weights file or a run folder into
+the one file to read, and `load(source)` reads it; every command that takes weights goes through them, so
+`nin predict fast-cifar10 photo.jpg`, `nin evaluate runs/x` and `nin export ~/w.safetensors` all work. The
+shipped files live in ``nin/weights/`` of the installed package; each entry's sha256 is checked on loading.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from nin.errors import CheckpointError, NinError
+import torch
 
-__all__ = ["Weights", "PRETRAINED", "list_pretrained", "get_weights"]
+from nin.checkpoint import load_weights
+from nin.data.readers import file_digest
+from nin.errors import CheckpointError, NinError
+from nin.models import NiN, model_config
+from nin.transforms import ImageTransform
+
+__all__ = ["Weights", "PRETRAINED", "list_pretrained", "get_weights", "resolve", "load", "get_model"]
 
 
 @dataclass(frozen=True)
@@ -44,27 +54,21 @@ class Weights:
 
     def load(self, device="cpu"):
         """(model, preprocessing, meta), after checking the file's sha256."""
-        from nin.checkpoint import load_weights
-        from nin.data.readers import file_digest
-
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: the pretrained file {self.tag!r} is missing from this install")
         if file_digest(self.path, "sha256") != self.sha256:
             raise CheckpointError(f"{self.path}: sha256 differs from the registry's; the file is damaged")
         return load_weights(self.path, device)
 
-    def transforms(self):
+    def transforms(self) -> ImageTransform:
         """The preprocessing these weights expect, as an nn.Module taking tensors, PIL images or paths."""
-        from nin.classifier import ImageTransform
-
         model, preprocessing, _ = self.load()
         return ImageTransform(preprocessing, model.config.input_size, model.config.in_channels)
 
     def model_card(self) -> str:
         """A short Markdown model card."""
-        from nin.models import get_model
-
-        parameters = sum(p.numel() for p in get_model(self.model).parameters())
+        with torch.device("meta"):  # counts parameters without allocating them
+            parameters = sum(p.numel() for p in NiN(model_config(self.model)).parameters())
         scores = "\n".join(f"| {name} | {value:.2%} |" for name, value in self.accuracy.items())
         return (f"# {self.tag}\n\n{self.notes}\n\n- architecture: `{self.model}` ({parameters:,} parameters in its "
                 f"paper form)\n- data set: {self.dataset}\n- recipe: {self.recipe}\n- command: `{self.command}`\n"
@@ -124,3 +128,58 @@ def get_weights(tag: str, model: str | None = None) -> Weights:
     if model is not None and weights.model != model:
         raise NinError(f"weights {tag!r} are for {weights.model}, not {model}")
     return weights
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """The one file that ``source`` names: a pretrained tag's shipped file, a weights file (``~`` expanded), or a
+    run folder's ``model.safetensors`` (its ``checkpoint.safetensors`` while the run is still going).
+
+    Raises:
+        CheckpointError: Nothing of that name, or a folder holding neither file.
+    """
+    path = Path(source).expanduser()
+    if not path.exists() and str(source) in PRETRAINED:
+        return PRETRAINED[str(source)].path
+    if path.is_dir():
+        for name in ("model.safetensors", "checkpoint.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{source}: a folder without model.safetensors or checkpoint.safetensors")
+    if not path.exists():
+        raise CheckpointError(f"{source}: no such weights file, run folder or pretrained tag "
+                       f"({', '.join(PRETRAINED)})")
+    return path
+
+
+def load(source: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(model, preprocessing, meta) from a pretrained tag (sha256-checked), a weights file or a run folder."""
+    path = resolve(source)
+    tag = str(source)
+    if tag in PRETRAINED and path == PRETRAINED[tag].path:
+        return PRETRAINED[tag].load(device)
+    return load_weights(path, device)
+
+
+def get_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = False,
+              **overrides) -> NiN:
+    """A registered model, freshly initialised or with weights: ``get_model("nin_cifar10", weights="DEFAULT")``.
+
+    Without ``weights`` it is `nin.models.get_model(name, **overrides)`. With ``weights`` (a tag of
+    `list_pretrained(name)`, "DEFAULT", a weights file or a run folder) or ``pretrained=True``, the model is the
+    one those weights were trained as (e.g. with batch norm), loaded and in eval mode; its preprocessing is
+    ``get_weights(tag).transforms()``, and `nin.classifier.Classifier` applies both.
+    """
+    if weights is None and not pretrained:
+        return NiN(model_config(name, **overrides))
+    if overrides:
+        raise ValueError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
+                       "weights fix the architecture")
+    source = weights or "DEFAULT"
+    if source == "DEFAULT" or (str(source) in PRETRAINED and not Path(source).exists()):
+        model, _, _ = get_weights(str(source), model=name).load()
+    else:
+        model, _, meta = load(source)
+        built = (meta.get("train_config") or {}).get("model") or (meta.get("source") or {}).get("arch")
+        if built not in (None, name):
+            raise NinError(f"{source}: weights for {built}, not {name}")
+    return model

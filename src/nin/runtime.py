@@ -27,14 +27,18 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from nin.errors import NinError
 
-__all__ = ["resolve_device", "select_precision", "cpu_has_bf16", "autocast", "keep_freed_memory"]
+__all__ = ["resolve_device", "select_precision", "cpu_has_bf16", "autocast", "keep_freed_memory", "timings",
+           "median_seconds"]
 
 
 def resolve_device(text: str | torch.device | None, flag: str = "--device") -> torch.device:
@@ -121,3 +125,28 @@ def keep_freed_memory() -> bool:
     # Order matters: with mmap off first, no large block allocated in between can be mmapped.
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+def timings(function: Callable[[], object], repeats: int, warmup: int = 1,
+            sync: Callable[[], None] | None = None) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``function()``, after ``warmup`` untimed ones; ``sync``
+    (torch.cuda.synchronize) waits for queued GPU work before and after each. The one timing loop of `nin bench`
+    and `nin.deploy.backends`."""
+    for _ in range(warmup):
+        function()
+    seconds = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        function()
+        if sync:
+            sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1,
+                   sync: Callable[[], None] | None = None) -> float:
+    """The median of `timings`."""
+    return statistics.median(timings(function, repeats, warmup, sync))

@@ -1,15 +1,25 @@
-"""The paper's preprocessing (pylearn2's GCN, ZCA, LeCun LCN) and batched augmentation (flip, translate).
+"""The paper's preprocessing (pylearn2's GCN, ZCA, LeCun LCN), batched augmentation, and the image preset.
 
 Preprocessing runs once per data set on whole tensors; augmentation runs once per batch, never per image.
 
-    preprocessing = fit_preprocessing("gcn_zca", train.images)   # uint8 (N, C, H, W) -> float32, same shape
+    preprocessing = fit_preprocessing("gcn_zca", train.images)   # an nn.Module: uint8 (N, C, H, W) -> float32
+    batch = ImageTransform(preprocessing, 32, 3)(["cat.jpg", pil_image, uint8_tensor])   # what weights.transforms() is
+
+`Preprocessing` is the one copy of the arithmetic: training, evaluation, `Classifier`, the exported graphs and
+`nin serve` all run it.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from nin.data.datasets import LIGHT_ON_DARK
+from nin.data.images import model_pixels, read_image
 from nin.errors import NinError
 
 PREPROCESSING_KINDS = ("gcn_zca", "gcn_lcn", "scale", "standardize")
@@ -41,18 +51,24 @@ def gcn(x: torch.Tensor, scale: float = GCN_SCALE, eps: float = 1e-8) -> torch.T
     return (centered / divisor).reshape_as(x)
 
 
-class Zca:
+class Zca(nn.Module):
     """ZCA whitening as pylearn2's `ZCA(filter_bias=0.1)`: W = V diag(1/sqrt(λ + bias)) Vᵀ of the data covariance.
 
     The covariance is XᵀX / N of the mean-centred data (pylearn2 divides by N, not N - 1); it is accumulated with
     float32 matrix products in chunks summed in float64, and eigendecomposed in float64 by `torch.linalg.eigh`.
+    Buffers ``mean`` (D,), ``matrix`` (D, D) and ``filter_bias`` (a 0-d tensor) are its state_dict.
     """
 
     def __init__(self, filter_bias: float = ZCA_FILTER_BIAS) -> None:
-        self.filter_bias = filter_bias
-        self.mean: torch.Tensor | None = None  # (D,) float32
-        self.matrix: torch.Tensor | None = None  # (D, D) float32, symmetric
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(0))  # (D,) float32
+        self.register_buffer("matrix", torch.zeros(0, 0))  # (D, D) float32, symmetric
+        self.register_buffer("filter_bias", torch.tensor(float(filter_bias)))
         self.eigenvalues: torch.Tensor | None = None  # (D,) float64 covariance spectrum, ascending; fit() only
+
+    @property
+    def fitted(self) -> bool:
+        return self.matrix.numel() > 0
 
     def fit(self, x: torch.Tensor, chunk_size: int = 10_000) -> Zca:
         """Fit the mean and whitening matrix on (N, D) training features (float), and return self."""
@@ -65,25 +81,23 @@ class Zca:
         covariance /= len(x)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues = eigenvalues.clamp_min(0.0)  # round-off can make the null directions (GCN) slightly negative
-        matrix = (eigenvectors / (eigenvalues + self.filter_bias).sqrt()) @ eigenvectors.T
+        bias = float(self.filter_bias)
+        matrix = (eigenvectors / (eigenvalues + bias).sqrt()) @ eigenvectors.T
         self.mean, self.matrix, self.eigenvalues = mean.float(), matrix.float(), eigenvalues
         return self
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whiten (N, D) features: (x - mean) @ W, in float32."""
-        assert self.matrix is not None, "Zca is not fitted; call fit() or load_state_dict() first"
-        mean, matrix = self.mean.to(x.device), self.matrix.to(x.device)
-        return (x.float() - mean) @ matrix
+        if not torch.jit.is_tracing():  # a trace records no Python check
+            assert self.fitted, "Zca is not fitted; call fit() or load its state first"
+        return (x.float() - self.mean.to(x.device)) @ self.matrix.to(x.device)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The fitted mean (D,) and matrix (D, D), plus the filter bias as a 0-d tensor."""
-        assert self.matrix is not None, "Zca is not fitted"
-        return {"mean": self.mean, "matrix": self.matrix, "filter_bias": torch.tensor(self.filter_bias)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from `state_dict()` output."""
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from a state_dict (a file's ``preprocess.zca.*`` tensors); an old file without filter_bias keeps
+        the default."""
         self.mean, self.matrix = state["mean"].float(), state["matrix"].float()
-        self.filter_bias = float(state["filter_bias"]) if "filter_bias" in state else ZCA_FILTER_BIAS
+        if "filter_bias" in state:
+            self.filter_bias = state["filter_bias"].float().reshape(())
 
 
 def gaussian_kernel(kernel_size: int = 7, sigma: float = 2.0) -> torch.Tensor:
@@ -122,26 +136,35 @@ def lcn(x: torch.Tensor, kernel_size: int = 7, threshold: float = 1e-4) -> torch
     return centered / divisor
 
 
-class Preprocessing:
-    """A fitted preprocessing: uint8 (N, C, H, W) -> float32 (N, C, H, W), the same for train and test.
+class Preprocessing(nn.Module):
+    """A fitted preprocessing as a module: uint8 (N, C, H, W) -> float32 (N, C, H, W), the same for train and test.
 
     Kinds:
         "gcn_zca": GCN (scale 55) then ZCA (filter bias 0.1) fitted on the training split. CIFAR-10/100.
         "gcn_lcn": GCN (scale 55) then 7x7 LeCun LCN per channel. SVHN. Nothing to fit.
         "scale": x / 255. MNIST.
         "standardize": per-channel (x / 255 - mean) / std, mean and std of the training split.
+
+    Float input (values on the 0..255 scale) is accepted too. The fitted statistics are buffers (``zca.mean``,
+    ``zca.matrix``, ``zca.filter_bias``; or ``mean``, ``std``), so its state_dict is what weights files store
+    under ``preprocess.``, and its forward is written in traceable operations: the exported graphs and `nin
+    serve` run this very module. A whole split goes through in chunks of `APPLY_CHUNK` images.
     """
 
     def __init__(self, kind: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
         assert kind in PREPROCESSING_KINDS, f"kind must be one of {PREPROCESSING_KINDS}, got {kind!r}"
         self.kind = kind
-        self.zca: Zca | None = None
-        self.mean: torch.Tensor | None = None  # standardize: (C,)
-        self.std: torch.Tensor | None = None
+        self.zca: Zca | None = Zca() if kind == "gcn_zca" else None
+        if kind == "standardize":
+            self.register_buffer("mean", torch.zeros(0))  # (C,)
+            self.register_buffer("std", torch.ones(0))
+        else:
+            self.mean = self.std = None
         if state is not None:
-            self.load_state_dict(state)
+            self.load_state(state)
 
-    def _apply_chunk(self, images: torch.Tensor) -> torch.Tensor:
+    def _transform(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind == "scale":
             return images.float() / 255.0
         if self.kind == "standardize":
@@ -150,30 +173,24 @@ class Preprocessing:
         normalized = gcn(images.float())
         if self.kind == "gcn_lcn":
             return lcn(normalized)
-        return self.zca(normalized.reshape(len(images), -1)).reshape(images.shape)
+        return self.zca(normalized.flatten(1)).reshape_as(normalized)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Preprocess a uint8 (N, C, H, W) batch or split, in chunks, on images' device."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocess a uint8 (or 0..255 float) (N, C, H, W) batch or split, on images' device."""
         assert images.ndim == 4, f"expected (N, C, H, W), got shape {tuple(images.shape)}"
-        if len(images) <= APPLY_CHUNK:
-            return self._apply_chunk(images)
-        return torch.cat([self._apply_chunk(chunk) for chunk in images.split(APPLY_CHUNK)])
+        if torch.jit.is_tracing() or len(images) <= APPLY_CHUNK:
+            return self._transform(images)
+        return torch.cat([self._transform(chunk) for chunk in images.split(APPLY_CHUNK)])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only (safetensors-compatible); the kind is stored by the caller (`build_preprocessing`)."""
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the fitted statistics from a state_dict (e.g. a weights file's ``preprocess.`` tensors)."""
         if self.kind == "gcn_zca":
-            return {f"zca.{key}": value for key, value in self.zca.state_dict().items()}
-        if self.kind == "standardize":
-            return {"mean": self.mean, "std": self.std}
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from `state_dict()` output."""
-        if self.kind == "gcn_zca":
-            self.zca = Zca()
-            self.zca.load_state_dict({key[len("zca.") :]: value for key, value in state.items() if key.startswith("zca.")})
+            self.zca.load_state({key[len("zca."):]: value for key, value in state.items() if key.startswith("zca.")})
         elif self.kind == "standardize":
             self.mean, self.std = state["mean"].float(), state["std"].float()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
@@ -202,11 +219,6 @@ def fit_preprocessing(kind: str, train_images: torch.Tensor) -> Preprocessing:
     return preprocessing
 
 
-def build_preprocessing(kind: str, state: dict[str, torch.Tensor]) -> Preprocessing:
-    """Rebuild a fitted preprocessing from its `state_dict()` (e.g. from a checkpoint), without training data."""
-    return Preprocessing(kind, state)
-
-
 def looks_dark_on_light(images: torch.Tensor) -> torch.Tensor:
     """Which images of a batch (N, C, H, W), on the 0..255 scale, are mostly light: dark ink on light paper, the
     opposite of MNIST's light strokes on black. The median pixel decides (a frame or a desk edge does not)."""
@@ -231,8 +243,6 @@ def odd_polarity(images: torch.Tensor, dataset: str | None, invert: bool) -> tor
     """Which images look the other way round from what weights trained on ``dataset`` expect, given ``invert``:
     for MNIST-style (light on black) weights, dark-on-light images without ``invert`` and light-on-dark ones with
     it; for other data sets none. A bool per image of the batch (N, C, H, W)."""
-    from nin.data.datasets import LIGHT_ON_DARK
-
     if dataset not in LIGHT_ON_DARK:
         return torch.zeros(len(images), dtype=torch.bool)
     return looks_dark_on_light(images) != invert
@@ -304,3 +314,61 @@ class Augment:
 
     def __repr__(self) -> str:
         return f"Augment(flip={self.flip}, translate={self.translate})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The preset: what a user holds -> the preprocessed batch (torchvision's weights.transforms())
+# ---------------------------------------------------------------------------------------------
+
+class ImageTransform(nn.Module):
+    """Whatever a user holds -> the model's preprocessed float batch (N, C, H, W).
+
+    Accepts a uint8 tensor (C, H, W) or (N, C, H, W) with values 0..255, a float tensor of the same shapes
+    with values in [0, 1], a PIL image, a path, or a list of images and paths. Images of another size or mode
+    are converted as `nin predict` converts files (EXIF orientation, alpha, 16-bit; resized, center-cropped).
+    """
+
+    def __init__(self, preprocessing, input_size: int, in_channels: int) -> None:
+        super().__init__()
+        self.preprocessing = preprocessing
+        self.input_size = input_size
+        self.in_channels = in_channels
+
+    def to_pixels(self, images) -> torch.Tensor:
+        """The raw pixels (N, C, H, W) on the 0..255 scale: uint8, or float for a float batch in [0, 1] (× 255,
+        unrounded)."""
+        if isinstance(images, (str, os.PathLike)):
+            return read_image(Path(images), self.input_size, self.in_channels).unsqueeze(0)
+        if _is_pil(images):
+            return model_pixels(images, self.input_size, self.in_channels)[0].unsqueeze(0)
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise NinError("no images given")
+            parts = [self.to_pixels(item) for item in images]
+            if any(part.is_floating_point() for part in parts):
+                parts = [part.float() for part in parts]
+            return torch.cat(parts)
+        if not isinstance(images, torch.Tensor):
+            raise NinError(f"expected a tensor, a PIL image, a path or a list of them, got {type(images).__name__}")
+        batch = images.unsqueeze(0) if images.ndim == 3 else images
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise NinError(f"expected images of shape {expected} or (N, {', '.join(map(str, expected))}), "
+                           f"got {tuple(images.shape)}")
+        if batch.dtype == torch.uint8:
+            return batch
+        if not batch.is_floating_point():
+            raise NinError(f"expected uint8 (0..255) or float (0..1) images, got {batch.dtype}")
+        if not torch.isfinite(batch).all():
+            raise NinError("float images hold NaN or infinite values")
+        if batch.numel() and (batch.min() < 0 or batch.max() > 1):
+            raise NinError(f"float images must lie in [0, 1] (got {float(batch.min()):.3g}..{float(batch.max()):.3g}); "
+                           "pass uint8 for 0..255")
+        return batch * 255.0  # preprocessing reads values on the 0..255 scale; no rounding, no loss
+
+    def forward(self, images) -> torch.Tensor:
+        return self.preprocessing(self.to_pixels(images))
+
+
+def _is_pil(obj) -> bool:
+    return type(obj).__module__.startswith("PIL.")

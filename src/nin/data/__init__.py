@@ -3,7 +3,8 @@
     from nin.data import load_dataset, TensorLoader
     train = load_dataset("cifar10", "train")          # root: argument, else $NIN_DATA, else ~/.cache/nin
 
-Modules: `readers` (one function per file format), `datasets` (names, folder layouts, splits),
+Modules: `readers` (one function per data-set file format), `pickles` (the restricted unpickler), `images`
+(photos and image folders, decoded as the model sees them), `datasets` (names, folder layouts, splits),
 `loader` (TensorLoader), `download` (official URLs and checksums).
 """
 
@@ -20,9 +21,16 @@ from nin.data.datasets import (
     load_dataset,
     resolve_root,
 )
-from nin.data.download import RESOURCES, Resource, download, download_file, extract_archive
+from nin.data.download import (
+    RESOURCES,
+    Resource,
+    download,
+    download_file,
+    extract_archive,
+)
 from nin.data.loader import TensorLoader, shard_indices
-from nin.data.readers import DataError, verify_checksum
+from nin.data.readers import verify_checksum
+from nin.errors import DataError
 
 __all__ = [
     "DATASET_NAMES",

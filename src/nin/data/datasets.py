@@ -12,17 +12,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nin.data.images import list_image_classes, read_image_folder
 from nin.data.readers import (
-    DataError,
-    list_image_classes,
     read_cifar_binary,
     read_cifar_python,
     read_cifar_python_names,
     read_class_names_text,
     read_idx_dataset,
-    read_image_folder,
     read_svhn_mat,
 )
+from nin.errors import DataError
 
 SPLITS = ("train", "test", "val", "train_minus_val")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nin.data.datasets import resolve_root
-from nin.data.readers import DataError, file_digest
+from nin.data.readers import file_digest
+from nin.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A run's configuration: the `TrainConfig` schema, the named recipes, and `--set` overrides.
 
-    from nin.config import recipe, apply_overrides
+    from nin.engine.config import recipe, apply_overrides
     cfg = apply_overrides(recipe("fast", "cifar10"), ["lr=0.1", "model.dropout=0.5"])
 
 A recipe is a named TrainConfig (PAPER, CAFFE, FAST); `recipe()` adapts it to a data set from the data-set
@@ -16,13 +16,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nin.errors import NinError
 import torch
 
+from nin.checkpoint import load_state, weights_architecture
+from nin.data.datasets import DATASET_NAMES, SPLITS, dataset_info
+from nin.errors import NinError
 from nin.models import NiN, NiNConfig, model_config
+from nin.pretrained import PRETRAINED, resolve
+from nin.transforms import PREPROCESSING_KINDS
 
 __all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate",
-           "small_phase_epochs"]
+           "small_phase_epochs", "starting_from"]
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,6 @@ def small_phase_epochs(cfg: TrainConfig) -> int:
 
 def recipe(name: str, dataset: str) -> TrainConfig:
     """The named recipe ("paper", "caffe", "fast") for a data set, with that data set's defaults."""
-    from nin.data.datasets import DATASET_NAMES, dataset_info
-
     if name not in RECIPES:
         raise NinError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     if dataset not in DATASET_NAMES:
@@ -261,15 +263,10 @@ def validate(cfg: TrainConfig) -> None:
         (not (cfg.whiten_init and cfg.init_from),
          f"whiten_init initialises a fresh model; --init-from {cfg.init_from} brings its own first layer: use one"),
     ]
-    from nin.data.datasets import DATASET_NAMES, SPLITS
-    from nin.transforms import PREPROCESSING_KINDS
-
     checks += [(getattr(cfg, key) in SPLITS, f"{key} must be one of {', '.join(SPLITS)}, got {getattr(cfg, key)!r}")
                for key in ("train_split", "eval_split")]
     checks.append((cfg.preprocessing in PREPROCESSING_KINDS,
                    f"preprocessing must be one of {', '.join(PREPROCESSING_KINDS)}, got {cfg.preprocessing!r}"))
-    from nin.pretrained import PRETRAINED
-
     if cfg.init_from and not Path(cfg.init_from).expanduser().exists() and cfg.init_from not in PRETRAINED:
         checks.append((False, f"--init-from {cfg.init_from}: no such weights file or run folder"))
     if cfg.extra_eval and not Path(cfg.extra_eval).expanduser().is_file():
@@ -286,3 +283,24 @@ def validate(cfg: TrainConfig) -> None:
     except (KeyError, AssertionError, TypeError, ValueError, RuntimeError) as e:
         message = " ".join(str(e).strip("'\"").split())
         raise NinError(f"model {cfg.model} {cfg.model_args}: {message}") from None
+
+
+def starting_from(cfg: TrainConfig, weights: str, *, keep_model: bool = False) -> TrainConfig:
+    """The config of a run that starts from ``weights`` (`nin train --init-from`: fine-tuning): their
+    architecture, unless ``keep_model`` (``--model`` was given), and their preprocessing. The class count is the
+    data set's, so the class-map layer is re-initialised when it differs.
+
+    Args:
+        cfg: The config so far (recipe, data set, named flags).
+        weights: A pretrained tag, a weights file or a run folder.
+    """
+    try:
+        _, meta = load_state(resolve(weights))
+        name, model_args = weights_architecture(meta)
+    except NinError as e:
+        raise NinError(f"--init-from {weights}: {e}") from None
+    model_args.pop("num_classes", None)  # the data set decides (a folder: its sub-folders)
+    changes = {"init_from": str(weights), "preprocessing": meta.get("preprocessing", cfg.preprocessing)}
+    if not keep_model:
+        changes.update(model=name, model_args=model_args)
+    return dataclasses.replace(cfg, **changes)

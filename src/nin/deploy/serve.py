@@ -3,37 +3,35 @@
     nin serve weights/fast-cifar10.safetensors --port 8000
     curl -F file=@cat.png 'http://127.0.0.1:8000/predict?top_k=3'
 
-The model is loaded once, as the exported graph's torch module (`nin.export.ExportedNiN`: batch norm folded,
-preprocessing and test-time flips inside, in bf16 where the CPU runs it fast, as `nin predict`), so /predict
-gives what `nin predict` gives. An upload is decoded in
-memory by Pillow with the format sniffed from its bytes (PNG, JPEG, BMP, GIF, WebP only), the EXIF orientation
-applied, converted to the model's channels, and resized as `nin predict` does (shorter side to the input size,
-then the centre square). Nothing is written to disk and no file path comes from a request. Every refusal is a
-JSON ``{"error": ...}`` with a 4xx status: 413 for too many bytes or pixels (decompression bombs), 415 for a
-type that is not an allowed image, 400 for an empty, damaged or malformed upload.
+The model is loaded once as `nin.classifier.Classifier` loads it, and /predict runs its pipeline
+(`nin.inference.InferencePipeline`: the fitted preprocessing, batch norm folded, bf16 where the CPU runs it fast,
+test-time flips), the very module `nin predict` runs, so /predict gives what `nin predict` gives. An upload is
+decoded in memory by `nin.data.images.decode_image`, the decoder `nin predict` reads files with (the format
+sniffed from the bytes: PNG, JPEG, BMP, GIF, WebP only; EXIF orientation, alpha over white, 16-bit; the centre
+square). Nothing is written to disk and no file path comes from a request. Every refusal is a JSON
+``{"error": ...}`` with a 4xx status: 413 for too many bytes or pixels (decompression bombs), 415 for a type
+that is not an allowed image, 400 for an empty, damaged or malformed upload.
 
-One request at a time runs the model (a lock): on a CPU the convolutions already use every core, and batching
-concurrent requests together did not pay (docs/deploy.md has the measurement).
+One upload is decoded at a time (a lock: memory stays bounded by one image, whatever the number of concurrent
+uploads) and one request at a time runs the model (another lock): on a CPU the convolutions already use every
+core, and batching concurrent requests together did not pay (docs/deploy.md has the measurement).
 """
-
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request, Query) at runtime.
 
 import argparse
-import io
 import threading
-import warnings
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from nin.data.readers import as_seen
-from nin.errors import NinError
+from nin.classifier import Classifier
+from nin.data.datasets import LIGHT_ON_DARK
+from nin.data.images import DecodedImage, ImageTooLarge, NotAnImage, decode_image
+from nin.errors import DataError, NinError
+from nin.transforms import invert_ink, odd_polarity
 
-__all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "DecodedImage", "decode_image",
-           "create_app"]
+__all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "decode_upload", "create_app"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # Pillow's names; nothing else is even tried
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB per upload
@@ -52,50 +50,20 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-@dataclass
-class DecodedImage:
-    """An upload ready for the model, and where the model's square lies in the (oriented) photo."""
-
-    pixels: torch.Tensor  # uint8 (C, S, S)
-    width: int  # the photo after EXIF orientation, in pixels
-    height: int
-    box: tuple[float, float, float, float]  # (left, top, width, height) of the centre square the model saw
-
-
-def decode_image(data: bytes, image_size: int, channels: int, max_pixels: int = MAX_PIXELS) -> DecodedImage:
-    """Decode an upload in memory: EXIF orientation, ``channels`` (1 or 3), shorter side to ``image_size``, centre crop.
+def decode_upload(data: bytes, image_size: int, channels: int, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """An upload decoded as `nin predict` decodes a file (`nin.data.images.decode_image`), refusals as HTTP errors.
 
     Raises:
         RequestError: 400 empty or damaged, 413 more than ``max_pixels`` pixels, 415 not an allowed image type.
     """
-    if not data:
-        raise RequestError(400, "empty upload: send an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-                width, height = image.size  # from the header, before any pixel is decoded
-                if width * height > max_pixels:
-                    raise RequestError(413, f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
-                image = as_seen(image).convert("L" if channels == 1 else "RGB")  # as `nin predict` reads files
-    except RequestError:
-        raise
-    except UnidentifiedImageError:
-        raise RequestError(415, f"not an image of an allowed type ({', '.join(ALLOWED_FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(413, f"image refused as a decompression bomb (limit {max_pixels:,} pixels)") from None
-    except Exception as error:  # truncated data, bad chunks, unsupported modes
-        raise RequestError(400, f"damaged or unsupported image ({type(error).__name__})") from None
-    width, height = image.size
-    scale = image_size / min(width, height)  # as nin.data.readers.read_image, which `nin predict` uses
-    resized = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-    if resized != (width, height):
-        image = image.resize(resized, Image.BILINEAR)
-    left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
-    box = (left / scale, top / scale, image_size / scale, image_size / scale)
-    return DecodedImage(torch.from_numpy(array.transpose(2, 0, 1).copy()), width, height, box)
+        return decode_image(data, image_size, channels, max_pixels, formats=ALLOWED_FORMATS)
+    except ImageTooLarge as error:
+        raise RequestError(413, str(error)) from None
+    except NotAnImage as error:
+        raise RequestError(415, str(error)) from None
+    except DataError as error:
+        raise RequestError(400, str(error)) from None
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -142,7 +110,7 @@ async def _read_upload(request, max_bytes: int) -> bytes:
 
 
 def _static(name: str) -> bytes:
-    return (resources.files("nin") / "static" / name).read_bytes()
+    return (resources.files("nin.deploy") / "static" / name).read_bytes()
 
 
 def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
@@ -151,19 +119,13 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from nin.data.datasets import LIGHT_ON_DARK
-    from nin.export import build_exported
-    from nin.runtime import select_precision
-    from nin.transforms import invert_ink, odd_polarity
-
-    # nin's inference path: batch norm folded, bf16 where the CPU runs it fast (as `nin predict`)
-    module, meta = build_exported(weights, select_precision("auto", torch.device("cpu")) or torch.float32)
-    config = module.model.config
-    classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
+    # nin's one inference path, as `nin predict` runs it: batch norm folded, bf16 where the CPU runs it fast
+    classifier = Classifier.load(weights, device="cpu")
+    pipeline, meta, classes = classifier.pipeline, classifier.meta, classifier.classes
+    config = pipeline.config
     light_on_dark = meta.get("dataset") in LIGHT_ON_DARK  # MNIST-style weights: the page offers invert
-    lock = threading.Lock()
-    with torch.no_grad():
-        module(torch.zeros(1, config.in_channels, config.input_size, config.input_size, dtype=torch.uint8))  # warm-up
+    decoding, scoring = threading.Lock(), threading.Lock()  # one upload decoded at a time: memory stays bounded
+    pipeline(torch.zeros(1, config.in_channels, config.input_size, config.input_size, dtype=torch.uint8))  # warm-up
 
     app = FastAPI(title="nin", version="1", description=f"Network In Network classifier ({meta.get('dataset')}): "
                   f"upload an image, get the top classes and the predicted class's confidence map.")
@@ -176,16 +138,17 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     def health() -> dict:
         """The model being served."""
         return {"status": "ok", "dataset": meta.get("dataset"), "classes": classes,
-                "input": [config.in_channels, config.input_size, config.input_size], "tta_flip": module.tta_flip,
+                "input": [config.in_channels, config.input_size, config.input_size], "tta_flip": pipeline.tta_flip,
                 "light_on_dark": light_on_dark, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
 
     def classify(data: bytes, top_k: int, invert: bool) -> dict:
-        decoded = decode_image(data, config.input_size, config.in_channels, max_pixels)
+        with decoding:
+            decoded = decode_upload(data, config.input_size, config.in_channels, max_pixels)
         pixels = decoded.pixels[None]
         hint = _upload_hint(meta.get("dataset"), invert, bool(odd_polarity(pixels, meta.get("dataset"), invert)))
-        with lock, torch.no_grad():
-            probabilities, maps = module(invert_ink(pixels) if invert else pixels)  # (1, K), (1, K, h, w)
-        answer = _prediction(probabilities[0], maps[0], classes, decoded, top_k)
+        with scoring:
+            logits, maps = pipeline(invert_ink(pixels) if invert else pixels)  # (1, K), (1, K, h, w)
+        answer = _prediction(logits[0].softmax(dim=0), maps[0], classes, decoded, top_k)
         return {**answer, "hint": hint} if hint else answer
 
     @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
@@ -223,8 +186,6 @@ def _add_page(app) -> None:
 def _upload_hint(dataset: str | None, invert: bool, odd: bool) -> str | None:
     """/predict's hint: ``invert`` for weights that do not take it, or an upload (``odd``) the other way round from
     what MNIST-style weights (and ``invert``) expect; None when all is as expected."""
-    from nin.data.datasets import LIGHT_ON_DARK
-
     if invert and dataset not in LIGHT_ON_DARK:
         return (f"invert=true is for weights trained on light-on-black images ({', '.join(LIGHT_ON_DARK)}); these "
                 f"are {dataset} weights, so the image was scored as a negative")

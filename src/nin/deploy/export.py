@@ -14,7 +14,6 @@ preprocessing, opset, the source weights' sha256); docs/deploy.md shows a 10-lin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import warnings
@@ -23,13 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nin import __version__
+from nin.__about__ import __version__
+from nin.data.readers import file_digest
 from nin.errors import NinError
-from nin.inference import fold_batch_norm
-from nin.transforms import gcn, lcn
+from nin.inference import InferencePipeline, optimize_for_inference
+from nin.pretrained import load, resolve
+from nin.transforms import Preprocessing
 
 __all__ = ["ExportedNiN", "build_exported", "export_onnx", "export_torchscript", "export_openvino", "sidecar",
-           "weights_file", "FORMATS", "OPSET", "INPUT_NAME", "OUTPUT_NAMES"]
+           "FORMATS", "OPSET", "INPUT_NAME", "OUTPUT_NAMES"]
 
 OPSET = 17  # ONNX opset of the exported graph; onnxruntime >= 1.14 and OpenVINO read it
 INPUT_NAME = "images"
@@ -40,83 +41,43 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 class ExportedNiN(nn.Module):
     """uint8 images (N, C, H, W) -> (probabilities (N, K), class maps (N, K, h, w)), preprocessing included.
 
-    With ``tta_flip`` the class maps are the average of the image's maps and the mirrored image's maps mirrored
-    back, so that (with the GAP head) their spatial means are exactly the flip-averaged logits.
+    `nin.inference.InferencePipeline` (the fitted preprocessing module, the batch-norm-folded model, test-time
+    flips) with a softmax after it: the same module that `Classifier`, `nin predict` and `nin serve` run, here in
+    ``dtype`` (exports: fp32). With ``tta_flip`` the class maps are the average of the image's maps and the
+    mirrored image's maps mirrored back, so that (with the GAP head) their spatial means are exactly the
+    flip-averaged logits.
     """
 
-    def __init__(self, model: nn.Module, preprocessing, tta_flip: bool, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, tta_flip: bool,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.dtype = dtype  # the folded model's weights and activations (exports: fp32; `nin serve`: bf16 where fast)
-        self.model = fold_batch_norm(model).to(dtype)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.kind = preprocessing.kind
-        self.tta_flip = bool(tta_flip)
-        if self.kind == "standardize":
-            self.register_buffer("mean", preprocessing.mean.float().view(1, -1, 1, 1))
-            self.register_buffer("std", preprocessing.std.float().view(1, -1, 1, 1))
-        elif self.kind == "gcn_zca":
-            self.register_buffer("zca_mean", preprocessing.zca.mean.float())  # (C*H*W,)
-            self.register_buffer("zca_matrix", preprocessing.zca.matrix.float())  # (C*H*W, C*H*W)
+        self.pipeline = InferencePipeline(preprocessing, optimize_for_inference(model, amp_dtype=dtype), tta_flip)
+
+    @property
+    def model(self) -> nn.Module:
+        """The folded model (its ``config`` is the architecture's)."""
+        return self.pipeline.model.model
+
+    @property
+    def kind(self) -> str:
+        return self.pipeline.preprocessing.kind
+
+    @property
+    def tta_flip(self) -> bool:
+        return self.pipeline.tta_flip
 
     def train(self, mode: bool = True) -> ExportedNiN:
         super().train(False)  # inference only: dropout stays off whatever the caller asks
         return self
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """The same float32 batch as `nin.transforms.Preprocessing` gives, written with traceable ops."""
-        x = images.float()
-        if self.kind == "scale":
-            return x / 255.0
-        if self.kind == "standardize":
-            return (x / 255.0 - self.mean) / self.std
-        x = gcn(x)
-        if self.kind == "gcn_lcn":
-            return lcn(x)
-        return ((x.flatten(1) - self.zca_mean) @ self.zca_matrix).reshape_as(x)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.preprocess(images)
-        if self.dtype != torch.float32:
-            x = x.to(self.dtype)
-        if not self.tta_flip:
-            maps = self._features(x)  # (N, K, h, w)
-            return self.model.forward_head(maps).softmax(dim=1), maps
-        count = x.shape[0]
-        both = self._features(torch.cat([x, x.flip(-1)]))  # one pass over (2N, C, H, W)
-        maps, mirrored = both[:count], both[count:]
-        logits = 0.5 * (self.model.forward_head(maps) + self.model.forward_head(mirrored))
-        return logits.softmax(dim=1), 0.5 * (maps + mirrored.flip(-1))
-
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """The class maps in fp32, whatever the model's dtype."""
-        return self.model.forward_features(x).float()
-
-
-def weights_file(path: str | Path) -> Path:
-    """The file `load_weights` reads for ``path``: the file itself, a run folder's model/checkpoint file, or the
-    shipped file of a pretrained tag."""
-    from nin.pretrained import PRETRAINED
-
-    if not Path(path).exists() and str(path) in PRETRAINED:
-        return PRETRAINED[str(path)].path
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model.safetensors", "checkpoint.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise NinError(f"{path}: a folder without model.safetensors or checkpoint.safetensors")
-    if not path.is_file():
-        raise NinError(f"{path}: no such weights file or run folder")
-    return path
+        logits, maps = self.pipeline(images)
+        return logits.softmax(dim=1), maps
 
 
 def build_exported(weights: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ExportedNiN, dict]:
-    """Load ``weights`` (a file or run folder) on the CPU and wrap it; also returns the weights' meta."""
-    from nin.checkpoint import load_weights
-
-    model, preprocessing, meta = load_weights(weights_file(weights), "cpu")
+    """Load ``weights`` (a tag, a file or a run folder) on the CPU and wrap it; also returns the weights' meta."""
+    model, preprocessing, meta = load(weights, "cpu")
     return ExportedNiN(model, preprocessing, bool(meta.get("tta_flip")), dtype).eval(), meta
 
 
@@ -130,10 +91,11 @@ def _example(module: ExportedNiN, count: int = 2, seed: int = 0) -> torch.Tensor
 def sidecar(module: ExportedNiN, meta: dict, weights: str | Path, format: str, opset: int | None) -> dict:
     """The JSON description written beside an exported graph (FILE.json)."""
     config = module.model.config
-    source = weights_file(weights)
+    source = resolve(weights)
     if module.kind == "standardize":
+        fitted = module.pipeline.preprocessing
         preprocessing = {"kind": "standardize", "formula": "(x / 255 - mean) / std, per channel",
-                         "mean": module.mean.flatten().tolist(), "std": module.std.flatten().tolist()}
+                         "mean": fitted.mean.flatten().tolist(), "std": fitted.std.flatten().tolist()}
     elif module.kind == "scale":
         preprocessing = {"kind": "scale", "formula": "x / 255"}
     elif module.kind == "gcn_zca":
@@ -154,7 +116,7 @@ def sidecar(module: ExportedNiN, meta: dict, weights: str | Path, format: str, o
         "preprocessing": preprocessing,
         "tta_flip": module.tta_flip,
         "batch_norm_folded": True,
-        "source_weights": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+        "source_weights": {"file": source.name, "sha256": file_digest(source, "sha256")},
         "nin_version": __version__,
     }
 
@@ -177,7 +139,7 @@ def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, ch
     """Export ``weights`` to an ONNX file plus its sidecar ``path``.json.
 
     Args:
-        weights: A weights file or run folder.
+        weights: A pretrained tag, a weights file or a run folder.
         path: The .onnx file to write.
         opset: ONNX opset version.
         check: Run onnx's checker, and compare onnxruntime's output with torch's on 3 random images when

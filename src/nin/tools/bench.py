@@ -35,7 +35,22 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from nin.errors import NinError
+from nin.data import TensorLoader, load_dataset
+from nin.deploy.backends import format_table, time_backends
+from nin.engine.config import recipe
+from nin.engine.loop import train_step
+from nin.engine.optim import make_optimizer
+from nin.engine.schedule import lr_at
+from nin.errors import DataError, NinError
+from nin.inference import optimize_for_inference, predict_logits
+from nin.models import get_model, multiply_adds
+from nin.runtime import (
+    keep_freed_memory,
+    median_seconds,
+    resolve_device,
+    select_precision,
+)
+from nin.transforms import Augment, fit_preprocessing
 
 __all__ = ["add_arguments", "run", "forward_flops", "matmul_peak", "PerImageCifar"]
 
@@ -70,27 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Measuring: medians, FLOPs, the machine's matmul peak, peak memory
 # ---------------------------------------------------------------------------------------------
 
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1,
-                   sync: Callable[[], None] | None = None) -> float:
-    """Median wall time of ``function()``; ``sync`` (torch.cuda.synchronize) waits for queued GPU work."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        start = time.perf_counter()
-        function()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def forward_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     """FLOPs (2 per multiply-add) of one image's forward pass (`nin.models.multiply_adds`)."""
-    from nin.models import multiply_adds
-
     return 2 * multiply_adds(model, tuple(image_shape))
 
 
@@ -218,8 +214,6 @@ def _baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: t
 
 def _images(args, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``count`` CIFAR-10 training images (uint8) and labels; a synthetic batch under --quick without data."""
-    from nin.data import DataError, load_dataset
-
     try:
         train = load_dataset("cifar10", "train", args.data_dir)
         return train.images[:count], train.labels[:count], "cifar10 train"
@@ -233,8 +227,6 @@ def _images(args, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def measure(args) -> dict:
     """Every number of one `nin bench` run: the baseline, nin's engine (fast model and paper model), inference."""
-    from nin.runtime import keep_freed_memory, resolve_device
-
     if args.quick:
         args.steps, args.warmup, args.batch_size = min(args.steps, 2), min(args.warmup, 1), min(args.batch_size, 16)
         args.eval_batch_size, args.eval_repeats = min(args.eval_batch_size, 32), min(args.eval_repeats, 2)
@@ -275,8 +267,6 @@ def _sync(device: torch.device):
 
 def _measure_baseline(args, images: torch.Tensor, labels: torch.Tensor, device: torch.device, result: dict) -> dict:
     """The plain port: per-image Dataset + DataLoader, fp32, the paper model; returns its inference timing."""
-    from nin.models import get_model
-
     scaled = images.float() / 255
     mean, std = scaled.mean(dim=(0, 2, 3)), scaled.std(dim=(0, 2, 3))
     base_model = get_model("nin_cifar10").to(device)
@@ -296,16 +286,12 @@ def _measure_baseline(args, images: torch.Tensor, labels: torch.Tensor, device: 
 
 
 def _fast_config(args):
-    from nin.config import recipe
-
     return dataclasses.replace(recipe("fast", "cifar10"), batch_size=args.batch_size, compile=bool(args.compile_train))
 
 
 def _same_model_config(args):
     """nin's engine on exactly the baseline's model and recipe: the paper model (no batch norm), per-channel
     standardization, pad-4 crops + flips, SGD momentum 0.9 at a constant lr 0.01, weight decay 1e-4."""
-    from nin.config import recipe
-
     return dataclasses.replace(recipe("paper", "cifar10"), batch_size=args.batch_size, preprocessing="standardize",
                                augment=True, translate=BASELINE_PADDING, flip=True, schedule="constant", lr=0.01,
                                bias_lr_mult=1.0, class_map_lr_mult=1.0, compile=bool(args.compile_train))
@@ -314,13 +300,6 @@ def _same_model_config(args):
 def _measure_engine(args, cfg, images: torch.Tensor, labels: torch.Tensor, device: torch.device, result: dict,
                     label: str):
     """Time `train_step` as `nin train` runs it for ``cfg``; returns (model, preprocessed images, cfg)."""
-    from nin.data import TensorLoader
-    from nin.models import get_model
-    from nin.runtime import select_precision
-    from nin.schedule import lr_at
-    from nin.train import make_optimizer, train_step
-    from nin.transforms import Augment, fit_preprocessing
-
     amp_dtype = select_precision(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     train_x = fit_preprocessing(cfg.preprocessing, images)(images).to(device)
@@ -351,10 +330,6 @@ def _measure_inference(args, model: nn.Module, train_x: torch.Tensor, cfg, devic
                        result: dict) -> dict:
     """Seconds per batch: the unfolded model under autocast, then each `optimize_for_inference` method
     ("eager" is `inference_model`, what `evaluate` / `predict` run)."""
-    from nin.evaluate import predict_logits
-    from nin.inference import optimize_for_inference
-    from nin.runtime import select_precision
-
     amp_dtype = select_precision(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     eval_x = train_x[: args.eval_batch_size].contiguous(memory_format=memory_format)
@@ -425,7 +400,7 @@ def report(result: dict) -> str:
     if "train_nin_malloc_defaults" in result:
         rows.append(("nin fast, malloc defaults", result["train_nin_malloc_defaults"]))
     rows.append((f"nin fast model ({result['precision']}, NHWC)", n))
-    rows.append((f"nin, baseline's model and recipe", result["train_nin_same_model"]))
+    rows.append(("nin, baseline's model and recipe", result["train_nin_same_model"]))
     for name, t in rows:
         lines.append(f"{name:<34}{t['images_per_s']:>9.1f}{t['gflops']:>9.1f}{t['peak_fraction']:>8.1%} "
                      f"{t['outside_compute']:>16.1%}{t['peak_rss_mib']:>8.0f} MiB")
@@ -456,8 +431,6 @@ def run(args) -> int:
 
 def run_inference(args) -> int:
     """``nin bench --inference``: every backend on the same real images, ratios against plain fp32 torch."""
-    from nin.backends import format_table, time_backends
-
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = 16 if args.quick else args.eval_batch_size

@@ -15,9 +15,9 @@ Every backend gets torch's thread count (``torch.set_num_threads``), so rows com
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +26,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nin.classifier import Classifier
+from nin.deploy import export
+from nin.deploy.export import INPUT_NAME, OUTPUT_NAMES, build_exported
 from nin.errors import NinError
+from nin.inference import predict_logits
+from nin.pretrained import load
+from nin.runtime import timings
 
 __all__ = ["BACKENDS", "Runner", "load_runner", "available_backends", "BackendTiming", "time_backends",
            "format_table"]
@@ -58,11 +64,7 @@ def available_backends() -> list[str]:
 
 
 def _torch_runner(name: str, weights: str | Path) -> Runner:
-    from nin.checkpoint import load_weights
-    from nin.classifier import Classifier
-    from nin.evaluate import predict_logits
-
-    model, preprocessing, meta = load_weights(weights, "cpu")
+    model, preprocessing, meta = load(weights, "cpu")
     if name == "torch":  # nin's inference path: what `nin evaluate` / `nin predict` / `Classifier` run
         classifier = Classifier(model, preprocessing, meta, device="cpu")
         return Runner(name, lambda images: classifier.predict(torch.from_numpy(images)).numpy(),
@@ -78,11 +80,7 @@ def _torch_runner(name: str, weights: str | Path) -> Runner:
 
 
 def _exported_runner(name: str, path: Path, num_classes: int) -> Runner:
-    from nin.export import INPUT_NAME, OUTPUT_NAMES
-
     if name == "torch-folded":
-        from nin.export import build_exported
-
         module, _ = build_exported(path)
         num_classes = module.model.config.num_classes
 
@@ -130,10 +128,6 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
         export_dir: Where to export nin weights for the exported backends (default: a temporary folder,
             removed when the process exits).
     """
-    import json
-
-    from nin import export
-
     if backend not in BACKENDS:
         raise NinError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend in ("torch", "torch-fp32"):
@@ -211,19 +205,10 @@ def time_backends(weights: str | Path, images: np.ndarray | torch.Tensor, *, bac
     with tempfile.TemporaryDirectory(prefix="nin-backends-") as folder:
         for name in names:
             runner = load_runner(name, weights, export_dir=Path(folder) / name)
-            runner(batch)  # warm-up: lazy initialisation, allocator, oneDNN primitive caches
-            seconds = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                runner(batch)
-                seconds.append(time.perf_counter() - start)
-            latencies = []
-            for i in range(10 + latency_calls):
-                one = batch[i % batch_size : i % batch_size + 1]
-                start = time.perf_counter()
-                runner(one)
-                if i >= 10:
-                    latencies.append((time.perf_counter() - start) * 1e3)
+            # the first batch warms up lazy initialisation, the allocator and oneDNN's primitive caches
+            seconds = timings(lambda: runner(batch), repeats)
+            calls = iter(range(10**9))
+            latencies = [t * 1e3 for t in timings(lambda: runner(_one(batch, next(calls))), latency_calls, warmup=10)]
             row = BackendTiming(name, batch_size, batch_size / statistics.median(seconds),
                                 _percentile(latencies, 50), _percentile(latencies, 99))
             rows.append(row)
@@ -235,6 +220,12 @@ def time_backends(weights: str | Path, images: np.ndarray | torch.Tensor, *, bac
             row.speedup = row.images_per_second / base.images_per_second
             row.latency_ratio = row.latency_p50_ms / base.latency_p50_ms
     return rows
+
+
+def _one(batch: np.ndarray, i: int) -> np.ndarray:
+    """The i-th image of the batch (cycling) as a batch of one."""
+    i %= len(batch)
+    return batch[i : i + 1]
 
 
 def format_table(rows: list[BackendTiming]) -> str:

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from nin.errors import NinError
+from nin.files import atomic_write_bytes
 
 __all__ = ["MetricsLog", "read_metrics", "json_number"]
 
@@ -64,12 +65,11 @@ class MetricsLog:
 
     def __init__(self, out: str | os.PathLike, keep_epochs: int) -> None:
         """Open the log of the run in ``out``, keeping its first ``keep_epochs`` epochs (a resumed run's)."""
-        from nin.checkpoint import atomic_write_bytes  # a kill mid-rewrite must not lose the earlier epochs
-
         self.out = Path(out)
         self.records: list[dict] = []
         if (self.out / "metrics.jsonl").exists():
             self.records = [r for r in read_metrics(self.out, strict=True) if r["epoch"] <= keep_epochs]
+        # rewritten atomically: a kill mid-rewrite must not lose the earlier epochs
         atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
         self._write_csv()
         self.tensorboard = None
@@ -81,8 +81,6 @@ class MetricsLog:
             pass
 
     def _write_csv(self) -> None:
-        from nin.checkpoint import atomic_write_bytes
-
         if not self.records:
             return
         text = io.StringIO()

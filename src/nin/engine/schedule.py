@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from nin.config import TrainConfig
+from nin.engine.config import TrainConfig
 from nin.errors import NinError
 
 __all__ = ["total_steps", "lr_at", "PlateauRule"]

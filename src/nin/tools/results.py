@@ -1,165 +1,49 @@
-"""Reproduce the paper's tables: run each experiment, record each finished run, write RESULTS.md.
+"""Recording finished runs (``results/<name>.json``, the weights copied and evaluated again) and RESULTS.md.
 
-    nin reproduce table4 --dry-run                            # the exact `nin train` commands, nothing run
-    nin reproduce fast-mnist --out-root runs                  # train, then record results/fast-mnist.json
-    nin reproduce record runs/fast-mnist --name fast-mnist    # record a finished run by hand
-    nin reproduce report                                      # RESULTS.md + results/curves/<name>.png
+    record_run("runs/fast-mnist", "fast-mnist")                # results/fast-mnist.json, weights/fast-mnist.safetensors
+    write_report("results", "RESULTS.md")                       # every row of the paper's tables, then ours
 
-An experiment is a list of `nin train` invocations, one run folder each under ``--out-root``. Each run
-goes through a subprocess (`python -m nin train ...`), so its ``config.json`` holds the plain `nin train`
-command that anyone can paste. A run folder that already holds ``model.safetensors`` is only recorded;
-one that holds ``checkpoint.safetensors`` is resumed. Recording (`record_run`) writes
-``results/<name>.json`` (command, git revision, machine, wall time, per-epoch curve, final error),
-copies the weights to ``weights/<name>.safetensors`` and evaluates them again, from the weights file
-alone, on the same test images: ``evaluated_error`` must equal the run's own final error.
+Recording (`record_run`) writes the command, git revision, machine, wall time, per-epoch curve and final
+error, copies the weights and evaluates them again, from the weights file alone, on the same test images:
+``evaluated_error`` must equal the run's own final error. The report shows every row of the paper's Tables 1-5
+with the paper's number, the best public port's, and ours (or why there is none).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import re
-import shlex
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nin.data.datasets import DATASET_NAMES, DATASETS, dataset_info
+from nin.data.datasets import (
+    DATASET_NAMES,
+    DATASETS,
+    LOSSLESS_CIFAR10_NAME,
+    dataset_info,
+    resolve_root,
+)
 from nin.data.readers import file_digest
+from nin.engine.config import recipe
+from nin.engine.metrics import read_metrics
 from nin.errors import NinError
 from nin.evaluate import evaluate_weights
-from nin.metrics import read_metrics
+from nin.models import get_model, multiply_adds
+from nin.tools.curves import plot_curves
+from nin.tools.experiments import (
+    EXPERIMENTS,
+    PAPER_EPOCHS,
+    TABLE5_SMALL_MODELS,
+    RunSpec,
+)
 
-__all__ = ["RunSpec", "PlannedRun", "EXPERIMENTS", "plan", "record_run", "write_report", "add_arguments", "run"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The experiments
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One `nin train` invocation of an experiment."""
-
-    name: str  # run folder under --out-root, and results/<name>.json
-    dataset: str
-    recipe: str  # paper | caffe | fast (nin.train.RECIPES)
-    model: str | None = None  # None = the data set's paper model
-    augment: bool | None = None  # None = the recipe's default (paper: off, fast: on)
-    fixed_schedule: bool = False  # Table 5: the authors' 200 + 30 + 30 epochs as a fixed schedule (below)
-    epochs: int | None = None  # None = the recipe's (or --epochs)
-    train_subset: int | None = None  # None = every training image (or --train-subset)
-    sets: tuple[str, ...] = ()  # --set KEY=VALUE overrides
-
-
-# The authors' CIFAR-10 run (their Caffe zoo solver and cuda-convnet layer files): 200 epochs, lr / 10 for 30, lr / 10 for 30 more.
-PAPER_EPOCHS = 260
-PAPER_DROPS = (200, 230)  # epochs at which the lr is divided by 10
-
-# Table 5 compares heads, so every model there gets the same epochs and the same lr drops: the paper's
-# plateau rule would end each run at its own epoch.
-TABLE5_MODELS = ("nin_cifar10_fc", "nin_cifar10_fc_dropout", "nin_cifar10",
-                 "cnn_cifar10_fc", "cnn_cifar10_fc_dropout", "cnn_cifar10_gap")
-
-# Table 5 at a size this CPU can train in minutes: the three mlpconv heads, the same 10,000 training images,
-# the same epochs and lr schedule (the fast recipe's one-cycle), no augmentation (the paper's Table 5 has
-# none: the point is how each head overfits), scored on the first 5,000 test images without test-time flips.
-TABLE5_SMALL_MODELS = ("nin_cifar10_fc", "nin_cifar10_fc_dropout", "nin_cifar10")
-# Peak lr 0.05, not the fast recipe's 0.2: with 0.2 the FC head's loss became non-finite at step 44 (lr ≈ 0.1).
-# `nin reproduce fast-<dataset>` trains what the shipped weights of that name were trained with: the data set's
-# fast default, except where the shipped run had other epochs (MNIST: the 8-epoch default of its day)
-SHIPPED_FAST_EPOCHS = {"mnist": 8, "fashion-mnist": 10}
-# The recorded runs predate CIFAR-10's fast defaults of progressive resizing, eval every 4 and no dropout: pinned.
-TABLE5_SMALL = {"epochs": 6, "train_subset": 10_000,
-                "sets": ("lr=0.05", "eval_subset=5000", "tta_flip=false", "model.dropout=0.25", "small_size=0",
-                         "eval_every=1")}
-
-
-EXPERIMENTS: dict[str, tuple[str, tuple[RunSpec, ...]]] = {
-    "table1": ("CIFAR-10, paper recipe, no augmentation (Table 1: 10.41%)",
-               (RunSpec("cifar10-paper", "cifar10", "paper"),)),
-    "table1-aug": ("CIFAR-10, paper recipe + translation and flips (Table 1: 8.81%)",
-                   (RunSpec("cifar10-paper-aug", "cifar10", "paper", augment=True),)),
-    "table2": ("CIFAR-100, paper recipe (Table 2: 35.68%)", (RunSpec("cifar100-paper", "cifar100", "paper"),)),
-    "table3": ("SVHN, paper recipe (Table 3: 2.35%)", (RunSpec("svhn-paper", "svhn", "paper"),)),
-    "table4": ("MNIST, paper recipe (Table 4: 0.47%)", (RunSpec("mnist-paper", "mnist", "paper"),)),
-    "table5": ("GAP vs FC heads on CIFAR-10, mlpconv and conventional CNN, one fixed schedule (Table 5)",
-               tuple(RunSpec(f"table5-{m}", "cifar10", "paper", model=m, fixed_schedule=True) for m in TABLE5_MODELS)),
-    "table5-small": ("Table 5 at reduced scale: the three mlpconv heads, 10,000 training images, 6 epochs, one "
-                     "schedule (fast recipe, no augmentation)",
-                     tuple(RunSpec(f"table5-small-{m}", "cifar10", "fast", model=m, augment=False, **TABLE5_SMALL)
-                           for m in TABLE5_SMALL_MODELS)),
-    **{f"fast-{d.name}": (f"{d.label}, fast recipe (ours)",
-                          (RunSpec(f"fast-{d.name}", d.name, "fast", epochs=SHIPPED_FAST_EPOCHS.get(d.name)),))
-       for d in DATASETS.values()},
-}
-
-
-def exact_1000_file(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The pixel-exact first 1,000 official CIFAR-10 test images in the data folder, or None."""
-    from nin.data.datasets import resolve_root
-
-    path = resolve_root(data_dir) / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin"
-    return path if path.is_file() else None
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    name: str
-    run_dir: Path
-    argv: tuple[str, ...]  # arguments of `nin`, starting with "train"
-
-    @property
-    def command(self) -> str:
-        return shlex.join(["nin", *self.argv])
-
-
-def plan(experiment: str, *, out_root: str | os.PathLike = "runs", data_dir: str | None = None,
-         epochs: int | None = None, train_subset: int | None = None, gpu: bool = False,
-         checkpoint_every: int = 0) -> list[PlannedRun]:
-    """The `nin train` invocations of ``experiment`` (a key of EXPERIMENTS), in the order they run.
-
-    A CIFAR-10 run is also scored at each evaluation on the pixel-exact first 1,000 official test images
-    (``extra_eval``) when the data folder has them; ``checkpoint_every`` (steps, 0 = each epoch) is passed on.
-    """
-    if experiment not in EXPERIMENTS:
-        raise NinError(f"unknown experiment {experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
-    runs = []
-    for spec in EXPERIMENTS[experiment][1]:
-        run_dir = Path(out_root) / spec.name
-        argv = ["train", "--dataset", spec.dataset, "--recipe", spec.recipe]
-        if spec.model:
-            argv += ["--model", spec.model]
-        if spec.augment is not None:
-            argv.append("--augment" if spec.augment else "--no-augment")
-        argv += ["--out", str(run_dir)]
-        exact = exact_1000_file(data_dir) if spec.dataset == "cifar10" else None
-        if exact is not None and not any(s.startswith("extra_eval=") for s in spec.sets):
-            argv += ["--set", f"extra_eval={exact}"]
-        if spec.fixed_schedule:
-            total = epochs or PAPER_EPOCHS
-            drops = ",".join(str(max(1, round(total * d / PAPER_EPOCHS))) for d in PAPER_DROPS)
-            argv += ["--epochs", str(total), "--set", "schedule=multistep", "--set", f"milestones={drops}"]
-        elif epochs or spec.epochs:
-            argv += ["--epochs", str(epochs or spec.epochs)]
-        if train_subset or spec.train_subset:
-            argv += ["--train-subset", str(train_subset or spec.train_subset)]
-        for setting in spec.sets:
-            argv += ["--set", setting]
-        if data_dir:
-            argv += ["--data-dir", str(data_dir)]
-        if checkpoint_every:
-            argv += ["--checkpoint-every", str(checkpoint_every)]
-        if gpu:
-            argv += ["--device", "cuda"]
-        runs.append(PlannedRun(spec.name, run_dir, tuple(argv)))
-    return runs
+__all__ = ["record_run", "exact_1000", "reevaluate", "write_report", "PAPER_ROWS", "TABLE5_SMALL_ROWS", "OUR_ROWS",
+           "JPEG_COPY_LABEL", "dataset_label", "machine_name", "runnable"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +57,6 @@ def dataset_label(dataset: str, data_dir: str | os.PathLike | None = None) -> st
     """The data set's name, marking the JPEG-compressed CIFAR-10 copy (its readme.txt says so)."""
     label = dataset_info(dataset).label if dataset in DATASET_NAMES else dataset
     if dataset == "cifar10":
-        from nin.data.datasets import resolve_root
-
         readme = resolve_root(data_dir) / "cifar-10-batches-bin" / "readme.txt"
         if readme.is_file() and "JPEG" in readme.read_text(errors="replace"):
             return JPEG_COPY_LABEL
@@ -245,31 +127,6 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
     return record
 
 
-def record_weights(weights: str | os.PathLike, name: str, command: str, results_dir: str | os.PathLike = "results",
-                   *, data_dir: str | None = None, device: str | None = None) -> dict:
-    """Record weights that were not trained here (the authors' Caffe model, imported): their test error now.
-
-    Writes ``results/<name>.json`` with the error on the data set's test split and, for CIFAR-10, on the exact
-    1,000; ``command`` is how the weights file was made.
-    """
-    from nin.checkpoint import load_state
-
-    weights = Path(weights)
-    _, meta = load_state(weights)
-    result, dataset, _ = evaluate_weights(weights, data_dir=data_dir, device=device)
-    record = {"name": name, "kind": "imported", "command": command, "machine": machine_name(device or "cpu"),
-              "cores": os.cpu_count(), "dataset": dataset, "dataset_label": dataset_label(dataset, data_dir),
-              "model": (meta.get("source") or {}).get("arch", "?"), "source": meta.get("source"), "epochs": 0,
-              "wall_time_s": 0.0, "final_error": result.error, "evaluated_error": result.error,
-              "evaluated_n": result.n, "curve": [], "weights": weights.as_posix(),
-              "weights_sha256": file_digest(weights, "sha256"),
-              **exact_1000(weights, dataset, data_dir, device)}
-    path = Path(results_dir) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
 def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, label: str) -> dict:
     """The results json of a finished run: provenance, the curve, the error recorded and evaluated again."""
     cfg, split = config["train_config"], config["train_config"]["eval_split"]
@@ -300,8 +157,6 @@ def exact_1000(weights: str | os.PathLike, dataset: str, data_dir: str | None = 
     The CIFAR-10 copy here went through JPEG; these 1,000 are the images the paper's number is comparable to.
     Empty for other data sets, or when they are not in the data folder.
     """
-    from nin.data.datasets import LOSSLESS_CIFAR10_NAME, resolve_root
-
     if dataset != "cifar10" or not (resolve_root(data_dir) / "cifar-10-test-lossless-first1000").is_dir():
         return {}
     result, _, _ = evaluate_weights(weights, dataset=LOSSLESS_CIFAR10_NAME, data_dir=data_dir, device=device)
@@ -367,9 +222,6 @@ def _cpu_reference(records: list[dict]) -> dict | None:
 
 def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:
     """Hours for ``spec`` on this CPU, from a recorded CPU run's images/s scaled by multiply-adds per image."""
-    from nin.config import recipe
-    from nin.models import get_model, multiply_adds
-
     if reference is None:
         return None
     cfg = recipe(spec.recipe, spec.dataset)
@@ -409,8 +261,6 @@ def _not_run(row: Row, data_root: Path, reference: dict | None) -> str:
 
 def plot_curve(record: dict, path: Path, reference: float | None = None) -> Path | None:
     """A recorded run's curves (`nin.visualize.plot_curves`); None when matplotlib is missing."""
-    from nin.visualize import plot_curves
-
     try:
         return plot_curves([(record["name"], record["curve"], record.get("train_config"))], path, reference=reference)
     except NinError:  # matplotlib is not installed
@@ -420,8 +270,6 @@ def plot_curve(record: dict, path: Path, reference: float | None = None) -> Path
 def plot_table5(records: dict[str, dict], rows: tuple, path: Path) -> Path | None:
     """The Table 5 heads' curves on one plot, each with the paper's error as a dotted line in its colour; None
     when fewer than two heads have run or matplotlib is missing."""
-    from nin.visualize import plot_curves
-
     found = [(row, records[row.results[0]]) for row in rows
              if row.results[0] in records and records[row.results[0]]["curve"]]
     if len(found) < 2:
@@ -555,8 +403,6 @@ def reevaluate(results_dir: str | os.PathLike = "results", *, data_dir: str | No
     gives today; ``final_error``, the error the run logged while training, stays as it was. Returns the names
     whose numbers moved. Run it after a change to the inference path (docs/reproduce.md).
     """
-    from nin.evaluate import evaluate_weights
-
     moved = []
     for path in sorted(Path(results_dir).glob("*.json")):
         record = json.loads(path.read_text())
@@ -599,8 +445,6 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
 
     Curves go to ``results_dir/curves/<name>.png`` (skipped when matplotlib is missing).
     """
-    from nin.data.datasets import resolve_root
-
     results_dir, output = Path(results_dir), Path(output)
     records = _load_records(results_dir, data_dir)
     reference = _cpu_reference(list(records.values()))
@@ -643,97 +487,3 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
                   "`experiments/gpu_reproduce.sh` runs the paper recipes in pieces of at most 10 minutes.", ""]
     output.write_text("\n".join(lines))
     return output
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: nin reproduce EXPERIMENT | record RUN_DIR --name NAME | report
-# ---------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `nin reproduce` (called by nin.cli)."""
-    parser.description = "Run one of the paper's experiments, record a finished run, or write RESULTS.md."
-    parser.set_defaults(reproduce_parser=parser)
-    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
-    for name, (help_text, _) in EXPERIMENTS.items():
-        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
-        p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
-        p.add_argument("--out-root", default="runs", help="run folders go to OUT_ROOT/<name> (default: runs)")
-        p.add_argument("--epochs", type=int, help="epochs for every run (default: the recipe's)")
-        p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
-        p.add_argument("--dry-run", action="store_true", help="print the nin train commands and exit")
-        p.add_argument("--gpu", action="store_true", help="train on cuda (--device cuda)")
-        p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                       help="also checkpoint every STEPS optimizer steps (default: at the end of each epoch)")
-        _add_record_arguments(p)
-
-    p = sub.add_parser("record", help="record a finished run: results/<name>.json, weights/<name>.safetensors")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--name", required=True, help="result name, e.g. fast-mnist")
-    p.add_argument("--data-dir", help="data root for the re-evaluation (default: the run's, else $NIN_DATA)")
-    p.add_argument("--data-label",
-                   help='data set label in RESULTS.md (default: detected, e.g. "CIFAR-10 (JPEG q75 copy)")')
-    p.add_argument("--device", help="where to evaluate again (default: cuda when available)")
-    _add_record_arguments(p)
-
-    p = sub.add_parser("reevaluate", help="evaluate every recorded weights file again (after a change to the "
-                                          "inference path) and store the numbers in results/*.json")
-    p.add_argument("--results-dir", default="results", help="folder of result json files (default: results)")
-    p.add_argument("--data-dir", help="data root (default: $NIN_DATA)")
-
-    p = sub.add_parser("report", help="write RESULTS.md and results/curves/*.png from results/*.json")
-    p.add_argument("--results-dir", default="results", help="folder of result json files (default: results)")
-    p.add_argument("--output", default="RESULTS.md", help="report path (default: RESULTS.md)")
-    p.add_argument("--data-dir", help="data root, to tell missing data from missing runs (default: $NIN_DATA)")
-    p.add_argument("--no-curves", action="store_true", help="skip the PNG curves")
-
-
-def _add_record_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results-dir", default="results", help="result json folder (default: results)")
-    parser.add_argument("--weights-dir", default="weights", help="weights copies go here (default: weights)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`nin reproduce ...` (called by nin.cli)."""
-    if args.experiment is None:
-        args.reproduce_parser.print_help()
-        return 2
-    if args.experiment == "record":
-        record_run(args.run_dir, args.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
-                   data_label=args.data_label, device=args.device)
-        return 0
-    if args.experiment == "reevaluate":
-        moved = reevaluate(args.results_dir, data_dir=args.data_dir)
-        print(f"nin reproduce: {len(moved)} records changed" + (f" ({', '.join(moved)})" if moved else ""))
-        return 0
-    if args.experiment == "report":
-        path = write_report(args.results_dir, args.output, data_dir=args.data_dir, curves=not args.no_curves)
-        print(f"nin reproduce: wrote {path}")
-        return 0
-
-    runs = plan(args.experiment, out_root=args.out_root, data_dir=args.data_dir, epochs=args.epochs,
-                train_subset=args.train_subset, gpu=args.gpu, checkpoint_every=args.checkpoint_every)
-    if args.dry_run:
-        for planned in runs:
-            print(planned.command)
-        return 0
-    for planned in runs:
-        argv = list(planned.argv)
-        if (planned.run_dir / "model.safetensors").is_file():
-            print(f"nin reproduce: {planned.run_dir} is finished; recording it", flush=True)
-        else:
-            if (planned.run_dir / "checkpoint.safetensors").is_file():
-                argv = ["train", "--resume", str(planned.run_dir), *(["--device", "cuda"] if args.gpu else [])]
-            print(f"nin reproduce: {shlex.join(['nin', *argv])}", flush=True)
-            done = subprocess.run([sys.executable, "-m", "nin", *argv])
-            if done.returncode != 0:
-                raise NinError(f"{planned.name}: nin train exited with status {done.returncode}")
-        record_run(planned.run_dir, planned.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
-                   device="cuda" if args.gpu else None)
-    print("nin reproduce: done; `nin reproduce report` rewrites RESULTS.md")
-    return 0
-
-
-if __name__ == "__main__":
-    from nin.cli import main
-
-    raise SystemExit(main(["reproduce", *sys.argv[1:]]))

@@ -1,0 +1,439 @@
+"""Photos as the model sees them: the one decoder of `nin predict`, `nin serve`, `Classifier` and `nin visualize`.
+
+    pixels = read_image("cat.jpg", 32, 3)              # uint8 (3, 32, 32): as shown, the centre square, resized
+    decoded = decode_image(upload_bytes, 32, 3)        # the same from bytes, with where the square lies
+    photo = read_photo("cat.jpg", 3)                   # the whole photo as shown (PIL), to draw maps on
+
+An image is opened from a path or from bytes behind the decompression-bomb guard (its pixel count, read from
+the header, is checked before any pixel is decoded), shown as a viewer shows it (EXIF orientation applied,
+16-bit and float depths scaled to 8 bits, alpha composited over white, a stencil drawn only in alpha taken as
+its alpha), and cut to what the model sees: the centre square of the photo, resized to the model's input.
+
+Memory is bounded by what the file declares: the square (with the few pixels around it that the resize
+filter reads) is cut out before anything is composited, converted or resized, so a 300000×1 strip or a
+6000×6000 RGBA photo costs about its own decoded pixels and no more. Image folders (<root>/<class>/<image>)
+are read here too, and `list_images` turns files, folders and globs into a list of image files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import math
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from nin.data.readers import cannot_read, require_file
+from nin.errors import DataError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTooLarge", "NotAnImage", "DecodedImage", "centre_square",
+           "model_pixels", "decode_image", "read_image", "read_photo", "list_images", "list_image_classes",
+           "list_image_folder", "read_image_folder"]
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GiB of RGB)
+# What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+ROWS_PER_CHUNK = 256  # rows of a large image examined at a time (stencil test, depth range): bounds temporaries
+
+_pillow_limit_lock = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide: one decode sets it at a time
+
+
+class ImageTooLarge(DataError):
+    """An image with more pixels than the limit (a decompression bomb, or just too large)."""
+
+
+class NotAnImage(DataError):
+    """Bytes that no accepted image format recognises."""
+
+
+@dataclass
+class DecodedImage:
+    """An image ready for the model, and where the model's square lies in the (oriented) photo."""
+
+    pixels: torch.Tensor  # uint8 (C, S, S)
+    width: int  # the photo after EXIF orientation, in pixels
+    height: int
+    box: tuple[float, float, float, float]  # (left, top, width, height) of the centre square the model saw
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opening, behind the pixel limit
+# ---------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    """Pillow's own bomb guard set to ``max_pixels`` for one decode (it warns above it, refuses above twice it)."""
+    with _pillow_limit_lock:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _decode(source: str | os.PathLike | bytes, max_pixels: int, convert, formats: tuple[str, ...] | None = None):
+    """Open ``source`` (a path or bytes), refuse it in one line when it is missing, too large or damaged, else
+    return ``convert(image)``. Errors name the path, or "image" for bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        where, stream = "image", io.BytesIO(source)
+        if not source:
+            raise DataError("empty upload: send an image file")
+    else:
+        path = Path(source)
+        require_file(path)
+        where, stream = str(path), path
+    try:
+        with _pillow_limit(max_pixels), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream, formats=formats) as image:
+                width, height = image.size  # from the header, before any pixel is decoded
+                if width * height > max_pixels:
+                    raise ImageTooLarge(f"{where}: {width}x{height} image exceeds the {max_pixels:,}-pixel limit")
+                return convert(image)
+    except DataError:
+        raise
+    except PermissionError as error:
+        raise cannot_read(Path(where), error) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own check, at open
+        raise ImageTooLarge(f"{where}: exceeds the {max_pixels:,}-pixel limit (refused before decoding)") from None
+    except UnidentifiedImageError:
+        kinds = f" ({', '.join(formats)})" if formats else ""
+        raise NotAnImage(f"{where}: not an image of an accepted type{kinds}") from None
+    except Exception as error:  # truncated data, bad chunks, unsupported modes
+        raise DataError(f"{where}: unsupported or damaged image ({type(error).__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# As a viewer shows it
+# ---------------------------------------------------------------------------------------------------------------
+
+def _row_chunks(image: Image.Image, mode: str | None = None):
+    """The image's rows as numpy arrays (converted to ``mode`` when given), a few hundred at a time."""
+    for top in range(0, image.height, ROWS_PER_CHUNK):
+        rows = image.crop((0, top, image.width, min(image.height, top + ROWS_PER_CHUNK)))
+        yield np.asarray(rows.convert(mode) if mode else rows)
+
+
+def _depth_range(image: Image.Image) -> tuple[float, float] | None:
+    """How a deep image ("I", "I;16", "F") maps to 8 bits: None for /257 (16-bit integers), else (low, high),
+    the finite min–max range of the whole image; read in row chunks."""
+    low, high, integers_in_16_bits = math.inf, -math.inf, True
+    for rows in _row_chunks(image):
+        if rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() > 65535)):
+            integers_in_16_bits = False
+        finite = rows[np.isfinite(rows)] if rows.dtype.kind == "f" else rows
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if integers_in_16_bits:
+        return None
+    return (low, high) if math.isfinite(low) else (0.0, 0.0)
+
+
+def _to_8_bits(array: np.ndarray, depth: tuple[float, float] | None) -> np.ndarray:
+    """16-bit integers by their type's range (value / 257); floats and other integers by ``depth``'s min–max."""
+    if depth is None:
+        return np.round(array / 257).astype(np.uint8)
+    low, high = depth
+    scaled = (array.astype(np.float64) - low) * (255 / (high - low) if high > low else 0.0)
+    return np.round(np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255)).astype(np.uint8)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
+
+
+def _is_stencil(image: Image.Image) -> bool:
+    """Content only in alpha: alpha varies and every visible pixel has one colour (a digit drawn in alpha);
+    read in row chunks of the RGBA image."""
+    first, alpha_low, alpha_high = None, 255, 0
+    for rows in _row_chunks(image, "RGBA"):
+        alpha_low, alpha_high = min(alpha_low, int(rows[..., 3].min())), max(alpha_high, int(rows[..., 3].max()))
+        visible = rows[..., :3][rows[..., 3] > 0]
+        if not len(visible):
+            continue
+        first = visible[0] if first is None else first
+        if not (visible == first).all():
+            return False
+    return alpha_low < alpha_high
+
+
+@dataclass(frozen=True)
+class _Appearance:
+    """What showing a region needs to know about the whole image."""
+
+    depth: tuple[float, float] | None | bool  # False: 8-bit; None: 16-bit /257; (low, high): min–max
+    alpha: bool
+    stencil: bool
+
+
+def _appearance(image: Image.Image) -> _Appearance:
+    deep = image.mode in ("I", "F") or image.mode.startswith("I;16")
+    alpha = _has_alpha(image)
+    return _Appearance(_depth_range(image) if deep else False, alpha, alpha and _is_stencil(image))
+
+
+def _show(region: Image.Image, look: _Appearance, channels: int) -> Image.Image:
+    """A region of an image as a viewer shows it, in "L" (``channels`` 1) or "RGB" (3): 8 bits, alpha composited
+    over white in integers, round(colour·alpha/255 + 255·(1 − alpha/255)) exactly (or, for a stencil, its alpha
+    as the ink)."""
+    if look.depth is not False:
+        region = Image.fromarray(_to_8_bits(np.asarray(region), look.depth), "L")
+    if look.alpha:
+        rgba = np.asarray(region.convert("RGBA"))
+        if look.stencil:
+            seen = np.repeat(rgba[..., 3:], 3, axis=2)
+        else:
+            alpha = rgba[..., 3:].astype(np.int32)
+            seen = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+        region = Image.fromarray(np.ascontiguousarray(seen), "RGB")
+    return region.convert("L" if channels == 1 else "RGB")
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block: a viewer shows the pixels unrotated, and so do we
+        return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the model sees
+# ---------------------------------------------------------------------------------------------------------------
+
+def _resized_crop(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """How the model's square comes out of a ``width``×``height`` photo: the photo resized so that its shorter side
+    is ``size`` (each side rounded, never below ``size``), then the centre ``size``×``size`` cut with the offsets
+    rounded down: (resized width, resized height, left, top) in the resized photo's pixels."""
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return (*resized, (resized[0] - size) // 2, (resized[1] - size) // 2)
+
+
+def centre_square(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The part of a ``width``×``height`` photo that the model sees at ``size``×``size``, in the photo's pixels, as
+    (left, top, right, bottom): `_resized_crop`'s square mapped back through each axis's own scale."""
+    resized_width, resized_height, left, top = _resized_crop(width, height, size)
+    x_scale, y_scale = resized_width / width, resized_height / height
+    return left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale
+
+
+def model_pixels(image: Image.Image, size: int, channels: int) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """What the model sees of a decoded image: uint8 (channels, size, size), and the square's box (left, top,
+    width, height) in the oriented photo, at the shorter side's scale (where a page draws the class map).
+
+    The square is cut first (with the margin the bilinear filter reads), then shown and resized, which gives
+    the pixels that resizing the whole photo and cutting its centre gives, at the cost of the square alone.
+    """
+    assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+    image = _oriented(image)
+    width, height = image.size
+    left, top, right, bottom = centre_square(width, height, size)
+    margin = math.ceil(max(1.0, (right - left) / size)) + 2  # the bilinear filter's reach, in source pixels
+    region_box = (max(0, math.floor(left) - margin), max(0, math.floor(top) - margin),
+                  min(width, math.ceil(right) + margin), min(height, math.ceil(bottom) + margin))
+    region = _show(image.crop(region_box), _appearance(image), channels)
+    inside = (left - region_box[0], top - region_box[1], right - region_box[0], bottom - region_box[1])
+    if (right - left, bottom - top) == (size, size) and all(float(v).is_integer() for v in inside):
+        square = region.crop(tuple(int(v) for v in inside))  # already at the model's size: a plain cut
+    else:
+        square = region.resize((size, size), Image.BILINEAR, box=inside)
+    array = np.asarray(square, dtype=np.uint8).reshape(size, size, channels)
+    _, _, left_px, top_px = _resized_crop(width, height, size)
+    scale = size / min(width, height)  # the box as the page draws it: a square, at the shorter side's scale
+    box = (left_px / scale, top_px / scale, size / scale, size / scale)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy()), box
+
+
+def read_image(path: str | os.PathLike, image_size: int, channels: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode one image file as the model sees it (see the module docstring): uint8 (channels, size, size).
+
+    16-bit images ("I;16", and "I" with values in 0..65535, as Pillow opens 16-bit PNGs) are scaled by the
+    type's full range (value / 257), other "I" and float ("F", float TIFF) images by their own min–max range;
+    images with alpha (RGBA, LA, P or L/RGB with a transparent colour) are composited over white, except that an
+    image whose visible pixels all have one colour (a stencil) becomes its alpha channel, ink bright on black.
+
+    Args:
+        path: Any format Pillow decodes.
+        image_size: Output height and width.
+        channels: 1 (grayscale) or 3 (RGB).
+        max_pixels: Refuse images with more pixels than this (decompression-bomb guard), checked before decoding.
+    """
+    assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+    return _decode(path, max_pixels, lambda image: model_pixels(image, image_size, channels)[0])
+
+
+def decode_image(data: bytes, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> DecodedImage:
+    """Decode an image held in memory (an upload) as `read_image` decodes a file, keeping where the square lies.
+
+    Raises:
+        ImageTooLarge: More than ``max_pixels`` pixels. NotAnImage: no format in ``formats`` (None: any Pillow
+        knows) recognises the bytes. DataError: empty or damaged.
+    """
+    def convert(image: Image.Image) -> DecodedImage:
+        pixels, box = model_pixels(image, image_size, channels)
+        width, height = _oriented_size(image)
+        return DecodedImage(pixels, width, height, box)
+
+    return _decode(data, max_pixels, convert, formats)
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """The photo's size after its EXIF orientation (5-8 swap the sides)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
+
+
+def read_photo(path: str | os.PathLike, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image as `read_image` shows it, but whole and at its own size: a PIL image ("L" or "RGB").
+
+    `nin visualize --images` draws the class map on it; the square `read_image` cuts is its `centre_square`.
+    """
+    assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
+
+    def convert(image: Image.Image) -> Image.Image:
+        image = _oriented(image)
+        return _show(image, _appearance(image), channels)
+
+    return _decode(path, max_pixels, convert)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Many images: files, folders and globs; class-per-sub-folder trees
+# ---------------------------------------------------------------------------------------------------------------
+
+def _walk_images(folder: Path, problems: list[str]) -> list[Path]:
+    """Image files under ``folder`` (hidden entries skipped), each real folder visited once: symbolic links to
+    folders are followed, but a link back to a folder already visited (a loop) is not; unreadable folders are
+    listed in ``problems``."""
+    found, seen = [], set()
+
+    def on_error(error: OSError) -> None:
+        problems.append(f"{error.filename}: cannot read it ({error.strerror or type(error).__name__})")
+
+    for top, folders, files in os.walk(folder, onerror=on_error, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        found += [Path(top) / f for f in sorted(files)
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()]
+    return found
+
+
+def list_images(items: list[str]) -> tuple[list[Path], list[str]]:
+    """The image files that ``items`` name: files as given, folders searched recursively (sorted, hidden entries
+    skipped, symbolic-link loops not followed), globs expanded (``**`` included). Returns (files, problems): the
+    unreadable folders met on the way, one line each.
+
+    Raises:
+        DataError: A folder without images, or a glob matching no file.
+    """
+    paths: list[Path] = []
+    problems: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = _walk_images(path, problems)
+            if not found:
+                raise DataError(f"{path}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif glob.has_magic(item) and not path.exists():
+            matches = sorted(Path(m) for m in _glob_without_loops(item) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"{item}: no file matches")
+            paths += matches
+        else:
+            paths.append(path)
+    return paths, problems
+
+
+def _glob_without_loops(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), except that ``**`` does not follow symbolic links to folders (Python's
+    own ``**`` walks a link loop until the path is too long, holding every match in memory)."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    head, _, tail = pattern.partition("**")
+    base = Path(head or ".")
+    tail = tail.lstrip("/" + os.sep)
+    matches = []
+    for top, folders, files in os.walk(base, followlinks=False):
+        folders.sort()
+        relative = Path(top)
+        candidates = glob.glob(str(relative / tail)) if tail else [str(relative / f) for f in files]
+        matches += candidates
+    return sorted(set(matches))
+
+
+def list_image_classes(root: Path) -> list[str]:
+    """The class names of a class-per-sub-folder tree: its sub-folders, sorted, hidden ones left out."""
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders, expected <root>/<class>/<image>")
+    return classes
+
+
+def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """List (file, label) pairs of a class-per-sub-folder tree.
+
+    Hidden files and folders (".DS_Store", ".ipynb_checkpoints") are ignored; files at the top level too, and files
+    whose suffix is not an image's (`IMAGE_SUFFIXES`: a README, notes.txt, Thumbs.db).
+
+    Args:
+        root: The tree, <root>/<class>/<image>.
+        classes: The class list in label order (e.g. the training split's, or a model's); a sub-folder outside
+            it is refused, and a class without a sub-folder is fine. Default: the sub-folders, sorted by name.
+
+    Returns:
+        The samples in (sub-folder name, file name) order, and the class names.
+    """
+    found = list_image_classes(root)
+    classes = found if classes is None else list(classes)
+    samples = []
+    for name in found:
+        if name not in classes:
+            raise DataError(f"{root / name}: class {name!r} is not in the class list ({', '.join(classes)})")
+        files = sorted(p for p in (root / name).iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{root / name}: empty class folder, expected at least one image")
+        samples.extend((path, classes.index(name)) for path in files)
+    return samples, classes
+
+
+def read_image_folder(root: Path, image_size: int = 32, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      *, classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode a whole class-per-sub-folder tree into memory (each image as `read_image` does).
+
+    Args:
+        root: The tree, <root>/<class>/<image>.
+        image_size: Output height and width.
+        channels: 1 or 3.
+        max_pixels: Per-image pixel limit (see `read_image`).
+        classes: The class list in label order, e.g. the training split's or the classes stored in a model's
+            weights; label i is `classes[i]`. A sub-folder outside it is refused; a class without a sub-folder
+            is fine. Default: the sub-folders of `root`, sorted by name.
+
+    Returns:
+        uint8 images (N, channels, image_size, image_size), int64 labels (N,), and the class names.
+    """
+    samples, classes = list_image_folder(root, classes)
+    images = torch.stack([read_image(path, image_size, channels, max_pixels) for path, _ in samples])
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return images, labels, classes

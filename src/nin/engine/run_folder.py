@@ -1,0 +1,106 @@
+"""A run folder belongs to one run: checked before anything is read, locked while a process writes it.
+
+    with run_folder_lock(Path("runs/x"), resume=False):     # a second writer is refused with the holder's PID
+        ...
+
+A new run takes an absent or empty folder, or one a run started and left before its first epoch ended; a folder
+holding anything else is a user's, and is refused. The files a run writes are `RUN_FILES`; none may be a
+symbolic link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from nin.errors import NinError
+
+__all__ = ["RUN_FILES", "RUN_MARKER", "run_folder_lock", "check_output_dir"]
+
+RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "metrics.csv", "config.json")
+RUN_MARKER = "nin_run"  # a key of config.json: this folder was made by `nin train`
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path, *, resume: bool):
+    """Hold an exclusive OS lock on the run folder itself (released by the kernel when the process dies, kill -9
+    too); no lock file is left behind.
+
+    Checks first that the folder may be written (`check_output_dir`); a second writer gets one line naming
+    the holder's PID. A folder this call made is removed again when the run fails before writing into it.
+    """
+    created = not out.exists()
+    check_output_dir(out, resume=resume)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NinError(f"--out {out}: another nin process (PID {_lock_holder(fd)}) is writing this run folder; "
+                           "wait for it or stop it first") from None
+        check_output_dir(out, resume=resume)  # what the holder before us may have left
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything
+            out.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """The PID holding a flock on ``fd``'s file, from /proc/locks (Linux); "unknown" elsewhere."""
+    info = os.fstat(fd)
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and where in fields:
+                return fields[fields.index(where) - 1]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def check_output_dir(out: Path, *, resume: bool) -> None:
+    """Fail now, not after an hour: the folder is ours (or new), writable, with room for checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise NinError(f"--out {out}: exists and is not a folder")
+    links = [name for name in RUN_FILES if (out / name).is_symlink()]
+    if links:
+        raise NinError(f"--out {out}: {links[0]} is a symbolic link; a run folder holds its own files")
+    if not resume and out.is_dir():
+        _check_new_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise NinError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    free = shutil.disk_usage(out).free
+    if free < 64 * 2**20:
+        raise NinError(f"--out {out}: only {free // 2**20} MiB free; checkpoints need at least 64 MiB")
+
+
+def _check_new_run_folder(out: Path) -> None:
+    """A new run may only take an empty folder, or one a run started and left before finishing an epoch."""
+    if (out / "checkpoint.safetensors").exists():
+        raise NinError(f"--out {out}: already holds a run; continue it with --resume {out} or choose another --out")
+    entries = sorted(p.name for p in out.iterdir() if p.name != ".write-test")
+    if not entries:
+        return
+    try:
+        ours = json.loads((out / "config.json").read_text()).get(RUN_MARKER) is True
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    results = [name for name in ("model.safetensors", "metrics.jsonl") if (out / name).is_file()
+               and (out / name).stat().st_size > 0]
+    if not ours or results:
+        kept = results[0] if results and ours else entries[0]
+        raise NinError(f"--out {out}: not empty and not a run this program left unfinished (it holds {kept}); "
+                       "choose another --out")

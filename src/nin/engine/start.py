@@ -1,0 +1,273 @@
+"""Starting or resuming a run: check the folder, read and preprocess the data, build the model and optimizer,
+and restore the checkpoint's exact state when resuming.
+
+    run, state = start_run(cfg, Path("runs/x"), resume=False, epochs=None, checkpoint_every=None, command=None,
+                           device="cpu", log=print)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nin import distributed
+from nin.checkpoint import git_revision, load_checkpoint
+from nin.data import TensorLoader, load_dataset, resolve_root
+from nin.engine.config import TrainConfig, validate
+from nin.engine.metrics import MetricsLog
+from nin.engine.optim import Ema, make_optimizer
+from nin.engine.run_folder import RUN_FILES, RUN_MARKER
+from nin.engine.schedule import PlateauRule
+from nin.engine.state import EpochTotals, Run, RunState
+from nin.errors import CheckpointError, NinError
+from nin.evaluate import check_image_shape, read_data_file
+from nin.files import atomic_write_bytes, remove_stale_temp_files
+from nin.layers import patch_whitening_
+from nin.models import NiN, get_model, model_config
+from nin.pretrained import load
+from nin.runtime import resolve_device, select_precision
+from nin.transforms import Augment, Preprocessing, fit_preprocessing
+
+__all__ = ["start_run"]
+
+
+def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int | None, checkpoint_every: int | None,
+              command: str | None, device, log, data_dir=None) -> tuple[Run, RunState]:
+    """Check the folder, read the data, build model and optimizer, and restore the checkpoint when resuming."""
+    if distributed.launched_by_torchrun() and not distributed.is_distributed():
+        raise NinError("launched by torchrun: call train() inside `with nin.distributed.process_group(): ...`")
+    device = resolve_device(device)
+    main = distributed.is_main()
+    saved, preprocess_state, saved_meta = (load_checkpoint(out / "checkpoint.safetensors") if resume
+                                           else (None, None, {}))
+    if resume:
+        cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
+                                                        ("data_dir", data_dir and str(data_dir))) if v is not None})
+    validate(cfg)
+    if main:
+        for temp in remove_stale_temp_files(out, RUN_FILES):
+            log(f"nin: removed {temp.name}, left by a write that was killed")
+
+    torch.manual_seed(cfg.seed)
+    amp_dtype = select_precision(cfg.precision, device)
+    source = _load_source(cfg) if cfg.init_from and not resume else None
+    if source is not None and source[1].kind == cfg.preprocessing:  # the input the source's weights expect
+        preprocess_state = source[1].state_dict()
+    preprocessing, classes, train_data, eval_data, identity = _prepare_data(cfg, device, preprocess_state)
+    if resume and saved_meta.get("data_sha256") not in (None, identity):
+        raise NinError(f"{cfg.data_dir or 'the data folder'}: its {cfg.dataset} {cfg.train_split} images are not the "
+                       f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
+    cfg = _fit_to_data(cfg, classes, log)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = _build_model(cfg, classes, train_data, source, log, whiten=cfg.whiten_init and not resume)
+    model = model.to(device).to(memory_format=memory_format)
+    state = RunState(model, make_optimizer(model, cfg), PlateauRule(cfg.plateau_patience, cfg.plateau_min_delta,
+                                                                   cfg.max_lr_drops),
+                     Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, EpochTotals.zeros(device))
+    loader, eval_loader = _loaders(cfg, train_data, eval_data)
+    extra_loader = _extra_loader(cfg, model, preprocessing, device)
+    if resume:
+        try:
+            state.load_state_dict(saved)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{out / 'checkpoint.safetensors'}: does not match its own config "
+                                  f"({' '.join(str(e).split())[:300]})") from None
+        _reshard(state, saved_meta.get("world_size", 1), len(loader), cfg, log)
+
+    history = _run_history(command, resume, saved_meta)
+    world = distributed.world_size()
+    meta = {"train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "dataset": cfg.dataset,
+            "data_sha256": identity, "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
+    run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
+              _wrap(model, cfg, device), history, MetricsLog(out, keep_epochs=state.epoch) if main else None, log,
+              memory_format, meta)
+    if main:
+        _write_config_json(run, resume)
+        if not resume:
+            log(f"nin: training {cfg.model} on {cfg.dataset} ({len(train_data[1])} images, {len(loader)} steps/epoch"
+                f"{f' per rank × {world} ranks' if world > 1 else ''}) on {device}, "
+                f"{'bf16 autocast' if amp_dtype else 'fp32'}; run folder {out}")
+    return run, state
+
+
+def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
+    """A user's folder decides the class count (and is told when its test error is measured on training images)."""
+    if cfg.dataset != "folder":
+        return cfg
+    root = resolve_root(cfg.data_dir)
+    if distributed.is_main() and not (root / cfg.eval_split).is_dir():
+        log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on the "
+            f"training images (add train/ and {cfg.eval_split}/ sub-folders for a held-out score)")
+    if "num_classes" in cfg.model_args:
+        return cfg
+    return dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
+
+
+def _build_model(cfg: TrainConfig, classes: list[str], train_data: tuple[torch.Tensor, torch.Tensor], source,
+                 log, *, whiten: bool = False) -> NiN:
+    """The run's model: a fresh init (its first conv patch-whitened from the preprocessed training images when
+    ``whiten``: the same on every rank; a resumed run's checkpoint replaces it, so it is skipped there), or the
+    ``--init-from`` weights (class maps afresh where classes differ)."""
+    images, labels = train_data
+    model = get_model(cfg.model, **cfg.model_args)
+    if int(labels.max()) >= model.config.num_classes:
+        raise NinError(f"{cfg.dataset} has labels up to {int(labels.max())} but {cfg.model} has "
+                       f"{model.config.num_classes} classes")
+    if source is not None:
+        _start_from(model, source[0], cfg.init_from, log, same_classes=source[2].get("classes") == classes)
+    elif whiten:
+        conv = model.blocks[0].convs[0]
+        count = patch_whitening_(conv, images)
+        if distributed.is_main():
+            log(f"nin: whiten_init: {count} of conv1's {conv.out_channels} filters whiten its "
+                f"{conv.kernel_size[0]}×{conv.kernel_size[1]} training-image patches")
+    return model
+
+
+def _load_source(cfg: TrainConfig):
+    """The weights a fine-tuning run starts from: (model, preprocessing, meta); a path or a pretrained tag."""
+    return load(cfg.init_from)
+
+
+def _start_from(model: NiN, source: NiN, where: str, log, *, same_classes: bool) -> None:
+    """Copy ``source``'s weights into ``model``; the class-map layer starts afresh where the classes differ.
+
+    Every other tensor must match by name and shape (one line naming the first that does not). Classes differ
+    when their count or their names differ: a map trained for "cat" must not answer for another class.
+    """
+    last_block = f"blocks.{len(model.blocks) - 1}."
+    class_map = next(name for name, module in model.named_modules() if module is model.class_map_layer)
+    head = (class_map + ".", class_map.replace(".convs.", ".norms.") + ".")  # the conv and its batch norm
+    target, weights = model.state_dict(), source.state_dict()
+    differ = sorted(k for k in set(target) | set(weights)
+                    if k not in target or k not in weights or target[k].shape != weights[k].shape)
+    blocking = [k for k in differ if not (k.startswith(last_block) and k in target and k in weights)]
+    if blocking:
+        k = blocking[0]
+        found = tuple(weights[k].shape) if k in weights else "nothing"
+        wanted = tuple(target[k].shape) if k in target else "nothing"
+        raise NinError(f"--init-from {where}: {k} is {found} there, the model needs {wanted}; pick the same "
+                       f"architecture (--model, --set model.<field>=...)")
+    fresh = set(differ) | (set() if same_classes else {k for k in target if k.startswith(head)})
+    model.load_state_dict({k: v for k, v in weights.items() if k not in fresh}, strict=False)
+    if fresh:
+        log(f"nin: started from {where}; re-initialised the class-map layer for these {model.config.num_classes} "
+            "classes")
+
+
+def _loaders(cfg: TrainConfig, train_data, eval_data):
+    rank, world = distributed.rank(), distributed.world_size()
+    augment = Augment(flip=cfg.flip, translate=cfg.translate) if cfg.augment else None
+    loader = TensorLoader(*train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world,
+                          augment=augment)
+    eval_loader = TensorLoader(*eval_data, cfg.eval_batch_size, shuffle=False, rank=rank, world_size=world)
+    return loader, eval_loader
+
+
+def _extra_loader(cfg: TrainConfig, model: NiN, preprocessing, device: torch.device):
+    """The second test set (``extra_eval``), preprocessed like the first; None without one."""
+    if not cfg.extra_eval:
+        return None
+    data = read_data_file(cfg.extra_eval, model.config.num_classes, flag="--set extra_eval=")
+    check_image_shape(data.images, model.config, f"model {cfg.model}", f"extra_eval {cfg.extra_eval}")
+    return TensorLoader(preprocessing(data.images).to(device), data.labels.to(device), cfg.eval_batch_size,
+                        shuffle=False, rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The model as the loop calls it: compiled when asked, in DDP under torchrun."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if distributed.is_distributed():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _reshard(state: RunState, saved_world: int, steps_per_epoch: int, cfg: TrainConfig, log) -> None:
+    """A checkpoint from another world size counts batches of other shards: restart its epoch in progress."""
+    world = distributed.world_size()
+    if saved_world == world:
+        return
+    if distributed.is_main():
+        log(f"nin: resuming a {saved_world}-process run with {world} process(es): the global batch changes "
+            f"from {cfg.batch_size * saved_world} to {cfg.batch_size * world} (the lr is not rescaled)"
+            + (f"; epoch {state.epoch + 1} was interrupted after {state.batches_done} of its steps and restarts "
+               f"from its first batch" if state.batches_done else ""))
+    state.restart_epoch(steps_per_epoch)
+
+
+def _prepare_data(cfg: TrainConfig, device: torch.device, preprocess_state: dict | None):
+    """Read the splits, fit (or restore) the preprocessing, and keep both splits preprocessed on the device."""
+    model_cfg = model_config(cfg.model, **cfg.model_args)
+    size_args = ({"image_size": model_cfg.input_size, "channels": model_cfg.in_channels}
+                 if cfg.dataset == "folder" else {})
+    with distributed.main_first():
+        train_set = load_dataset(cfg.dataset, cfg.train_split, cfg.data_dir, **size_args)
+        eval_set = load_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir, **size_args)
+    check_image_shape(train_set.images, model_cfg, f"model {cfg.model}", f"{cfg.dataset} {cfg.train_split}")
+    train_images, train_labels = _first(train_set.images, train_set.labels, cfg.train_subset)
+    eval_images, eval_labels = _first(eval_set.images, eval_set.labels, cfg.eval_subset)
+    if preprocess_state is None:
+        fitted = fit_preprocessing(cfg.preprocessing, train_images).state_dict() if distributed.is_main() else None
+        preprocess_state = distributed.broadcast_object(fitted)  # rank 0 fits; every rank applies the same
+    preprocessing = Preprocessing(cfg.preprocessing, preprocess_state)
+    return (preprocessing, train_set.classes, (preprocessing(train_images).to(device), train_labels.to(device)),
+            (preprocessing(eval_images).to(device), eval_labels.to(device)), _data_identity(train_images, train_labels))
+
+
+def _data_identity(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the raw training images and labels as trained on: what a resumed run must find again."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _first(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (images[:count], labels[:count]) if count else (images, labels)
+
+
+def _checkpoint_config(path: Path, saved: dict, meta: dict) -> TrainConfig:
+    """The run's TrainConfig from its checkpoint's header, checked against the checkpoint's own model tensors."""
+    try:
+        cfg = TrainConfig.from_dict(meta["train_config"])
+        validate(cfg)
+        PlateauRule().load_state_dict(meta["plateau_rule"])
+        expected = {k: v.shape for k, v in get_model(cfg.model, **cfg.model_args).state_dict().items()}
+    except (KeyError, TypeError, ValueError, AttributeError, NinError) as e:
+        raise CheckpointError(f"{path}: damaged training state ({e})") from None
+    found = {k: v.shape for k, v in saved["model"].items()}
+    wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+    if wrong:
+        raise CheckpointError(f"{path}: its model tensors do not match its own config ({cfg.model} "
+                              f"{cfg.model_args}; first difference: {wrong[0]})")
+    return cfg
+
+
+def _run_history(command: str | None, resume: bool, saved_meta: dict) -> dict:
+    """The command and git revision that started the run, and each resume since (command, revision, step).
+
+    config.json and results quote the command that started the run, not the last ``--resume``.
+    """
+    this = command or shlex.join(["nin", *sys.argv[1:]])
+    if not resume:
+        return {"command": this, "git_revision": git_revision(), "resumes": []}
+    resumes = [*saved_meta.get("resumes", []), {"command": this, "git_revision": git_revision(),
+                                                 "step": saved_meta.get("step")}]
+    return {"command": saved_meta.get("command"), "git_revision": saved_meta.get("git_revision"), "resumes": resumes}
+
+
+def _write_config_json(run: Run, resume: bool) -> None:
+    config = {RUN_MARKER: True, "train_config": run.cfg.to_dict(), "model_config": run.meta["model_config"],
+              **run.history,
+              "device": str(run.device), "autocast": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
+              "world_size": run.meta["world_size"], "torch": torch.__version__, "resumed": resume}
+    atomic_write_bytes(run.out / "config.json", (json.dumps(config, indent=2) + "\n").encode())

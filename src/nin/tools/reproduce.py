@@ -1,0 +1,123 @@
+"""Reproduce the paper's tables: run each experiment, record each finished run, write RESULTS.md.
+
+    nin reproduce table4 --dry-run                            # the exact `nin train` commands, nothing run
+    nin reproduce fast-mnist --out-root runs                  # train, then record results/fast-mnist.json
+    nin reproduce record runs/fast-mnist --name fast-mnist    # record a finished run by hand
+    nin reproduce report                                      # RESULTS.md + results/curves/<name>.png
+
+An experiment is a list of `nin train` invocations, one run folder each under ``--out-root``. Each run
+goes through a subprocess (`python -m nin train ...`), so its ``config.json`` holds the plain `nin train`
+command that anyone can paste. A run folder that already holds ``model.safetensors`` is only recorded;
+one that holds ``checkpoint.safetensors`` is resumed. Recording (`record_run`) writes
+``results/<name>.json`` (command, git revision, machine, wall time, per-epoch curve, final error),
+copies the weights to ``weights/<name>.safetensors`` and evaluates them again, from the weights file
+alone, on the same test images: ``evaluated_error`` must equal the run's own final error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+from nin.errors import NinError
+from nin.tools.experiments import EXPERIMENTS, PlannedRun, RunSpec, plan
+from nin.tools.results import (
+    PAPER_ROWS,
+    TABLE5_SMALL_ROWS,
+    record_run,
+    reevaluate,
+    write_report,
+)
+
+__all__ = ["RunSpec", "PlannedRun", "EXPERIMENTS", "plan", "record_run", "write_report", "PAPER_ROWS",
+           "TABLE5_SMALL_ROWS", "add_arguments", "run"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: nin reproduce EXPERIMENT | record RUN_DIR --name NAME | report
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `nin reproduce` (called by nin.cli)."""
+    parser.description = "Run one of the paper's experiments, record a finished run, or write RESULTS.md."
+    parser.set_defaults(reproduce_parser=parser)
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    for name, (help_text, _) in EXPERIMENTS.items():
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
+        p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
+        p.add_argument("--out-root", default="runs", help="run folders go to OUT_ROOT/<name> (default: runs)")
+        p.add_argument("--epochs", type=int, help="epochs for every run (default: the recipe's)")
+        p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
+        p.add_argument("--dry-run", action="store_true", help="print the nin train commands and exit")
+        p.add_argument("--gpu", action="store_true", help="train on cuda (--device cuda)")
+        p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                       help="also checkpoint every STEPS optimizer steps (default: at the end of each epoch)")
+        _add_record_arguments(p)
+
+    p = sub.add_parser("record", help="record a finished run: results/<name>.json, weights/<name>.safetensors")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--name", required=True, help="result name, e.g. fast-mnist")
+    p.add_argument("--data-dir", help="data root for the re-evaluation (default: the run's, else $NIN_DATA)")
+    p.add_argument("--data-label",
+                   help='data set label in RESULTS.md (default: detected, e.g. "CIFAR-10 (JPEG q75 copy)")')
+    p.add_argument("--device", help="where to evaluate again (default: cuda when available)")
+    _add_record_arguments(p)
+
+    p = sub.add_parser("reevaluate", help="evaluate every recorded weights file again (after a change to the "
+                                          "inference path) and store the numbers in results/*.json")
+    p.add_argument("--results-dir", default="results", help="folder of result json files (default: results)")
+    p.add_argument("--data-dir", help="data root (default: $NIN_DATA)")
+
+    p = sub.add_parser("report", help="write RESULTS.md and results/curves/*.png from results/*.json")
+    p.add_argument("--results-dir", default="results", help="folder of result json files (default: results)")
+    p.add_argument("--output", default="RESULTS.md", help="report path (default: RESULTS.md)")
+    p.add_argument("--data-dir", help="data root, to tell missing data from missing runs (default: $NIN_DATA)")
+    p.add_argument("--no-curves", action="store_true", help="skip the PNG curves")
+
+
+def _add_record_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-dir", default="results", help="result json folder (default: results)")
+    parser.add_argument("--weights-dir", default="weights", help="weights copies go here (default: weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`nin reproduce ...` (called by nin.cli)."""
+    if args.experiment is None:
+        args.reproduce_parser.print_help()
+        return 2
+    if args.experiment == "record":
+        record_run(args.run_dir, args.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
+                   data_label=args.data_label, device=args.device)
+        return 0
+    if args.experiment == "reevaluate":
+        moved = reevaluate(args.results_dir, data_dir=args.data_dir)
+        print(f"nin reproduce: {len(moved)} records changed" + (f" ({', '.join(moved)})" if moved else ""))
+        return 0
+    if args.experiment == "report":
+        path = write_report(args.results_dir, args.output, data_dir=args.data_dir, curves=not args.no_curves)
+        print(f"nin reproduce: wrote {path}")
+        return 0
+
+    runs = plan(args.experiment, out_root=args.out_root, data_dir=args.data_dir, epochs=args.epochs,
+                train_subset=args.train_subset, gpu=args.gpu, checkpoint_every=args.checkpoint_every)
+    if args.dry_run:
+        for planned in runs:
+            print(planned.command)
+        return 0
+    for planned in runs:
+        argv = list(planned.argv)
+        if (planned.run_dir / "model.safetensors").is_file():
+            print(f"nin reproduce: {planned.run_dir} is finished; recording it", flush=True)
+        else:
+            if (planned.run_dir / "checkpoint.safetensors").is_file():
+                argv = ["train", "--resume", str(planned.run_dir), *(["--device", "cuda"] if args.gpu else [])]
+            print(f"nin reproduce: {shlex.join(['nin', *argv])}", flush=True)
+            done = subprocess.run([sys.executable, "-m", "nin", *argv])
+            if done.returncode != 0:
+                raise NinError(f"{planned.name}: nin train exited with status {done.returncode}")
+        record_run(planned.run_dir, planned.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
+                   device="cuda" if args.gpu else None)
+    print("nin reproduce: done; `nin reproduce report` rewrites RESULTS.md")
+    return 0

@@ -9,6 +9,7 @@ import pytest
 from nin.cli import main
 from nin.data.readers import file_digest
 from nin.errors import NinError
+from nin.inference import agrees_with_record
 from nin import get_model
 from nin.pretrained import PRETRAINED, get_weights, list_pretrained
 
@@ -35,7 +36,7 @@ def test_get_model_by_tag_default_and_pretrained():
         get_weights("fast-mnist", model="nin_cifar10")
     with pytest.raises(NinError, match="unknown pretrained"):
         get_weights("fast-imagenet")
-    with pytest.raises(ValueError, match="overrides"):
+    with pytest.raises(NinError, match="overrides"):
         get_model("nin_cifar10", weights="DEFAULT", dropout=0.1)
 
 
@@ -55,7 +56,8 @@ def test_mnist_weights_by_tag_reproduce_their_recorded_accuracy(data_root, capsy
 
     assert main(["evaluate", "fast-mnist", "--data-dir", str(data_root), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert round(result["accuracy"], 4) == get_weights("fast-mnist").accuracy["MNIST test (10,000)"]
+    recorded = get_weights("fast-mnist").accuracy["MNIST test (10,000)"]
+    assert agrees_with_record(result["correct"], result["n"], recorded), (result["correct"], recorded)
 
 
 def test_installed_wheel_scores_as_recorded(tmp_path, data_root):
@@ -107,5 +109,6 @@ print(json.dumps({{"file": nin.__file__, "plain": (logits.argmax(1) == test.labe
     from nin.pretrained import EXACT_1000
 
     recorded = get_weights("fast-cifar10").accuracy[EXACT_1000]
-    assert round(result["classifier"], 4) == recorded  # nin's inference path: exactly the recorded number
+    # nin's inference path: the recorded number, to within what another CPU's bf16 kernels may move it
+    assert agrees_with_record(round(result["classifier"] * 1000), 1000, recorded), (result["classifier"], recorded)
     assert abs(result["plain"] - recorded) <= 0.003  # plain fp32: within 3 images of 1,000 of it

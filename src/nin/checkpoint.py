@@ -33,8 +33,8 @@ from nin.files import atomic_write
 from nin.models import NiN, NiNConfig, model_config
 from nin.transforms import Preprocessing
 
-__all__ = ["save_state", "load_state", "save_weights", "load_weights", "save_checkpoint", "load_checkpoint",
-           "weights_architecture", "git_revision"]
+__all__ = ["save_state", "load_state", "read_meta", "save_weights", "load_weights", "save_checkpoint",
+           "load_checkpoint", "weights_architecture", "git_revision"]
 
 FORMAT = "nin-1"
 
@@ -49,6 +49,33 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
         raise CheckpointError(f"{path}: cannot write it ({e}); the previous file, if any, is unchanged") from None
 
 
+def read_meta(path: str | os.PathLike) -> dict:
+    """The JSON header of a file written by `save_state`, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return _parse_meta(path, header)
+
+
+def _parse_meta(path: Path, header: dict) -> dict:
+    if "nin" not in header:
+        raise CheckpointError(f"{path}: a safetensors file without nin metadata (expected a nin checkpoint)")
+    try:
+        meta = json.loads(header["nin"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: damaged nin metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: nin metadata is {type(meta).__name__}, expected a JSON object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by `save_state`; a missing, damaged or foreign file raises CheckpointError."""
     path = Path(path)
@@ -60,16 +87,7 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if "nin" not in header:
-        raise CheckpointError(f"{path}: a safetensors file without nin metadata (expected a nin checkpoint)")
-    try:
-        meta = json.loads(header["nin"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: damaged nin metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: nin metadata is {type(meta).__name__}, expected a JSON object")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = _parse_meta(path, header)
     return tensors, meta
 
 
@@ -112,6 +130,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
         _check_classes(meta.get("classes"), config.num_classes)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise CheckpointError(f"{path}: does not match its own model config ({_first_line(e)})") from None
+    model.classes = meta.get("classes")
     model.to(device).eval()
     return model, preprocessing, meta
 

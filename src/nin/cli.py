@@ -62,6 +62,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<recipe>)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
+    p.add_argument("--val-split", type=float, metavar="FRACTION",
+                   help="image folders: hold out FRACTION of each class of the training images as the test split "
+                        "(stratified, seeded by --seed; default 0.1 when the folder has no test/ sub-folder)")
+    p.add_argument("--image-size", type=_positive_int, metavar="PIXELS",
+                   help="image folders: the model's input size; every image's centre square is resized to it "
+                        "(default: the model's, 32 for nin_cifar10; = --set model.input_size=PIXELS)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random translation + flip (default: on for fast, off for paper/caffe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -150,7 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run / "checkpoint.safetensors").is_file():
             raise NinError(f"--resume {run}: no checkpoint.safetensors there")
         fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
-                 "--out": args.out, "--seed": args.seed,
+                 "--out": args.out, "--seed": args.seed, "--val-split": args.val_split,
+                 "--image-size": args.image_size,
                  "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
                  "--init-from": args.init_from,
                  "--set": args.set or None}
@@ -174,11 +181,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
         "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),  # a resume from elsewhere finds it
         "seed": args.seed, "train_subset": args.train_subset, "augment": args.augment,
-        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every": args.checkpoint_every, "val_split": args.val_split,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     if args.init_from:
         cfg = starting_from(cfg, args.init_from, keep_model=args.model is not None)
+    if args.image_size:
+        cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "input_size": args.image_size})
     cfg = apply_overrides(cfg, args.set)
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")

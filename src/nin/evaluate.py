@@ -49,7 +49,7 @@ class EvalResult:
 
     @property
     def error(self) -> float:
-        return 1.0 - self.accuracy
+        return (self.n - self.correct) / max(self.n, 1)  # not 1 - accuracy: 0.05, not 0.050000000000000044
 
     @property
     def per_class_accuracy(self) -> list[float | None]:
@@ -128,9 +128,11 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
             data_dir = (meta.get("train_config") or {}).get("data_dir")
         size_args = {}
-        if dataset == "folder":  # a user's folder: the model's input size, and the model's own class list
+        if dataset == "folder":  # a user's folder: the model's input size, the model's own class list, and the
+            train = meta.get("train_config") or {}  # held-out part its run was scored on (--val-split)
             size_args = {"image_size": config.input_size, "channels": config.in_channels,
-                         "classes": meta.get("classes") if own else None}
+                         "classes": meta.get("classes") if own else None,
+                         "val_split": (train.get("val_split") or 0.0) if own else 0.0, "seed": train.get("seed", 0)}
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     if len(data.labels) and int(data.labels.max()) >= config.num_classes:

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nin.errors import NinError
 from nin.layers import Dropout, GlobalAvgPool, MLPConv
 
 __all__ = [
     "MLPConvSpec",
     "NiNConfig",
+    "UnknownModelError",
     "NiN",
     "register_model",
     "get_model",
@@ -160,6 +162,7 @@ class NiN(nn.Module):
     def __init__(self, config: NiNConfig) -> None:
         super().__init__()
         self.config = config
+        self.classes: list[str] | None = None  # the class names, when trained weights say them (nin.pretrained)
         blocks = config.blocks
         self.blocks = nn.ModuleList()
         self.pools = nn.ModuleList()
@@ -203,30 +206,74 @@ class NiN(nn.Module):
         """The last convolution: it emits the category-confidence maps (the paper's cccp6)."""
         return self.blocks[-1].convs[-1]
 
+    def reset_classifier(self, num_classes: int, classes: list[str] | None = None) -> None:
+        """Give the model ``num_classes`` fresh class maps (timm's ``reset_classifier``): the class-map layer (and the
+        FC head's last layer) is rebuilt at the new width and initialised as ``config.init`` says; every other
+        weight is kept, so trained features can be fine-tuned on new classes. ``config`` follows; ``classes``
+        (names) replaces the model's class names (None when not given)."""
+        assert num_classes >= 1, f"num_classes must be at least 1, got {num_classes}"
+        config = self.config
+        if config.head == "gap":
+            last = config.blocks[-1]
+            blocks = (*config.blocks[:-1], dataclasses.replace(last, widths=(*last.widths[:-1], num_classes)))
+            config = dataclasses.replace(config, num_classes=num_classes, blocks=blocks)
+            block = self.blocks[-1]
+            old = block.convs[-1]
+            conv = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+            norm = nn.BatchNorm2d(num_classes) if isinstance(block.norms[-1], nn.BatchNorm2d) else nn.Identity()
+            block.convs[-1], block.norms[-1] = conv.to(old.weight), norm.to(old.weight)
+            block.widths = (*block.widths[:-1], num_classes)
+            self._init_class_map(conv, len(self.convs()) - 1)
+            if isinstance(norm, nn.BatchNorm2d):
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
+        else:
+            config = dataclasses.replace(config, num_classes=num_classes)
+            old = self.head[-1]
+            linear = nn.Linear(old.in_features, num_classes).to(old.weight)
+            self.head[-1] = linear
+            self._init_linear(linear)
+        self.config = config
+        self.classes = list(classes) if classes is not None else None
+
+    def convs(self) -> list[nn.Conv2d]:
+        """Every convolution, in the order of the authors' definitions (conv1, cccp1, ...)."""
+        return [conv for block in self.blocks for conv in block.convs]
+
+    def _init_class_map(self, conv: nn.Conv2d, index: int) -> None:
+        """The ``index``-th conv as the paper initialises it (N(0, std²)), or the class maps as kaiming does."""
+        config = self.config
+        stds = config.init_std if isinstance(config.init_std, tuple) else (config.init_std,) * (index + 1)
+        if config.init == "paper":
+            nn.init.normal_(conv.weight, 0.0, stds[index])  # NiN paper / cuda-convnet: N(0, 0.05²), zero biases
+        else:
+            nn.init.normal_(conv.weight, 0.0, 0.01)  # small class maps at start, as SqueezeNet's final conv
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+
+    def _init_linear(self, linear: nn.Linear) -> None:
+        if self.config.init == "paper":
+            nn.init.normal_(linear.weight, 0.0, 0.05)  # the paper's std
+        else:
+            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+
     def reset_parameters(self) -> None:
         """Initialize every conv / linear layer as ``config.init`` says; batch-norm layers get (1, 0)."""
         config = self.config
-        convs = [conv for block in self.blocks for conv in block.convs]
-        stds = config.init_std if isinstance(config.init_std, tuple) else (config.init_std,) * len(convs)
-        for conv, std in zip(convs, stds):
-            if config.init == "paper":
-                nn.init.normal_(conv.weight, 0.0, std)  # NiN paper / cuda-convnet: N(0, 0.05²), zero biases
-            elif conv is self.class_map_layer:
-                nn.init.normal_(conv.weight, 0.0, 0.01)  # small class maps at start, as SqueezeNet's final conv
+        for index, conv in enumerate(self.convs()):
+            if config.init == "paper" or conv is self.class_map_layer:
+                self._init_class_map(conv, index)  # paper: N(0, std²) for every conv; kaiming: the class maps only
             else:
                 nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
-                if config.init == "paper":
-                    nn.init.normal_(module.weight, 0.0, 0.05)  # the paper's std
-                else:
-                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                self._init_linear(module)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, K, h, w): the last block's maps, one confidence map per class."""
@@ -258,6 +305,13 @@ def _pool(kind: str | None, kernel: int, stride: int) -> nn.Module:
 _MODELS: dict[str, Callable[..., NiNConfig]] = {}
 
 
+class UnknownModelError(NinError, KeyError):
+    """A model name the registry does not have, or a NiNConfig field that does not exist (a KeyError too)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def register_model(fn: Callable[..., NiNConfig]) -> Callable[..., NiNConfig]:
     """Register a function returning a NiNConfig under its own name; names must be unique."""
     name = fn.__name__
@@ -278,12 +332,12 @@ def model_config(name: str, **overrides) -> NiNConfig:
     ``num_classes`` also changes the class-map layer's width (the last block's last width).
     """
     if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     config = _MODELS[name]()
     known = {f.name for f in dataclasses.fields(NiNConfig)}
     unknown = set(overrides) - known
     if unknown:
-        raise KeyError(f"unknown NiNConfig field(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        raise UnknownModelError(f"unknown NiNConfig field(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
     if "num_classes" in overrides and config.head == "gap" and "blocks" not in overrides:
         last = config.blocks[-1]
         widths = (*last.widths[:-1], int(overrides["num_classes"]))

@@ -17,6 +17,7 @@ shipped files live in ``nin/weights/`` of the installed package; each entry's sh
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-from nin.checkpoint import load_weights
+from nin.checkpoint import load_weights, read_meta
+from nin.data.images import INPUT_HANDLING
 from nin.data.readers import file_digest
 from nin.errors import CheckpointError, NinError
+from nin.inference import accuracy_tolerance
 from nin.models import NiN, model_config
 from nin.transforms import ImageTransform
 
@@ -43,7 +46,8 @@ class Weights:
     recipe: str
     command: str  # exactly how it was trained (or imported)
     sha256: str
-    accuracy: dict = field(default_factory=dict)  # test set -> accuracy, as `nin evaluate` measures it
+    accuracy: dict = field(default_factory=dict)  # test set -> accuracy, as `nin evaluate` measured it on recorded_on
+    recorded_on: str = "AMD EPYC (AVX-512 BF16), 2 cores"  # the CPU the accuracies were measured on (bf16 path)
     license: str = "MIT (the weights); the data set's own terms apply to what it was trained on"
     notes: str = ""
 
@@ -60,6 +64,23 @@ class Weights:
             raise CheckpointError(f"{self.path}: sha256 differs from the registry's; the file is damaged")
         return load_weights(self.path, device)
 
+    @functools.cached_property
+    def meta(self) -> dict:
+        """What torchvision users look for in ``weights.meta``: ``categories`` (the class names), and the input the
+        weights expect (size, channels, preprocessing, test-time flips), the recorded accuracies with the CPU they
+        were measured on and the tolerance (in images) another CPU's bf16 kernels may move them by. Read from the
+        file's header alone."""
+        header = read_meta(self.path)
+        config = header.get("model_config", {})
+        size, channels = config.get("input_size"), config.get("in_channels")
+        return {"categories": list(header.get("classes") or []), "dataset": self.dataset, "model": self.model,
+                "input_size": size, "in_channels": channels, "preprocessing": header.get("preprocessing"),
+                "tta_flip": bool(header.get("tta_flip")), "accuracy": dict(self.accuracy),
+                "recorded_on": self.recorded_on,
+                "tolerance_images": {name: accuracy_tolerance(TEST_SET_SIZES.get(name, 10_000))
+                                     for name in self.accuracy},
+                "input": INPUT_HANDLING}
+
     def transforms(self) -> ImageTransform:
         """The preprocessing these weights expect, as an nn.Module taking tensors, PIL images or paths."""
         model, preprocessing, _ = self.load()
@@ -69,16 +90,25 @@ class Weights:
         """A short Markdown model card."""
         with torch.device("meta"):  # counts parameters without allocating them
             parameters = sum(p.numel() for p in NiN(model_config(self.model)).parameters())
-        scores = "\n".join(f"| {name} | {value:.2%} |" for name, value in self.accuracy.items())
+        scores = "\n".join(f"| {name} | {value:.2%} | {round(value * TEST_SET_SIZES[name]):,} of "
+                           f"{TEST_SET_SIZES[name]:,} | ± {accuracy_tolerance(TEST_SET_SIZES[name])} |"
+                           for name, value in self.accuracy.items())
         return (f"# {self.tag}\n\n{self.notes}\n\n- architecture: `{self.model}` ({parameters:,} parameters in its "
                 f"paper form)\n- data set: {self.dataset}\n- recipe: {self.recipe}\n- command: `{self.command}`\n"
-                f"- sha256: `{self.sha256}`\n- license: {self.license}\n\n| test set | accuracy |\n|---|---|\n"
-                f"{scores}\n\nLoad: `get_model(\"{self.model}\", weights=\"{self.tag}\")`, "
-                f"`nin predict {self.tag} photo.jpg`.\n")
+                f"- sha256: `{self.sha256}`\n- license: {self.license}\n\n"
+                f"Accuracy as `nin evaluate` measured it on {self.recorded_on}. nin's inference path runs in bf16 "
+                f"where the CPU has it, and bf16 kernels round differently on other CPUs (AMX, AVX-512 BF16): "
+                f"there the count may differ by up to the tolerance (`nin.inference.accuracy_tolerance`).\n\n"
+                f"| test set | accuracy | images | tolerance (images) |\n|---|---|---|---|\n{scores}\n\n"
+                f"Load: `nin.get_model(\"{self.model}\", weights=\"{self.tag}\")` (class names: "
+                f"`get_weights(\"{self.tag}\").meta[\"categories\"]`), `nin predict {self.tag} photo.jpg`.\n")
 
 
 JPEG_10000 = "CIFAR-10 test, JPEG q75 copy (10,000)"
 EXACT_1000 = "CIFAR-10 test, first 1,000 official images, exact pixels"
+MNIST_10000 = "MNIST test (10,000)"
+FASHION_10000 = "Fashion-MNIST test (10,000)"
+TEST_SET_SIZES = {JPEG_10000: 10_000, EXACT_1000: 1_000, MNIST_10000: 10_000, FASHION_10000: 10_000}
 
 PRETRAINED: dict[str, Weights] = {w.tag: w for w in (
     Weights("fast-cifar10", "nin_cifar10", "cifar10", "fast, 32 epochs (the first 16 on 24 px images), no dropout",
@@ -91,13 +121,14 @@ PRETRAINED: dict[str, Weights] = {w.tag: w for w in (
                   "out."),
     Weights("fast-mnist", "nin_mnist", "mnist", "fast, 8 epochs",
             "nin train --dataset mnist --recipe fast --epochs 8",
-            "bec4c013e01d0d1143d74262badcda6b467d1f229e0d3f397507c57c98bcafe3", {"MNIST test (10,000)": 0.9970},
+            "bec4c013e01d0d1143d74262badcda6b467d1f229e0d3f397507c57c98bcafe3", {MNIST_10000: 0.9970},
+            recorded_on="Intel Xeon (AMX), 2 cores",
             notes="NiN with batch norm on MNIST (paper: 0.47% error), from an 8-epoch run; the fast recipe's MNIST "
                   "default is now 6 epochs (0.34% in a run here)."),
     Weights("fast-fashion-mnist", "nin_mnist", "fashion-mnist", "fast, 10 epochs",
             "nin train --dataset fashion-mnist --recipe fast --epochs 10",
             "a27ea5fdc14e3d7aa9759f8f2ac564e13a25066b64ef9044678a2ad190d11b65",
-            {"Fashion-MNIST test (10,000)": 0.9314}, notes="NiN with batch norm on Fashion-MNIST."),
+            {FASHION_10000: 0.9314}, recorded_on="Intel Xeon (AMX), 2 cores", notes="NiN with batch norm on Fashion-MNIST."),
     Weights("caffe-authors-cifar10", "nin_cifar10_caffe", "cifar10", "the authors' own (Caffe Model Zoo)",
             "nin import-caffe cifar10_nin.caffemodel --arch nin_cifar10_caffe --data-dir DATA "
             "--out caffe-authors-cifar10.safetensors",
@@ -161,19 +192,25 @@ def load(source: str | os.PathLike, device: torch.device | str = "cpu"):
 
 
 def get_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = False,
-              **overrides) -> NiN:
+              num_classes: int | None = None, **overrides) -> NiN:
     """A registered model, freshly initialised or with weights: ``get_model("nin_cifar10", weights="DEFAULT")``.
 
-    Without ``weights`` it is `nin.models.get_model(name, **overrides)`. With ``weights`` (a tag of
-    `list_pretrained(name)`, "DEFAULT", a weights file or a run folder) or ``pretrained=True``, the model is the
-    one those weights were trained as (e.g. with batch norm), loaded and in eval mode; its preprocessing is
-    ``get_weights(tag).transforms()``, and `nin.classifier.Classifier` applies both.
+    Without ``weights`` it is `nin.models.get_model(name, num_classes=..., **overrides)`. With ``weights`` (a tag of
+    `list_pretrained(name)`, "DEFAULT", a weights file or a run folder) or ``pretrained=True``, the model is the one
+    those weights were trained as (e.g. with batch norm), loaded and in eval mode, with its class names in
+    ``model.classes``; its preprocessing is ``get_weights(tag).transforms()``, and `nin.classifier.Classifier`
+    applies both. ``num_classes`` other than the weights' keeps every trained weight but the class maps, which
+    start afresh (`NiN.reset_classifier`), as ``nin train --init-from`` does: ready to fine-tune.
+
+    Raises:
+        NinError: Unknown model or weights, weights of another architecture, or ``overrides`` with ``weights`` (the
+            weights fix the architecture; only ``num_classes`` may change).
     """
     if weights is None and not pretrained:
-        return NiN(model_config(name, **overrides))
+        return NiN(model_config(name, **overrides, **({} if num_classes is None else {"num_classes": num_classes})))
     if overrides:
-        raise ValueError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
-                       "weights fix the architecture")
+        raise NinError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
+                       "weights fix the architecture (num_classes= may change, for fine-tuning)")
     source = weights or "DEFAULT"
     if source == "DEFAULT" or (str(source) in PRETRAINED and not Path(source).exists()):
         model, _, _ = get_weights(str(source), model=name).load()
@@ -182,4 +219,6 @@ def get_model(name: str, *, weights: str | os.PathLike | None = None, pretrained
         built = (meta.get("train_config") or {}).get("model") or (meta.get("source") or {}).get("arch")
         if built not in (None, name):
             raise NinError(f"{source}: weights for {built}, not {name}")
+    if num_classes is not None and num_classes != model.config.num_classes:
+        model.reset_classifier(num_classes)
     return model

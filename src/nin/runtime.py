@@ -5,7 +5,9 @@
     with autocast(device, amp_dtype): logits = model(images)
 
 Training, evaluation, prediction, visualization and the benchmark all choose device and precision here,
-so they agree. `keep_freed_memory` is process-wide: only entry points (the CLI) call it.
+so they agree. `keep_freed_memory` is process-wide; nin calls it where the speed depends on it, whatever the
+door: the CLI at its start, `nin.inference.inference_model` (so `Classifier`, `nin.evaluate` and a Python user's
+folded model run as fast as `nin predict`), and `nin.engine.train`.
 
 Keeping freed memory: a NiN training step on a CPU allocates and frees the same tens of MB of activations
 every step. glibc's malloc serves blocks that large with ``mmap`` and hands them back with ``munmap`` when freed, so every step
@@ -15,7 +17,7 @@ its heap and never to trim the heap, so the pages of one step are reused by the 
 at the peak of a step instead of falling between steps; nothing else changes.
 
     from nin.runtime import keep_freed_memory
-    keep_freed_memory()          # once, early; the `nin` command calls it (and `nin bench` after its baseline)
+    keep_freed_memory()          # idempotent; the CLI, inference_model and train() call it (nin bench after its baseline)
 
 Set ``NIN_KEEP_FREED_MEMORY=0`` to leave malloc as it is. Off Linux/glibc the call does nothing.
 """

@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from nin.data.datasets import LIGHT_ON_DARK
-from nin.data.images import model_pixels, read_image
+from nin.data.images import model_pixels, read_image, square_of
 from nin.errors import NinError
 
 PREPROCESSING_KINDS = ("gcn_zca", "gcn_lcn", "scale", "standardize")
@@ -324,8 +326,10 @@ class ImageTransform(nn.Module):
     """Whatever a user holds -> the model's preprocessed float batch (N, C, H, W).
 
     Accepts a uint8 tensor (C, H, W) or (N, C, H, W) with values 0..255, a float tensor of the same shapes
-    with values in [0, 1], a PIL image, a path, or a list of images and paths. Images of another size or mode
-    are converted as `nin predict` converts files (EXIF orientation, alpha, 16-bit; resized, center-cropped).
+    with values in [0, 1], a PIL image, a path, or a list of images and paths. Images of another size, mode or
+    channel count are converted as `nin predict` converts files (`nin.data.images`: EXIF orientation, alpha,
+    16-bit; the centre square, resized): a tensor of another size goes through the same Pillow resize as a PIL
+    image (a float tensor per channel in Pillow's 32-bit float mode, so nothing is rounded to 8 bits).
     """
 
     def __init__(self, preprocessing, input_size: int, in_channels: int) -> None:
@@ -351,23 +355,38 @@ class ImageTransform(nn.Module):
         if not isinstance(images, torch.Tensor):
             raise NinError(f"expected a tensor, a PIL image, a path or a list of them, got {type(images).__name__}")
         batch = images.unsqueeze(0) if images.ndim == 3 else images
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-            raise NinError(f"expected images of shape {expected} or (N, {', '.join(map(str, expected))}), "
-                           f"got {tuple(images.shape)}")
-        if batch.dtype == torch.uint8:
+        if batch.ndim != 4 or batch.shape[1] not in (1, 3) or 0 in batch.shape:
+            raise NinError(f"expected images of shape (C, H, W) or (N, C, H, W) with C = 1 or 3, got "
+                           f"{tuple(images.shape)}")
+        if batch.dtype != torch.uint8:
+            if not batch.is_floating_point():
+                raise NinError(f"expected uint8 (0..255) or float (0..1) images, got {batch.dtype}")
+            if not torch.isfinite(batch).all():
+                raise NinError("float images hold NaN or infinite values")
+            if batch.min() < 0 or batch.max() > 1:
+                raise NinError(f"float images must lie in [0, 1] (got {float(batch.min()):.3g}.."
+                               f"{float(batch.max()):.3g}); pass uint8 for 0..255")
+            batch = batch.float() * 255.0  # preprocessing reads values on the 0..255 scale; no rounding, no loss
+        if tuple(batch.shape[1:]) == (self.in_channels, self.input_size, self.input_size):
             return batch
-        if not batch.is_floating_point():
-            raise NinError(f"expected uint8 (0..255) or float (0..1) images, got {batch.dtype}")
-        if not torch.isfinite(batch).all():
-            raise NinError("float images hold NaN or infinite values")
-        if batch.numel() and (batch.min() < 0 or batch.max() > 1):
-            raise NinError(f"float images must lie in [0, 1] (got {float(batch.min()):.3g}..{float(batch.max()):.3g}); "
-                           "pass uint8 for 0..255")
-        return batch * 255.0  # preprocessing reads values on the 0..255 scale; no rounding, no loss
+        return torch.stack([_tensor_pixels(image, self.input_size, self.in_channels) for image in batch])
 
     def forward(self, images) -> torch.Tensor:
         return self.preprocessing(self.to_pixels(images))
+
+
+def _tensor_pixels(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """One (C, H, W) tensor on the 0..255 scale as the model sees it: through the decoder's own geometry and Pillow
+    resize (`nin.data.images.model_pixels`); uint8 as an 8-bit image, floats channel by channel in mode "F"."""
+    if image.dtype == torch.uint8:
+        array = image.permute(1, 2, 0).contiguous().numpy()
+        mode = "L" if image.shape[0] == 1 else "RGB"
+        return model_pixels(Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode), size, channels)[0]
+    if image.shape[0] != channels:  # float RGB <-> gray as Pillow's convert does (ITU-R 601-2 luma)
+        image = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True) if channels == 1 \
+            else image.expand(3, -1, -1)
+    planes = [np.asarray(square_of(Image.fromarray(plane.numpy().astype(np.float32), "F"), size)) for plane in image]
+    return torch.from_numpy(np.stack(planes))
 
 
 def _is_pil(obj) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nin.data.images import list_image_classes, read_image_folder
+from nin.data.images import list_image_classes, list_image_folder, read_image, read_image_folder
 from nin.data.readers import (
     read_cifar_binary,
     read_cifar_python,
@@ -112,9 +112,12 @@ CIFAR_VALIDATION_SIZE = 10_000  # NIN paper: "the last 10,000 training images" t
 SVHN_VALIDATION_PER_CLASS = {"train": 400, "extra": 200}  # Maxout / NIN papers: 400 per class + 200 per class
 
 
-@dataclass
+@dataclass(repr=False)
 class ImageDataset:
-    """A whole split in memory: raw uint8 pixels and int64 labels, ready for `fit_preprocessing`."""
+    """A whole split in memory: raw uint8 pixels and int64 labels, ready for `fit_preprocessing`.
+
+    ``dataset[i]`` is (image uint8 (C, H, W), label int), so it also serves a torch ``DataLoader``.
+    """
 
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
@@ -123,6 +126,14 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __repr__(self) -> str:
+        shape = "×".join(map(str, self.images.shape[1:]))
+        classes = ", ".join(self.classes[:5]) + (f", … ({len(self.classes)})" if len(self.classes) > 5 else "")
+        return f"ImageDataset({self.name!r}, {len(self)} images of {shape} {self.images.dtype}, classes: {classes})"
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -282,24 +293,52 @@ def _convert(images: torch.Tensor, image_size: int | None, channels: int | None)
     return images
 
 
-def _load_folder(
-    root: Path, split: str, image_size: int, channels: int, classes: list[str] | None
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def held_out(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A stratified, seeded held-out set: of every class, round(fraction × its count) images (at least one when the
+    class has two or more), drawn by a permutation seeded with ``seed``. Returns the held-out indices, sorted."""
+    assert 0 < fraction < 1, f"fraction must be in (0, 1), got {fraction}"
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in labels.unique().tolist():
+        members = torch.nonzero(labels == label).flatten()
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.int64)
+
+
+def _load_folder(root: Path, split: str, image_size: int, channels: int, classes: list[str] | None,
+                 val_split: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """An image folder: <root>/train/, <root>/test/ (, val/ ...) labelled by one class list, or a flat tree.
 
     With split folders the class list is `classes` if given, else train/'s sub-folders, so that a split lacking
     a class keeps the others' labels; a class train/ lacks is refused. Without a train/ or test/ sub-folder the
-    root itself serves every split, as before.
+    root itself serves every split. With ``val_split`` > 0 the training images (train/, or the flat tree) are
+    split once more: "train" is all but a stratified held-out part (`held_out`, seeded by ``seed``), and every
+    other split is that held-out part.
     """
-    if not ((root / "train").is_dir() or (root / "test").is_dir()):
+    split_folders = (root / "train").is_dir() or (root / "test").is_dir()
+    from_train = classes is None and (root / "train").is_dir()  # train/'s sub-folders are the class list
+    if from_train:
+        classes = list_image_classes(root / "train")
+    if val_split:
+        source = root / "train" if split_folders else root
+        samples, classes = list_image_folder(source, classes)
+        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        held = set(held_out(labels, val_split, seed).tolist())
+        keep = [i for i in range(len(samples)) if (i in held) != (split == "train")]
+        if not keep:
+            raise DataError(f"{source}: --val-split {val_split} leaves no {split} images")
+        images = torch.stack([read_image(samples[i][0], image_size, channels) for i in keep])
+        return images, labels[keep], classes
+    if not split_folders:
         folder = root / split if (root / split).is_dir() else root
         return read_image_folder(folder, image_size, channels, classes=classes)
     folder = root / split
     if not folder.is_dir():
         present = ", ".join(f"{part}/" for part in SPLITS if (root / part).is_dir())
-        raise DataError(f"{folder}: {split}/ is missing (found {present}), expected <root>/{split}/<class>/<image>")
-    if classes is None and (root / "train").is_dir():
-        classes = list_image_classes(root / "train")
+        raise DataError(f"{folder}: {split}/ is missing (found {present}), expected <root>/{split}/<class>/<image> "
+                        "(or --val-split to hold out part of train/)")
+    if from_train:
         unknown = [name for name in list_image_classes(folder) if name not in classes]
         if unknown:
             raise DataError(f"{folder / unknown[0]}: class {unknown[0]!r} is not in {root / 'train'}, "
@@ -323,6 +362,8 @@ def load_dataset(
     channels: int | None = None,
     verify: bool = False,
     classes: list[str] | None = None,
+    val_split: float = 0.0,
+    seed: int = 0,
 ) -> ImageDataset:
     """Load one split of a data set into memory as raw uint8 pixels.
 
@@ -339,6 +380,8 @@ def load_dataset(
             (label i is `classes[i]`; a sub-folder outside the list is refused). Default: the sub-folders of
             `root`/train/, for every split, so test/ images get train/'s labels; without split folders, the
             sub-folders of `root`.
+        val_split: Only for "folder": hold out this fraction of every class of the training images (stratified,
+            seeded by ``seed``) as the split that has no folder of its own ("test", "val"); "train" leaves it out.
 
     Returns:
         The split as an `ImageDataset`.
@@ -350,8 +393,10 @@ def load_dataset(
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     root = resolve_root(root)
     if name == "folder":
-        images, labels, classes = _load_folder(root, split, image_size or 32, channels or 3, classes)
+        images, labels, classes = _load_folder(root, split, image_size or 32, channels or 3, classes, val_split, seed)
         return ImageDataset(images, labels, classes, "folder")
+    if val_split:
+        raise DataError(f"val_split= applies to image folders only, not to {name!r}, which has its own splits")
     if classes is not None:
         raise DataError(f"classes= applies to image folders only, not to {name!r}, whose classes are fixed")
     if name == LOSSLESS_CIFAR10_NAME:

@@ -34,13 +34,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from nin.data.readers import cannot_read, require_file
 from nin.errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTooLarge", "NotAnImage", "DecodedImage", "centre_square",
-           "model_pixels", "decode_image", "read_image", "read_photo", "list_images", "list_image_classes",
-           "list_image_folder", "read_image_folder"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "INPUT_HANDLING", "ImageTooLarge", "NotAnImage", "DecodedImage",
+           "centre_square", "square_of", "model_pixels", "decode_image", "read_image", "read_photo", "list_images",
+           "list_image_classes", "list_image_folder", "read_image_folder"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GiB of RGB)
 # What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+# How an image becomes the model's input, in words: the exported graphs' sidecar and weights.meta say this, so a
+# client that prepares images itself (docs/deploy.md) can do what `nin predict` does.
+INPUT_HANDLING = {
+    "orientation": "EXIF orientation applied (as a viewer shows the photo)",
+    "depth": "16-bit integers scaled by value / 257; float and other integer images by their own min-max range",
+    "alpha": "composited over white, round(colour * alpha / 255 + 255 * (1 - alpha / 255)); an image whose visible "
+             "pixels all have one colour (a stencil) becomes its alpha channel, bright on black",
+    "channels": "converted to RGB (3 channels) or L (1 channel, ITU-R 601-2 luma) by Pillow",
+    "crop": "the shorter side scaled to the input size (each side rounded, never below it), then the centre square "
+            "cut (offsets rounded down): Pillow's bilinear resize of that square",
+    "dtype": "uint8, (N, C, H, W)",
+}
 ROWS_PER_CHUNK = 256  # rows of a large image examined at a time (stencil test, depth range): bounds temporaries
 
 _pillow_limit_lock = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide: one decode sets it at a time
@@ -234,22 +246,32 @@ def model_pixels(image: Image.Image, size: int, channels: int) -> tuple[torch.Te
     """
     assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
     image = _oriented(image)
+    look = _appearance(image)
+    square = square_of(image, size, lambda region: _show(region, look, channels))
+    array = np.asarray(square, dtype=np.uint8).reshape(size, size, channels)
+    width, height = image.size
+    _, _, left_px, top_px = _resized_crop(width, height, size)
+    scale = size / min(width, height)  # the box as the page draws it: a square, at the shorter side's scale
+    box = (left_px / scale, top_px / scale, size / scale, size / scale)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy()), box
+
+
+def square_of(image: Image.Image, size: int, show=None) -> Image.Image:
+    """The centre square of ``image`` resized to ``size``×``size`` (`centre_square`'s geometry, Pillow's bilinear
+    filter), any mode Pillow resizes ("F" included). ``show`` converts the cut region (with the filter's margin)
+    before it is resized; None keeps its pixels as they are."""
     width, height = image.size
     left, top, right, bottom = centre_square(width, height, size)
     margin = math.ceil(max(1.0, (right - left) / size)) + 2  # the bilinear filter's reach, in source pixels
     region_box = (max(0, math.floor(left) - margin), max(0, math.floor(top) - margin),
                   min(width, math.ceil(right) + margin), min(height, math.ceil(bottom) + margin))
-    region = _show(image.crop(region_box), _appearance(image), channels)
+    region = image.crop(region_box)
+    if show is not None:
+        region = show(region)
     inside = (left - region_box[0], top - region_box[1], right - region_box[0], bottom - region_box[1])
     if (right - left, bottom - top) == (size, size) and all(float(v).is_integer() for v in inside):
-        square = region.crop(tuple(int(v) for v in inside))  # already at the model's size: a plain cut
-    else:
-        square = region.resize((size, size), Image.BILINEAR, box=inside)
-    array = np.asarray(square, dtype=np.uint8).reshape(size, size, channels)
-    _, _, left_px, top_px = _resized_crop(width, height, size)
-    scale = size / min(width, height)  # the box as the page draws it: a square, at the shorter side's scale
-    box = (left_px / scale, top_px / scale, size / scale, size / scale)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy()), box
+        return region.crop(tuple(int(v) for v in inside))  # already at the model's size: a plain cut
+    return region.resize((size, size), Image.BILINEAR, box=inside)
 
 
 def read_image(path: str | os.PathLike, image_size: int, channels: int,

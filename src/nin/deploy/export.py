@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from nin.__about__ import __version__
+from nin.data.images import INPUT_HANDLING
 from nin.data.readers import file_digest
 from nin.errors import NinError
 from nin.inference import InferencePipeline, optimize_for_inference
@@ -110,7 +111,8 @@ def sidecar(module: ExportedNiN, meta: dict, weights: str | Path, format: str, o
         "classes": meta.get("classes") or [str(i) for i in range(config.num_classes)],
         "input": {"name": INPUT_NAME, "layout": "NCHW uint8", "shape": ["N", config.in_channels, config.input_size,
                   config.input_size], "channels": "RGB" if config.in_channels == 3 else "grayscale",
-                  "resize": "shorter side to input size (bilinear), then center crop"},
+                  "resize": "shorter side to input size (bilinear), then center crop",
+                  "handling": INPUT_HANDLING},  # how `nin predict` prepares an image: what a client should do
         "outputs": {OUTPUT_NAMES[0]: ["N", config.num_classes],
                     OUTPUT_NAMES[1]: ["N", config.num_classes, config.feature_size(), config.feature_size()]},
         "preprocessing": preprocessing,

@@ -129,6 +129,7 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     app = FastAPI(title="nin", version="1", description=f"Network In Network classifier ({meta.get('dataset')}): "
                   f"upload an image, get the top classes and the predicted class's confidence map.")
+    app.state.pipeline = pipeline  # the module /predict runs (benchmarks/doors.py sets its flips)
 
     @app.exception_handler(RequestError)
     async def refuse(request: Request, error: RequestError) -> JSONResponse:

@@ -40,6 +40,8 @@ class TrainConfig:
     data_dir: str | None = None  # data root; None = $NIN_DATA, else the per-user cache
     train_split: str = "train"  # paper: final models retrained on all training images
     eval_split: str = "test"  # "val" evaluates on the paper's validation split instead
+    val_split: float | None = None  # image folders: the fraction of each class of the training images held out as
+    # the test split (stratified, seeded by `seed`); None = 0.1 for a folder without a test/ sub-folder, else 0
     train_subset: int = 0  # images; 0 = the whole split, N = its first N (quick experiments)
     eval_subset: int = 0  # images; 0 = the whole evaluation split, N = its first N
     preprocessing: str = "gcn_zca"  # nin.transforms kind; NiN paper section 4.2: GCN + ZCA for CIFAR
@@ -246,6 +248,9 @@ def validate(cfg: TrainConfig) -> None:
         (isinstance(cfg.compile, bool), f"compile must be true or false, got {cfg.compile!r}"),
         (0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}"),
+        (cfg.val_split is None or 0 <= cfg.val_split < 1, f"--val-split must be in [0, 1), got {cfg.val_split}"),
+        (not cfg.val_split or cfg.dataset == "folder",
+         f"--val-split holds out part of an image folder; {cfg.dataset} has its own test split"),
         (cfg.eval_subset >= 0, f"eval_subset must be >= 0, got {cfg.eval_subset}"),
         (cfg.translate >= 0, f"translate must be >= 0, got {cfg.translate}"),
         (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = every epoch), got {cfg.checkpoint_every}"),

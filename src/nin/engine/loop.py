@@ -37,7 +37,7 @@ from nin.engine.start import start_run
 from nin.engine.state import Run, RunState
 from nin.errors import CheckpointError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
-from nin.runtime import autocast
+from nin.runtime import autocast, keep_freed_memory
 
 __all__ = ["train_step", "dropout_seed", "train_one_epoch", "end_epoch", "train"]
 
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     before its first epoch ended; anything else is a user's, and is refused before any data is read.
 
     Under torchrun, call it inside ``nin.distributed.process_group()`` (the CLI does). It changes no
-    process-wide setting; the CLI also keeps freed memory (`nin.runtime.keep_freed_memory`).
+    process-wide setting but the malloc policy (`nin.runtime.keep_freed_memory`), which it applies as the CLI does.
 
     Writes ``config.json``, ``metrics.jsonl`` / ``metrics.csv``, ``checkpoint.safetensors`` (every epoch and
     every ``checkpoint_every`` steps) and, at the end, ``model.safetensors`` for evaluate / predict.
@@ -214,6 +214,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     if not resume:  # an impossible setting is refused before the run folder is made
         validate(dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs),
                                                                 ("checkpoint_every", checkpoint_every)) if v is not None}))
+    keep_freed_memory()  # the step's speed was measured with it (docs/performance.md)
     with run_folder_lock(Path(out_dir), resume=resume) if distributed.is_main() else contextlib.nullcontext():
         run, state = start_run(cfg, Path(out_dir), resume=resume, epochs=epochs, checkpoint_every=checkpoint_every,
                                command=command, device=device, log=log, data_dir=data_dir)

@@ -49,8 +49,11 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                                            else (None, None, {}))
     if resume:
         cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
+        if "val_split" not in saved_meta["train_config"]:  # a run from before --val-split held nothing out
+            cfg = dataclasses.replace(cfg, val_split=0.0)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
                                                         ("data_dir", data_dir and str(data_dir))) if v is not None})
+    cfg = _held_out_split(cfg)
     validate(cfg)
     if main:
         for temp in remove_stale_temp_files(out, RUN_FILES):
@@ -98,14 +101,33 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     return run, state
 
 
+def _held_out_split(cfg: TrainConfig) -> TrainConfig:
+    """An image folder without a sub-folder for the evaluation split holds out 10% of each class of its training
+    images for it (``val_split`` None: decided here, once, and recorded); every other data set, none."""
+    if cfg.val_split is not None:
+        if cfg.val_split and cfg.dataset == "folder" and (resolve_root(cfg.data_dir) / cfg.eval_split).is_dir():
+            raise NinError(f"--val-split {cfg.val_split}: {resolve_root(cfg.data_dir)} has a {cfg.eval_split}/ "
+                           "sub-folder already, which is the test split; leave --val-split out")
+        return cfg
+    own = cfg.dataset != "folder" or (resolve_root(cfg.data_dir) / cfg.eval_split).is_dir()
+    return dataclasses.replace(cfg, val_split=0.0 if own else DEFAULT_VAL_SPLIT)
+
+
+DEFAULT_VAL_SPLIT = 0.1  # of each class, for an image folder without a test/ sub-folder
+
+
 def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
-    """A user's folder decides the class count (and is told when its test error is measured on training images)."""
+    """A user's folder decides the class count (and is told which images its test error is measured on)."""
     if cfg.dataset != "folder":
         return cfg
     root = resolve_root(cfg.data_dir)
     if distributed.is_main() and not (root / cfg.eval_split).is_dir():
-        log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on the "
-            f"training images (add train/ and {cfg.eval_split}/ sub-folders for a held-out score)")
+        if cfg.val_split:
+            log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on "
+                f"{cfg.val_split:.0%} of each class held out from training (--val-split, seed {cfg.seed})")
+        else:
+            log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder and --val-split is 0: the {cfg.eval_split} "
+                f"error is measured on the training images (add a {cfg.eval_split}/ sub-folder, or --val-split 0.1)")
     if "num_classes" in cfg.model_args:
         return cfg
     return dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
@@ -207,8 +229,8 @@ def _reshard(state: RunState, saved_world: int, steps_per_epoch: int, cfg: Train
 def _prepare_data(cfg: TrainConfig, device: torch.device, preprocess_state: dict | None):
     """Read the splits, fit (or restore) the preprocessing, and keep both splits preprocessed on the device."""
     model_cfg = model_config(cfg.model, **cfg.model_args)
-    size_args = ({"image_size": model_cfg.input_size, "channels": model_cfg.in_channels}
-                 if cfg.dataset == "folder" else {})
+    size_args = ({"image_size": model_cfg.input_size, "channels": model_cfg.in_channels,
+                  "val_split": cfg.val_split or 0.0, "seed": cfg.seed} if cfg.dataset == "folder" else {})
     with distributed.main_first():
         train_set = load_dataset(cfg.dataset, cfg.train_split, cfg.data_dir, **size_args)
         eval_set = load_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir, **size_args)

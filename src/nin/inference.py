@@ -33,10 +33,12 @@ __all__ = ["InferenceModel", "fold_batch_norm", "optimize_for_inference", "infer
            "InferencePipeline", "BF16_TOLERANCE_PER_10000", "accuracy_tolerance", "agrees_with_record"]
 
 # bf16 kernels round differently on different CPUs (AMX tiles and AVX-512 BF16 accumulate in other orders), so
-# an accuracy recorded on one CPU can move by a few images on another: the images whose two highest scores
-# are within bf16's rounding of each other. How many, at most, per 10,000 test images (docs/performance.md
-# has the measurement behind it: bf16 against fp32 on the shipped weights, and the AMX host's own count).
-BF16_TOLERANCE_PER_10000 = 5
+# an accuracy recorded on one CPU can move by a few images on another: those whose two highest scores lie within
+# bf16's rounding of each other. How many, at most, per 10,000 test images. Measured (docs/performance.md): the
+# same fast-cifar10 weights scored 8,971 here (AMD EPYC) and 8,972 on an AMX Xeon; bf16 against fp32, a larger
+# change than any two bf16 kernels make, moved the shipped weights by 0 to 8 images of 10,000 (8: the authors'
+# model, no batch norm, ZCA inputs).
+BF16_TOLERANCE_PER_10000 = 10
 
 METHODS = ("eager", "jit", "compile")
 

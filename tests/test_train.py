@@ -156,6 +156,12 @@ def test_stall_detector_names_the_dead_class_maps(data_root, tmp_path):
     assert "class_map_relu=false" in str(info.value)
     assert _stalled(torch.zeros(8, 10), math.log(10), 10)
     assert not _stalled(torch.randn(8, 10), math.log(10), 10)
+    # after a whole first epoch: scores that barely differ and a loss that never left ln K are as dead
+    faint = 0.001 * torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    assert _stalled(faint, math.log(10) - 0.0005, 10, whole_epoch=True)
+    assert not _stalled(faint, math.log(10) - 0.0005, 10)  # early, only identical scores count
+    assert not _stalled(faint, 2.2673, 10, whole_epoch=True)  # the paper's CIFAR-10 model after its first epoch
+    assert not _stalled(0.2 * torch.randn(8, 10), math.log(10), 10, whole_epoch=True)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_path):

@@ -1,6 +1,7 @@
 """Per-layer profile of nin_cifar10 on this machine: where the time of inference and of a training step goes.
 
     python benchmarks/profile_layers.py                  # batch 500 inference, batch 128 training
+    python benchmarks/profile_layers.py --recipe paper   # the paper's model (no batch norm, dropout 0.5) as trained
     python benchmarks/profile_layers.py --quick          # tiny batches (a smoke run)
 
 Inference: the model as `optimize_for_inference` leaves it (batch norm folded, bf16 weights, NHWC, eager), each
@@ -84,13 +85,15 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--recipe", choices=["fast", "paper"], default="fast",
+                        help="whose CIFAR-10 model and step to profile (default fast; paper: no batch norm, dropout)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.eval_batch_size, args.batch_size, args.repeats = 16, 8, 1
     keep_freed_memory()
     torch.manual_seed(0)
-    cfg = recipe("fast", "cifar10")
+    cfg = recipe(args.recipe, "cifar10")
     amp = select_precision(cfg.precision, torch.device("cpu")) or torch.float32
     peak = matmul_peak(amp, 512 if args.quick else 2048)
     print(f"matmul peak ({str(amp).removeprefix('torch.')}): {peak:.0f} GFLOP/s; torch {torch.__version__}, "
@@ -119,7 +122,7 @@ def main() -> None:
             step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\ntraining step, batch {args.batch_size}: {total / 1e3 / args.repeats:.0f} ms per step "
+    print(f"\ntraining step of the {args.recipe} recipe's model, batch {args.batch_size}: {total / 1e3 / args.repeats:.0f} ms per step "
           f"(= {args.batch_size / (total / 1e6 / args.repeats):.0f} images/s under the profiler), share by op:")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
         print(f"  {e.key:<40}{e.self_cpu_time_total / total:>7.1%}{e.self_cpu_time_total / 1e3 / args.repeats:>9.1f} ms")

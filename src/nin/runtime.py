@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import platform
 import statistics
 import sys
 import time
@@ -39,8 +40,8 @@ import torch
 
 from nin.errors import NinError
 
-__all__ = ["resolve_device", "select_precision", "cpu_has_bf16", "autocast", "keep_freed_memory", "timings",
-           "median_seconds"]
+__all__ = ["resolve_device", "select_precision", "cpu_has_bf16", "bf16_units", "machine_name", "host",
+           "autocast", "keep_freed_memory", "timings", "median_seconds"]
 
 
 def resolve_device(text: str | torch.device | None, flag: str = "--device") -> torch.device:
@@ -75,6 +76,35 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_units() -> str:
+    """Which bf16 matrix units this CPU has: "AMX", "AVX-512 BF16" or "none" (they round differently)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "none"
+    return "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none"
+
+
+def machine_name(device: str | torch.device = "cpu") -> str:
+    """The CUDA device's name for a GPU, else the CPU's model name from /proc/cpuinfo."""
+    device = str(device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host(device: str | torch.device = "cpu") -> dict:
+    """Where a run (or a segment of it) ran: machine, bf16 units, cores and threads; recorded with every run."""
+    return {"machine": machine_name(device), "bf16": bf16_units(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def select_precision(precision: str, device: torch.device) -> torch.dtype | None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from nin.files import atomic_write_bytes, remove_stale_temp_files
 from nin.layers import patch_whitening_
 from nin.models import NiN, get_model, model_config
 from nin.pretrained import load
-from nin.runtime import resolve_device, select_precision
+from nin.runtime import host, resolve_device, select_precision
 from nin.transforms import Augment, Preprocessing, fit_preprocessing
 
 __all__ = ["start_run"]
@@ -85,7 +86,7 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                                   f"({' '.join(str(e).split())[:300]})") from None
         _reshard(state, saved_meta.get("world_size", 1), len(loader), cfg, log)
 
-    history = _run_history(command, resume, saved_meta)
+    history = _run_history(command, resume, saved_meta, device)
     world = distributed.world_size()
     meta = {"train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "dataset": cfg.dataset,
             "data_sha256": identity, "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
@@ -274,17 +275,20 @@ def _checkpoint_config(path: Path, saved: dict, meta: dict) -> TrainConfig:
     return cfg
 
 
-def _run_history(command: str | None, resume: bool, saved_meta: dict) -> dict:
-    """The command and git revision that started the run, and each resume since (command, revision, step).
+def _run_history(command: str | None, resume: bool, saved_meta: dict, device: torch.device) -> dict:
+    """The command, git revision and host that started the run, and each resume since (command, revision, host,
+    the step it resumed at, when): the run's segments, which `nin reproduce record` reports one by one.
 
     config.json and results quote the command that started the run, not the last ``--resume``.
     """
-    this = command or shlex.join(["nin", *sys.argv[1:]])
+    this = {"command": command or shlex.join(["nin", *sys.argv[1:]]), "git_revision": git_revision(),
+            "host": host(device), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if not resume:
-        return {"command": this, "git_revision": git_revision(), "resumes": []}
-    resumes = [*saved_meta.get("resumes", []), {"command": this, "git_revision": git_revision(),
-                                                 "step": saved_meta.get("step")}]
-    return {"command": saved_meta.get("command"), "git_revision": saved_meta.get("git_revision"), "resumes": resumes}
+        return {**this, "resumes": []}
+    resumes = [*saved_meta.get("resumes", []), {**this, "step": saved_meta.get("step")}]
+    started = {key: saved_meta[key] for key in ("host", "started") if key in saved_meta}
+    return {"command": saved_meta.get("command"), "git_revision": saved_meta.get("git_revision"), **started,
+            "resumes": resumes}
 
 
 def _write_config_json(run: Run, resume: bool) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from nin.engine.metrics import read_metrics
 from nin.errors import NinError
 from nin.evaluate import evaluate_weights
 from nin.models import get_model, multiply_adds
+from nin.runtime import machine_name
 from nin.tools.curves import plot_curves
 from nin.tools.experiments import (
     EXPERIMENTS,
@@ -62,20 +62,6 @@ def dataset_label(dataset: str, data_dir: str | os.PathLike | None = None) -> st
             return JPEG_COPY_LABEL
     return label
 
-
-def machine_name(device: str) -> str:
-    """The CUDA device's name for a GPU run, else the CPU model from /proc/cpuinfo."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.PathLike = "results",

@@ -20,7 +20,7 @@ def test_paper_recipe_values():
     assert (cfg.bias_lr_mult, cfg.class_map_lr_mult, cfg.schedule, cfg.preprocessing) == (2.0, 0.1, "plateau", "gcn_zca")
     c100 = recipe("paper", "cifar100")
     assert (c100.lr, c100.weight_decay, c100.model) == (0.02, 5e-4, "nin_cifar100")
-    assert recipe("paper", "mnist").preprocessing == "scale"
+    assert recipe("paper", "mnist").preprocessing == "standardize"  # [0, 1] stalls at the paper's init (docs/training.md)
     assert recipe("paper", "svhn").preprocessing == "gcn_lcn"
     caffe = recipe("caffe", "cifar10")
     assert caffe.model == "nin_cifar10_caffe" and caffe.milestones == (100_000,) and caffe.max_steps == 120_000

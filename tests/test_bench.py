@@ -59,3 +59,20 @@ def test_bench_on_a_missing_gpu_says_so(capsys):
     assert main(["bench", "--quick", "--device", "cuda"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device cuda" in err and "CUDA" in err
+
+
+def test_fused_conv_relu_gives_the_same_numbers():
+    """The inference path runs each conv + ReLU as one oneDNN kernel (`fuse_conv_relu`): bit for bit the numbers of
+    the conv and the ReLU apart, in bf16 and in fp32, and an ONNX-exportable unfused model on request."""
+    from nin import get_model
+    from nin.inference import FusedConvReLU
+
+    model = get_model("nin_cifar10", weights="fast-cifar10").to(memory_format=torch.channels_last)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.bfloat16, None):
+        fused = optimize_for_inference(model, amp_dtype=dtype)
+        plain = optimize_for_inference(model, amp_dtype=dtype, fuse_relu=False)
+        if any(isinstance(m, FusedConvReLU) for m in fused.modules()):
+            assert not any(isinstance(m, FusedConvReLU) for m in plain.modules())
+        assert torch.equal(fused(images), plain(images)), dtype
+        assert torch.equal(fused.forward_features(images), plain.forward_features(images))

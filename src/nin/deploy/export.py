@@ -52,7 +52,9 @@ class ExportedNiN(nn.Module):
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, tta_flip: bool,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.pipeline = InferencePipeline(preprocessing, optimize_for_inference(model, amp_dtype=dtype), tta_flip)
+        # unfused: oneDNN's fused conv + ReLU is not an ONNX operator (the numbers are the same)
+        self.pipeline = InferencePipeline(preprocessing, optimize_for_inference(model, amp_dtype=dtype,
+                                                                                fuse_relu=False), tta_flip)
 
     @property
     def model(self) -> nn.Module:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nin.cli import build_parser, main
+from nin.inference import agrees_with_record
 from nin.models import get_model, multiply_adds
 from nin.tools.reproduce import EXPERIMENTS, PAPER_ROWS, TABLE5_SMALL_ROWS, plan, record_run, write_report
 from nin.engine import recipe, train
@@ -139,7 +140,8 @@ CHEAP_RESULTS = ("fast-mnist", "fast-fashion-mnist")  # 10,000 small test images
 
 @pytest.mark.parametrize("name", CHEAP_RESULTS)
 def test_published_weights_reproduce_their_recorded_error(name, data_root, capsys):
-    """`nin evaluate weights/<name>.safetensors` on the real test set gives exactly the recorded test error."""
+    """`nin evaluate weights/<name>.safetensors` on the real test set gives the recorded test error (on the CPU that
+    recorded it, exactly; on another, within `nin.inference.accuracy_tolerance`)."""
     import hashlib
 
     path = REPO / "results" / f"{name}.json"
@@ -151,6 +153,36 @@ def test_published_weights_reproduce_their_recorded_error(name, data_root, capsy
     assert main(["evaluate", str(weights), "--json", "--data-dir", str(data_root), "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == record["evaluated_n"] == 10_000
-    assert result["error"] == record["evaluated_error"]  # exactly: `nin reproduce reevaluate` stored it
+    # the count `nin reproduce reevaluate` stored, to within what another CPU's bf16 kernels may move it
+    assert agrees_with_record(result["correct"], result["n"], 1 - record["evaluated_error"]), (result, record["name"])
     assert abs(record["final_error"] - record["evaluated_error"]) * 10_000 <= 5  # the run's own log, a few images
     assert record["curve"][-1]["test_error"] == record["final_error"]
+
+
+def test_a_run_in_progress_is_recorded_with_its_segments_and_shown_as_such(data_root, tmp_path):
+    """A paper-recipe run stopped mid-way and resumed: its progress record, one segment per (re)start, each with
+    the host it ran on; the report's row says "in progress" and is not scored again."""
+    run = tmp_path / "runs" / "mnist-paper"  # the name of Table 4's run, so the report puts it in Table 4's row
+    cfg = dataclasses.replace(recipe("paper", "mnist"), train_subset=256, eval_subset=200, epochs=3, batch_size=64)
+    with pytest.raises(KeyboardInterrupt):  # 4-step epochs: killed in epoch 2, after its checkpoint at step 4
+        train(cfg, run, command="nin train --dataset mnist --recipe paper (tiny)", log=lambda *_: None,
+              interrupt_after=6)
+    with pytest.raises(KeyboardInterrupt):  # resumed at step 4, killed again in epoch 3
+        train(None, run, resume=True, command="nin train --resume runs/mnist-paper", log=lambda *_: None,
+              interrupt_after=10)
+    results = tmp_path / "results"
+    record = record_run(run, "mnist-paper", results, tmp_path / "weights", log=lambda *_: None)
+    assert record["in_progress"] and record["epochs"] == 2 and record["evaluated_n"] == 0
+    assert not (tmp_path / "weights").exists()  # nothing to copy yet
+    first, second = record["segments"]
+    assert (first["step"], second["step"]) == (0, 4)
+    assert (first["first_epoch"], first["last_epoch"], second["first_epoch"], second["last_epoch"]) == (1, 1, 2, 2)
+    assert first["host"]["machine"] and first["host"]["bf16"] in ("AMX", "AVX-512 BF16", "none")
+    assert second["command"] == "nin train --resume runs/mnist-paper"
+    text = write_report(results, tmp_path / "RESULTS.md", data_dir=str(data_root), curves=False).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Table 4 |"))
+    assert "in progress: epoch 2 of at most 3" in row and "not yet: still training" in row and "2 segments" in row
+    # finished: an ordinary record, the weights copied and scored again
+    train(None, run, resume=True, log=lambda *_: None)
+    done = record_run(run, "mnist-paper", results, tmp_path / "weights", log=lambda *_: None)
+    assert not done["in_progress"] and done["evaluated_error"] == done["final_error"] and len(done["segments"]) == 3

@@ -256,7 +256,8 @@ def _progress(run: Run, state: RunState):
 def _check_stall(run: Run, state: RunState, logits: torch.Tensor) -> None:
     num_classes = state.model.config.num_classes
     mean_loss = state.totals.mean_loss()
-    whole_epoch = state.batches_done == run.steps_per_epoch
+    # a whole first epoch of at least stall_check_steps steps: enough training to call a loss at ln K dead
+    whole_epoch = state.batches_done == run.steps_per_epoch and state.step >= run.cfg.stall_check_steps
     if distributed.all_true(_stalled(logits.detach(), mean_loss, num_classes, whole_epoch=whole_epoch), run.device):
         raise TrainingStalled(f"after {state.step} steps the loss is {mean_loss:.4f} ≈ ln {num_classes} = "
                               f"{math.log(num_classes):.4f}: {STALL_ADVICE}")

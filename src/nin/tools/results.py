@@ -83,9 +83,9 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
         The record written to the json file.
     """
     run_dir = Path(run_dir)
-    for needed in ("config.json", "metrics.jsonl", "model.safetensors"):
+    for needed in ("config.json", "metrics.jsonl"):
         if not (run_dir / needed).is_file():
-            raise NinError(f"{run_dir}: no {needed}; is the run finished?")
+            raise NinError(f"{run_dir}: no {needed}; is it a run folder?")
     config = json.loads((run_dir / "config.json").read_text())
     cfg = config["train_config"]
     epochs = read_metrics(run_dir)
@@ -93,6 +93,13 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
         raise NinError(f"{run_dir}/metrics.jsonl: no finished epoch")
     split = cfg["eval_split"]
     data_dir = data_dir or cfg.get("data_dir")
+    if not (run_dir / "model.safetensors").is_file():  # still training: its progress, from its own log
+        record = progress_record(name, config, epochs, data_label or dataset_label(cfg["dataset"], data_dir))
+        path = Path(results_dir) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        log(f"nin reproduce: {name} is still training (epoch {record['epochs']}); wrote its progress to {path}")
+        return record
 
     tick = time.perf_counter()
     result, _, _ = evaluate_weights(run_dir / "model.safetensors", dataset=cfg["dataset"], split=split,
@@ -115,9 +122,51 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
 
 def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, label: str) -> dict:
     """The results json of a finished run: provenance, the curve, the error recorded and evaluated again."""
+    return {**_run_fields(name, config, epochs, label), "in_progress": False, "evaluated_error": result.error,
+            "evaluated_n": result.n, "weights": weights.as_posix(), "weights_sha256": file_digest(weights, "sha256")}
+
+
+def progress_record(name: str, config: dict, epochs: list[dict], label: str) -> dict:
+    """The results json of a run still training: what its log says so far (no weights, nothing evaluated again)."""
+    fields = _run_fields(name, config, epochs, label)
+    last = epochs[-1]
+    extra = {"exact_1000_error": last["extra_error"]} if "extra_error" in last else {}
+    return {**fields, "in_progress": True, "evaluated_error": fields["final_error"], "evaluated_n": 0, **extra}
+
+
+def segments(config: dict, epochs: list[dict]) -> list[dict]:
+    """A run's stretches between (re)starts: where each ran (host, when it started), the epochs it finished,
+    its training time and median images/s. A stretch that ended before finishing an epoch has no epochs."""
+    steps_per_epoch = epochs[0]["step"] // epochs[0]["epoch"] if epochs else 1
+    starts = [{"step": 0, "host": config.get("host"), "started": config.get("started"),
+               "command": runnable(config.get("command") or "")}]
+    starts += [{"step": r.get("step") or 0, "host": r.get("host"), "started": r.get("started"),
+                "command": runnable(r.get("command") or "")} for r in config.get("resumes", [])]
+    found = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1]["step"] if i + 1 < len(starts) else float("inf")
+        # an epoch belongs to the stretch in which it ended
+        mine = [e for e in epochs if start["step"] < e["step"] <= end]
+        found.append({**start, "first_epoch": mine[0]["epoch"] if mine else None,
+                      "last_epoch": mine[-1]["epoch"] if mine else None,
+                      "train_time_s": sum(e["train_time_s"] for e in mine),
+                      "images_per_s": statistics.median(e["images_per_s"] for e in mine) if mine else None,
+                      "to_step": min(end, epochs[-1]["step"]) if epochs else 0,
+                      "steps_per_epoch": steps_per_epoch})
+    return found
+
+
+def lr_drops(curve: list[dict]) -> list[int]:
+    """The epochs after which the learning rate went down (the plateau rule's drops, or a schedule's)."""
+    return [a["epoch"] for a, b in zip(curve, curve[1:]) if b.get("lr", 0) < a.get("lr", 0) * 0.5]
+
+
+def _run_fields(name: str, config: dict, epochs: list[dict], label: str) -> dict:
     cfg, split = config["train_config"], config["train_config"]["eval_split"]
     keys = ("epoch", "step", "train_error", f"{split}_error", "extra_error", "train_loss", f"{split}_loss", "lr")
+    curve = [{k: e[k] for k in keys if k in e} for e in epochs]
     return {
+        "segments": segments(config, epochs), "lr_drops_after_epochs": lr_drops(curve),
         "name": name, "command": runnable(config.get("command") or ""),
         "resumes": [{**r, "command": runnable(r.get("command") or "")} for r in config.get("resumes", [])],
         "git_revision": config.get("git_revision"), "machine": machine_name(config.get("device", "cpu")),
@@ -131,9 +180,7 @@ def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, 
         "train_time_s": sum(e["train_time_s"] for e in epochs),
         # training throughput: the median epoch's, so that epochs slowed by other work on a shared host do not skew it
         "images_per_s": statistics.median(e["images_per_s"] for e in epochs),
-        "final_error": epochs[-1][f"{split}_error"], "evaluated_error": result.error, "evaluated_n": result.n,
-        "curve": [{k: e[k] for k in keys if k in e} for e in epochs],
-        "weights": weights.as_posix(), "weights_sha256": file_digest(weights, "sha256"), "train_config": cfg,
+        "final_error": epochs[-1][f"{split}_error"], "curve": curve, "train_config": cfg,
     }
 
 
@@ -273,7 +320,14 @@ def _ours(record: dict) -> str:
         return f"**{record['final_error']:.2%}** (trained by the paper's authors, imported; {record['dataset_label']})"
     notes = [f"{record['epochs']} epochs"]
     spec = _spec(record["name"])
-    if spec is not None and spec.recipe == "paper" and record["epochs"] < PAPER_EPOCHS:
+    drops = record.get("lr_drops_after_epochs", [])
+    if drops:
+        notes.append(f"lr / 10 after epoch{'s' * (len(drops) > 1)} {' and '.join(map(str, drops))}")
+    if record.get("in_progress"):
+        cap = f"at most {record['epochs_planned']}" if spec is not None and spec.recipe == "paper" else \
+            str(record["epochs_planned"])
+        notes = [f"in progress: epoch {record['epochs']} of {cap}, {record['final_error']:.2%} so far", *notes[1:]]
+    elif spec is not None and spec.recipe == "paper" and record["epochs"] < PAPER_EPOCHS and not drops:
         notes = [f"only {record['epochs']} of the paper recipe's up to {PAPER_EPOCHS} epochs: a curve, not a result"]
     if record.get("train_subset"):
         notes.append(f"first {record['train_subset']} training images")
@@ -290,6 +344,23 @@ def _command(record: dict) -> str:
 def runnable(command: str) -> str:
     """A recorded command as a user runs it: a run folder given by absolute path becomes runs/<name>."""
     return re.sub(r"(--out|--resume) /\S*/([^/\s]+)", r"\1 runs/\2", command)
+
+
+def _machines(record: dict) -> str:
+    """Where a run ran: its machine, or each segment's (host and epochs) when it was resumed."""
+    parts = []
+    for segment in record.get("segments", []):
+        host = segment.get("host") or {}
+        machine = host.get("machine") or "a host before hosts were recorded"
+        units = f", {host['bf16']}" if host.get("bf16") and host["bf16"] != "none" else ""
+        first, last = segment.get("first_epoch"), segment.get("last_epoch")
+        span = (f"epochs {first}–{last}" if first is not None and last != first else
+                f"epoch {first}" if first is not None else "part of an epoch")
+        rate = f", {segment['images_per_s']:.0f} img/s" if segment.get("images_per_s") else ""
+        parts.append(f"{span}: {machine}{units}{rate}")
+    if len(parts) > 1:
+        return f"{len(parts)} segments: " + "; ".join(parts)
+    return f"{record['machine']}, {record['cores']} cores"
 
 
 def _wall(record: dict) -> str:
@@ -310,10 +381,10 @@ def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, ref
         curve = f" [curve]({curves[name]})" if name in curves and record["curve"] else ""
         apart = round(abs(record["evaluated_error"] - record["final_error"]) * record["evaluated_n"])
         same = "equal" if apart == 0 else f"{apart} image{'s' * (apart > 1)} apart from the run's log"
+        again = "not yet: still training" if record.get("in_progress") else f"{record['evaluated_error']:.2%} ({same})"
         exact = f"{record['exact_1000_error']:.1%}" if "exact_1000_error" in record else "–"
         lines.append(f"| {row.table} | {row.label} | {row.paper} | {row.port} | {_ours(record)}{curve} | {exact} | "
-                     f"{record['evaluated_error']:.2%} ({same}) | {_wall(record)} | "
-                     f"{record['machine']}, {record['cores']} cores | `{_command(record)}` |")
+                     f"{again} | {_wall(record)} | {_machines(record)} | `{_command(record)}` |")
     return lines
 
 

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nin.checkpoint import load_weights
+from nin.pretrained import load as load_weights  # a tag, a weights file or a run folder
 from nin.data import load_dataset
 from nin.inference import inference_model
 from nin.runtime import select_precision

@@ -11,7 +11,7 @@ from nin.checkpoint import load_state
 from nin.pretrained import load
 from nin.errors import NinError, NonFiniteLoss, TrainingStalled
 from nin.engine import FAST, PAPER, PlateauRule, TrainConfig, apply_overrides, lr_at, recipe, total_steps, train
-from nin.engine.loop import _stalled
+from nin.engine.loop import _stalled, dead_class_maps
 
 
 def test_paper_recipe_values():
@@ -162,6 +162,13 @@ def test_stall_detector_names_the_dead_class_maps(data_root, tmp_path):
     assert not _stalled(faint, math.log(10) - 0.0005, 10)  # early, only identical scores count
     assert not _stalled(faint, 2.2673, 10, whole_epoch=True)  # the paper's CIFAR-10 model after its first epoch
     assert not _stalled(0.2 * torch.randn(8, 10), math.log(10), 10, whole_epoch=True)
+    # one class map dead behind its ReLU (the paper's MNIST model, seed 0, class 5 in its first epoch)
+    logits = torch.relu(torch.randn(16, 10, generator=torch.Generator().manual_seed(1))) + 0.01
+    labels = torch.arange(16) % 10
+    assert dead_class_maps(logits, labels) == []
+    logits[:, 5] = 0
+    assert dead_class_maps(logits, labels) == [5]
+    assert dead_class_maps(logits, labels.clamp(max=4)) == []  # no image of class 5 in the batch: no verdict
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_path):

@@ -39,7 +39,7 @@ from nin.errors import CheckpointError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
 from nin.runtime import autocast, keep_freed_memory
 
-__all__ = ["train_step", "dropout_seed", "train_one_epoch", "end_epoch", "train"]
+__all__ = ["train_step", "dropout_seed", "train_one_epoch", "end_epoch", "train", "dead_class_maps"]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
@@ -120,9 +120,9 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
         state.batches_done += 1
         if hasattr(batches, "set_postfix") and state.step % 10 == 0:
             batches.set_postfix(loss=f"{state.totals.mean_loss():.4f}", lr=f"{lr:.4g}")
-        if state.epoch == 0 and cfg.stall_check_steps and (
-                state.step == cfg.stall_check_steps or state.batches_done == steps_per_epoch):
-            _check_stall(run, state, logits)
+        if cfg.stall_check_steps and ((state.epoch == 0 and state.step == cfg.stall_check_steps)
+                                      or state.batches_done == steps_per_epoch):
+            _check_stall(run, state, logits, labels)
         if state.step >= run.last_step:
             break
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batches_done < steps_per_epoch:
@@ -253,14 +253,30 @@ def _progress(run: Run, state: RunState):
                 desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}")
 
 
-def _check_stall(run: Run, state: RunState, logits: torch.Tensor) -> None:
+def _check_stall(run: Run, state: RunState, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Early in the first epoch and at the end of every epoch: all class maps dead, or some of them."""
     num_classes = state.model.config.num_classes
     mean_loss = state.totals.mean_loss()
     # a whole first epoch of at least stall_check_steps steps: enough training to call a loss at ln K dead
     whole_epoch = state.batches_done == run.steps_per_epoch and state.step >= run.cfg.stall_check_steps
-    if distributed.all_true(_stalled(logits.detach(), mean_loss, num_classes, whole_epoch=whole_epoch), run.device):
+    if state.epoch == 0 and distributed.all_true(
+            _stalled(logits.detach(), mean_loss, num_classes, whole_epoch=whole_epoch), run.device):
         raise TrainingStalled(f"after {state.step} steps the loss is {mean_loss:.4f} ≈ ln {num_classes} = "
                               f"{math.log(num_classes):.4f}: {STALL_ADVICE}")
+    dead = dead_class_maps(logits.detach(), labels) if whole_epoch or state.epoch > 0 else []
+    if distributed.all_true(bool(dead), run.device):  # every rank sees it: all stop together
+        names = ", ".join(run.classes[k] if k < len(run.classes) else str(k) for k in dead)
+        raise TrainingStalled(f"epoch {state.epoch + 1}: the class map of {names} is dead (zero for every image of "
+                              f"the batch, its own class's included), so that class can never be predicted again; "
+                              f"the last checkpoint stays in {run.checkpoint_path}. {DEAD_MAP_ADVICE}")
+
+
+def dead_class_maps(logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """The classes whose score is exactly 0 for every image of the batch although the batch holds images of them:
+    a class map behind a ReLU that no longer fires for anything (the paper's form), which nothing can revive."""
+    zero = (logits.float() == 0).all(dim=0)
+    present = torch.bincount(labels, minlength=logits.shape[1]) > 0
+    return [int(k) for k in torch.nonzero(zero & present).flatten()]
 
 
 def _stalled(logits: torch.Tensor, mean_loss: float, num_classes: int, *, whole_epoch: bool = False) -> bool:
@@ -279,6 +295,8 @@ def _stalled(logits: torch.Tensor, mean_loss: float, num_classes: int, *, whole_
     return spread < 1e-6 and abs(mean_loss - math.log(num_classes)) < 0.05
 
 
+DEAD_MAP_ADVICE = ("The paper's ReLU on the class maps allows it; a run with another --seed may not meet it, "
+                   "--set model.class_map_relu=false rules it out, and --set stall_check_steps=0 lets the run go on")
 STALL_ADVICE = ("every class map is dead (the same scores for every image), the failure many NiN ports hit. "
                 "Change: --set model.class_map_relu=false (no ReLU on the class maps), or a lower --set lr=0.01, "
                 "or --set model.init=kaiming, or use --recipe fast (batch norm); a run that is only slow to start "

@@ -132,3 +132,22 @@ def test_page_inverts_dark_ink_on_paper_for_mnist_weights(mnist_server, data_roo
 def test_cifar10_page_has_no_invert_box(server):
     with _page(server, "cifar10") as page:
         assert not page.locator("#invert-row").is_visible()
+
+
+def test_docs_page_lists_the_routes_from_this_server_only(server):
+    """/docs draws the API from /openapi.json with nin's own script: no request leaves the server (FastAPI's Swagger
+    page loaded its scripts from a CDN and stayed blank offline)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            requests, errors = [], []
+            page.on("request", lambda request: requests.append(request.url))
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server + "/docs")
+            expect(page.locator("#api")).to_contain_text("POST /predict", timeout=30_000)
+            expect(page.locator("#api")).to_contain_text("top_k")
+            assert not errors, errors
+            assert requests and all(url.startswith(server + "/") for url in requests), requests
+        finally:
+            browser.close()

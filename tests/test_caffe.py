@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from nin.checkpoint import load_state
 from nin.tools.caffe import import_caffe, read_caffemodel
 from nin.pretrained import load
 from nin.cli import main
@@ -253,10 +254,17 @@ def test_existing_out_that_is_not_ours_is_kept(tmp_path, capsys):
     assert main(["import-caffe", str(path), "--arch", "nin_cifar10_caffe", "--preprocessing", "scale",
                  "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a nin weights file" in err and out.read_text() == "my notes"
+    assert err.count("\n") == 1 and "not replacing it" in err and "--force" in err and out.read_text() == "my notes"
     assert main(["import-caffe", str(path), "--arch", "nin_cifar10_caffe", "--preprocessing", "scale",
                  "--out", str(tmp_path)]) == 1
     assert "not a file" in capsys.readouterr().err
+    imported = tmp_path / "w.safetensors"  # an earlier import is replaced by the next one without --force
+    for _ in range(2):
+        assert main(["import-caffe", str(path), "--arch", "nin_cifar10_caffe", "--preprocessing", "scale",
+                     "--out", str(imported)]) == 0
+    assert main(["import-caffe", str(path), "--arch", "nin_cifar10_caffe", "--preprocessing", "scale",
+                 "--out", str(out), "--force"]) == 0
+    assert load_state(out)[1]["source"]["format"] == "caffemodel"
 
 
 def test_prototxt_of_another_net_is_refused(tmp_path, capsys):

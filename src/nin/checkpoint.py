@@ -123,8 +123,10 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise CheckpointError(f"{path}: tensor {broken} holds NaN or infinite values; these weights cannot predict")
     try:
         config = NiNConfig.from_dict(meta["model_config"])
+        weights = _unprefixed("ema", tensors) or _unprefixed("model", tensors)
+        _check_shapes(config, weights)  # before the model's own tensors are allocated
         model = NiN(config)
-        model.load_state_dict(_unprefixed("ema", tensors) or _unprefixed("model", tensors))
+        model.load_state_dict(weights)
         preprocessing = Preprocessing(meta["preprocessing"], _unprefixed("preprocess", tensors))
         _check_preprocessing(preprocessing, config)
         _check_classes(meta.get("classes"), config.num_classes)
@@ -133,6 +135,23 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
     model.classes = meta.get("classes")
     model.to(device).eval()
     return model, preprocessing, meta
+
+
+def _check_shapes(config: NiNConfig, weights: dict[str, torch.Tensor]) -> None:
+    """The model ``config`` declares must have the file's tensors, name for name and shape for shape: checked on
+    the meta device, so a config declaring huge widths costs nothing (the file's tensors bound the memory)."""
+    with torch.device("meta"):
+        declared = {name: tuple(tensor.shape) for name, tensor in NiN(config).state_dict().items()}
+    missing = sorted(set(declared) - set(weights))
+    if missing:
+        raise KeyError(f"no tensor {missing[0]} in the file")
+    extra = sorted(set(weights) - set(declared))
+    if extra:
+        raise KeyError(f"tensor {extra[0]} is not in the model")
+    wrong = next((name for name, shape in declared.items() if tuple(weights[name].shape) != shape), None)
+    if wrong is not None:
+        raise ValueError(f"tensor {wrong} has the shape {tuple(weights[wrong].shape)}, the config declares "
+                         f"{declared[wrong]}")
 
 
 def weights_architecture(meta: dict) -> tuple[str, dict]:

@@ -10,9 +10,11 @@ the header, is checked before any pixel is decoded), shown as a viewer shows it 
 its alpha), and cut to what the model sees: the centre square of the photo, resized to the model's input.
 
 Memory is bounded by what the file declares: the square (with the few pixels around it that the resize
-filter reads) is cut out before anything is composited, converted or resized, so a 300000×1 strip or a
-6000×6000 RGBA photo costs about its own decoded pixels and no more. Image folders (<root>/<class>/<image>)
-are read here too, and `list_images` turns files, folders and globs into a list of image files.
+filter reads) is cut out of the stored pixels before anything is rotated, composited, converted or resized,
+and what needs converting is converted `PIXELS_PER_TILE` pixels at a time, so a 300000×1 strip costs a few
+pixels and a 6000×6000 RGBA photo its own decoded pixels plus one 8-bit copy (docs/reliability.md, round 3,
+has the measured bound: 16 bytes a declared pixel + 48 MiB). Image folders (<root>/<class>/<image>) are read
+here too, and `list_images` turns files, folders and globs into a list of image files.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ INPUT_HANDLING = {
             "cut (offsets rounded down): Pillow's bilinear resize of that square",
     "dtype": "uint8, (N, C, H, W)",
 }
-ROWS_PER_CHUNK = 256  # rows of a large image examined at a time (stencil test, depth range): bounds temporaries
+# Pixels of a large image examined or converted at a time (stencil test, depth range, compositing): the numpy
+# temporaries of one tile (compositing: 8 bytes a pixel in uint16; a float image's scaling: 16) stay under 5 MB.
+PIXELS_PER_TILE = 1 << 18
 
 _pillow_limit_lock = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide: one decode sets it at a time
 
@@ -127,18 +131,27 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int, convert, formats
 # As a viewer shows it
 # ---------------------------------------------------------------------------------------------------------------
 
-def _row_chunks(image: Image.Image, mode: str | None = None):
-    """The image's rows as numpy arrays (converted to ``mode`` when given), a few hundred at a time."""
-    for top in range(0, image.height, ROWS_PER_CHUNK):
-        rows = image.crop((0, top, image.width, min(image.height, top + ROWS_PER_CHUNK)))
-        yield np.asarray(rows.convert(mode) if mode else rows)
+def _tiles(width: int, height: int):
+    """Boxes (left, top, right, bottom) covering a ``width``×``height`` image, row band by row band, each of at most
+    `PIXELS_PER_TILE` pixels (a row wider than that is cut into pieces)."""
+    rows, columns = max(1, PIXELS_PER_TILE // width), min(width, PIXELS_PER_TILE)
+    for top in range(0, height, rows):
+        for left in range(0, width, columns):
+            yield left, top, min(width, left + columns), min(height, top + rows)
+
+
+def _tile_arrays(image: Image.Image, mode: str | None = None):
+    """The image's pixels as numpy arrays (converted to ``mode`` when given), one tile at a time."""
+    for box in _tiles(*image.size):
+        tile = image.crop(box)
+        yield np.asarray(tile.convert(mode) if mode else tile)
 
 
 def _depth_range(image: Image.Image) -> tuple[float, float] | None:
     """How a deep image ("I", "I;16", "F") maps to 8 bits: None for /257 (16-bit integers), else (low, high),
-    the finite min–max range of the whole image; read in row chunks."""
+    the finite min–max range of the whole image; read a tile at a time."""
     low, high, integers_in_16_bits = math.inf, -math.inf, True
-    for rows in _row_chunks(image):
+    for rows in _tile_arrays(image):
         if rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() > 65535)):
             integers_in_16_bits = False
         finite = rows[np.isfinite(rows)] if rows.dtype.kind == "f" else rows
@@ -164,9 +177,9 @@ def _has_alpha(image: Image.Image) -> bool:
 
 def _is_stencil(image: Image.Image) -> bool:
     """Content only in alpha: alpha varies and every visible pixel has one colour (a digit drawn in alpha);
-    read in row chunks of the RGBA image."""
+    read a tile of the RGBA image at a time."""
     first, alpha_low, alpha_high = None, 255, 0
-    for rows in _row_chunks(image, "RGBA"):
+    for rows in _tile_arrays(image, "RGBA"):
         alpha_low, alpha_high = min(alpha_low, int(rows[..., 3].min())), max(alpha_high, int(rows[..., 3].max()))
         visible = rows[..., :3][rows[..., 3] > 0]
         if not len(visible):
@@ -192,21 +205,51 @@ def _appearance(image: Image.Image) -> _Appearance:
     return _Appearance(_depth_range(image) if deep else False, alpha, alpha and _is_stencil(image))
 
 
-def _show(region: Image.Image, look: _Appearance, channels: int) -> Image.Image:
-    """A region of an image as a viewer shows it, in "L" (``channels`` 1) or "RGB" (3): 8 bits, alpha composited
-    over white in integers, round(colour·alpha/255 + 255·(1 − alpha/255)) exactly (or, for a stencil, its alpha
-    as the ink)."""
+def _show_tile(tile: Image.Image, look: _Appearance, mode: str) -> Image.Image:
+    """One tile as a viewer shows it, in ``mode`` ("L" or "RGB"): 8 bits, alpha composited over white in
+    integers, round(colour·alpha/255 + 255·(1 − alpha/255)) exactly (or, for a stencil, its alpha as the ink)."""
     if look.depth is not False:
-        region = Image.fromarray(_to_8_bits(np.asarray(region), look.depth), "L")
+        tile = Image.fromarray(_to_8_bits(np.asarray(tile), look.depth), "L")
     if look.alpha:
-        rgba = np.asarray(region.convert("RGBA"))
+        rgba = np.asarray(tile.convert("RGBA"))
         if look.stencil:
             seen = np.repeat(rgba[..., 3:], 3, axis=2)
-        else:
-            alpha = rgba[..., 3:].astype(np.int32)
-            seen = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-        region = Image.fromarray(np.ascontiguousarray(seen), "RGB")
-    return region.convert("L" if channels == 1 else "RGB")
+        else:  # in uint16, in place: colour·alpha + 255·(255 − alpha) + 127 is at most 65152
+            alpha = rgba[..., 3:].astype(np.uint16)
+            seen = rgba[..., :3].astype(np.uint16)
+            seen *= alpha
+            seen += (255 - alpha) * 255 + 127  # (h, w, 1), over the three colours
+            seen //= 255
+            seen = seen.astype(np.uint8)
+        tile = Image.fromarray(np.ascontiguousarray(seen), "RGB")
+    return tile.convert(mode)
+
+
+def _show(region: Image.Image, look: _Appearance, channels: int) -> Image.Image:
+    """A region of an image as a viewer shows it, in "L" (``channels`` 1) or "RGB" (3), converted a tile at a
+    time (every step is per pixel): the region itself when it needs no conversion."""
+    mode = "L" if channels == 1 else "RGB"
+    if look.depth is False and not look.alpha and region.mode == mode:
+        return region
+    shown = Image.new(mode, region.size)
+    for box in _tiles(*region.size):
+        shown.paste(_show_tile(region.crop(box), look, mode), box[:2])
+    return shown
+
+
+# EXIF orientation -> the transposition that shows the stored pixels upright (as ImageOps.exif_transpose)
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) a viewer applies; 1 when there is none or the EXIF block is damaged."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: a viewer shows the pixels unrotated, and so do we
+        return 1
+    return orientation if orientation in _ORIENTATIONS else 1
 
 
 def _oriented(image: Image.Image) -> Image.Image:
@@ -214,6 +257,20 @@ def _oriented(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Exception:  # a damaged EXIF block: a viewer shows the pixels unrotated, and so do we
         return image
+
+
+def _stored_box(box: tuple[int, int, int, int], orientation: int, width: int, height: int) -> tuple[int, ...]:
+    """The box of the stored pixels that EXIF ``orientation`` shows as ``box`` (left, top, right, bottom) of the
+    upright photo; ``width``×``height`` is the stored size."""
+    left, top, right, bottom = box
+    return {1: (left, top, right, bottom),
+            2: (width - right, top, width - left, bottom),  # mirrored left-right
+            3: (width - right, height - bottom, width - left, height - top),  # rotated 180°
+            4: (left, height - bottom, right, height - top),  # mirrored top-bottom
+            5: (top, left, bottom, right),  # transposed (mirrored along the main diagonal)
+            6: (top, height - right, bottom, height - left),  # shown rotated 90° clockwise
+            7: (width - bottom, height - right, width - top, height - left),  # transversed
+            8: (width - bottom, left, width - top, right)}[orientation]  # shown rotated 90° counter-clockwise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,36 +298,49 @@ def model_pixels(image: Image.Image, size: int, channels: int) -> tuple[torch.Te
     """What the model sees of a decoded image: uint8 (channels, size, size), and the square's box (left, top,
     width, height) in the oriented photo, at the shorter side's scale (where a page draws the class map).
 
-    The square is cut first (with the margin the bilinear filter reads), then shown and resized, which gives
-    the pixels that resizing the whole photo and cutting its centre gives, at the cost of the square alone.
+    The square is cut first (with the margin the bilinear filter reads), from the stored pixels, then shown, turned
+    upright and resized, which gives the pixels that resizing the whole upright photo and cutting its centre gives,
+    at the cost of the square alone.
     """
     assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
-    image = _oriented(image)
-    look = _appearance(image)
-    square = square_of(image, size, lambda region: _show(region, look, channels))
-    array = np.asarray(square, dtype=np.uint8).reshape(size, size, channels)
-    width, height = image.size
+    image.load()  # Pillow turns a TIFF upright while loading it (and drops its orientation tag)
+    orientation = _orientation(image)
+    width, height = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size  # as shown
+    region_box, inside = _cut(width, height, size)
+    stored = _stored_box(region_box, orientation, *image.size)
+    region = image if stored == (0, 0, *image.size) else image.crop(stored)  # a whole photo is not copied
+    region = _show(region, _appearance(image), channels)
+    if orientation != 1:  # the cut region turned upright, not the photo
+        region = region.transpose(_ORIENTATIONS[orientation])
+    array = np.asarray(_resized(region, inside, size), dtype=np.uint8).reshape(size, size, channels)
     _, _, left_px, top_px = _resized_crop(width, height, size)
     scale = size / min(width, height)  # the box as the page draws it: a square, at the shorter side's scale
     box = (left_px / scale, top_px / scale, size / scale, size / scale)
     return torch.from_numpy(array.transpose(2, 0, 1).copy()), box
 
 
-def square_of(image: Image.Image, size: int, show=None) -> Image.Image:
-    """The centre square of ``image`` resized to ``size``×``size`` (`centre_square`'s geometry, Pillow's bilinear
-    filter), any mode Pillow resizes ("F" included). ``show`` converts the cut region (with the filter's margin)
-    before it is resized; None keeps its pixels as they are."""
-    width, height = image.size
+def square_of(image: Image.Image, size: int) -> Image.Image:
+    """The centre square of ``image`` (as stored: no orientation, no conversion) resized to ``size``×``size`` with
+    `model_pixels`' geometry, in any mode Pillow resizes ("F" included: a float tensor's channel)."""
+    region_box, inside = _cut(*image.size, size)
+    return _resized(image.crop(region_box), inside, size)
+
+
+def _cut(width: int, height: int, size: int) -> tuple[tuple[int, int, int, int], tuple[float, float, float, float]]:
+    """The region to cut from a ``width``×``height`` photo (the centre square and the margin the bilinear filter
+    reads) and where the square lies inside that region."""
     left, top, right, bottom = centre_square(width, height, size)
     margin = math.ceil(max(1.0, (right - left) / size)) + 2  # the bilinear filter's reach, in source pixels
     region_box = (max(0, math.floor(left) - margin), max(0, math.floor(top) - margin),
                   min(width, math.ceil(right) + margin), min(height, math.ceil(bottom) + margin))
-    region = image.crop(region_box)
-    if show is not None:
-        region = show(region)
-    inside = (left - region_box[0], top - region_box[1], right - region_box[0], bottom - region_box[1])
-    if (right - left, bottom - top) == (size, size) and all(float(v).is_integer() for v in inside):
-        return region.crop(tuple(int(v) for v in inside))  # already at the model's size: a plain cut
+    return region_box, (left - region_box[0], top - region_box[1], right - region_box[0], bottom - region_box[1])
+
+
+def _resized(region: Image.Image, inside: tuple[float, float, float, float], size: int) -> Image.Image:
+    """The square ``inside`` the region at ``size``×``size``: a plain cut when it already is, else Pillow's
+    bilinear resize of that box (the filter reading the margin around it)."""
+    if (inside[2] - inside[0], inside[3] - inside[1]) == (size, size) and all(float(v).is_integer() for v in inside):
+        return region.crop(tuple(int(v) for v in inside))
     return region.resize((size, size), Image.BILINEAR, box=inside)
 
 
@@ -303,19 +373,10 @@ def decode_image(data: bytes, image_size: int, channels: int, max_pixels: int = 
     """
     def convert(image: Image.Image) -> DecodedImage:
         pixels, box = model_pixels(image, image_size, channels)
-        width, height = _oriented_size(image)
+        width, height = image.size[::-1] if _orientation(image) in (5, 6, 7, 8) else image.size  # as shown
         return DecodedImage(pixels, width, height, box)
 
     return _decode(data, max_pixels, convert, formats)
-
-
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """The photo's size after its EXIF orientation (5-8 swap the sides)."""
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:
-        orientation = 1
-    return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
 
 
 def read_photo(path: str | os.PathLike, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -375,7 +436,7 @@ def list_images(items: list[str]) -> tuple[list[Path], list[str]]:
                 raise DataError(f"{path}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths += found
         elif glob.has_magic(item) and not path.exists():
-            matches = sorted(Path(m) for m in _glob_without_loops(item) if Path(m).is_file())
+            matches = sorted(Path(m) for m in _glob_without_loops(item, problems) if Path(m).is_file())
             if not matches:
                 raise DataError(f"{item}: no file matches")
             paths += matches
@@ -384,20 +445,25 @@ def list_images(items: list[str]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
-def _glob_without_loops(pattern: str) -> list[str]:
+def _glob_without_loops(pattern: str, problems: list[str]) -> list[str]:
     """glob.glob(pattern, recursive=True), except that ``**`` does not follow symbolic links to folders (Python's
-    own ``**`` walks a link loop until the path is too long, holding every match in memory)."""
+    own ``**`` walks a link loop until the path is too long, holding every match in memory); folders it cannot
+    read are listed in ``problems``."""
     if "**" not in pattern:
         return glob.glob(pattern)
     head, _, tail = pattern.partition("**")
-    base = Path(head or ".")
     tail = tail.lstrip("/" + os.sep)
+    bases = sorted(glob.glob(head)) if glob.has_magic(head) else [head or "."]
+
+    def on_error(error: OSError) -> None:
+        problems.append(f"{error.filename}: cannot read it ({error.strerror or type(error).__name__})")
+
     matches = []
-    for top, folders, files in os.walk(base, followlinks=False):
-        folders.sort()
-        relative = Path(top)
-        candidates = glob.glob(str(relative / tail)) if tail else [str(relative / f) for f in files]
-        matches += candidates
+    for base in bases:
+        for top, folders, files in os.walk(base, onerror=on_error, followlinks=False):
+            folders.sort()
+            relative = Path(top)
+            matches += glob.glob(str(relative / tail)) if tail else [str(relative / f) for f in files]
     return sorted(set(matches))
 
 

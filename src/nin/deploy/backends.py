@@ -15,7 +15,9 @@ Every backend gets torch's thread count (``torch.set_num_threads``), so rows com
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import warnings
@@ -149,6 +151,7 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
                            f'pip install "network-in-network[{extra}]"')
     if export_dir is None:
         export_dir = tempfile.mkdtemp(prefix="nin-export-")
+        atexit.register(shutil.rmtree, export_dir, ignore_errors=True)  # the runner may use it until then
     target = Path(export_dir) / f"model{_EXPORTED_SUFFIX[backend]}"
     if backend == "torchscript":
         info = export.export_torchscript(weights, target)

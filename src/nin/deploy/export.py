@@ -9,12 +9,19 @@ batch norm is folded into the convolutions, and when the weights say ``tta_flip`
 mirrored batch and averages, so its probabilities are the softmax of the logits that `nin evaluate` and
 `nin predict` compute. Beside FILE a sidecar FILE.json describes the graph (classes, input, outputs,
 preprocessing, opset, the source weights' sha256); docs/deploy.md shows a 10-line onnxruntime client.
+
+Every output is claimed before any work (`nin.files.claim_output`: no symbolic link, no existing file unless
+it is an earlier export of the same format or ``--force`` says so, never the weights being exported), written
+to a temporary file, checked there, and only then moved into place: a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,14 +33,18 @@ from nin.__about__ import __version__
 from nin.data.images import INPUT_HANDLING
 from nin.data.readers import file_digest
 from nin.errors import NinError
+from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path
 from nin.inference import InferencePipeline, optimize_for_inference
 from nin.pretrained import load, resolve
 from nin.transforms import Preprocessing
 
 __all__ = ["ExportedNiN", "build_exported", "export_onnx", "export_torchscript", "export_openvino", "sidecar",
-           "FORMATS", "OPSET", "INPUT_NAME", "OUTPUT_NAMES"]
+           "claim_outputs", "check_opset", "FORMATS", "OPSET", "OPSETS", "INPUT_NAME", "OUTPUT_NAMES"]
 
 OPSET = 17  # ONNX opset of the exported graph; onnxruntime >= 1.14 and OpenVINO read it
+# The opsets an export may ask for: from 10 (the first with Flip, which test-time flips need) to 20, the last one
+# torch 2.13's TorchScript-based exporter supports (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET).
+OPSETS = range(10, 21)
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "class_maps")
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
@@ -125,10 +136,67 @@ def sidecar(module: ExportedNiN, meta: dict, weights: str | Path, format: str, o
     }
 
 
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset outside `OPSETS` in one line (torch's exporter would fail with a traceback, or write a graph
+    that no runtime reads)."""
+    if opset not in OPSETS:
+        raise NinError(f"--opset {opset}: expected {OPSETS.start} to {OPSETS.stop - 1} (the opsets torch's exporter "
+                       f"writes this graph in; default {OPSET})")
+
+
+def _earlier_export(path: Path, format: str) -> bool:
+    """True when an earlier `nin export` of ``format`` wrote ``path``: its sidecar (``path``.json) is one this
+    module wrote for that format."""
+    sidecar_path = _sidecar_path(path)
+    if sidecar_path.is_symlink() or not sidecar_path.is_file():
+        return False
+    try:
+        info = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == format and {"nin_version", "source_weights"} <= set(info)
+
+
+def claim_outputs(weights: str | Path, path: str | Path, format: str, *, force: bool = False) -> list[Path]:
+    """The files an export of ``weights`` to ``path`` writes (the graph, OpenVINO's .bin, the sidecar), each
+    checked with `nin.files.claim_output` before any work: ``--out`` may not be the weights themselves.
+
+    Raises:
+        NinError: One of them is the weights file, a symbolic link, a folder, or an existing file that is not an
+            earlier export of this format (unless ``force``).
+    """
+    path = Path(path)
+    outputs = [path, *([path.with_suffix(".bin")] if format == "openvino" else []), _sidecar_path(path)]
+    source = resolve(weights)
+    for output in outputs:
+        landing = output_path(output)  # `sub/../w.safetensors` is w.safetensors once the write makes sub/
+        if landing.exists() and source.exists() and os.path.samefile(landing, source):  # links, hard links too
+            raise NinError(f"--out {path}: {output} is the weights file being exported; choose another name")
+    earlier = _earlier_export(path, format)  # then its graph, .bin and sidecar are all that export's
+    for output in outputs:
+        claim_output(output, flag="--out", force=force, ours=lambda _: earlier)
+    return outputs
+
+
 def _write_sidecar(path: Path, info: dict) -> Path:
-    target = path.with_name(path.name + ".json")
-    target.write_text(json.dumps(info, indent=2) + "\n")
+    target = _sidecar_path(path)
+    atomic_write_bytes(target, (json.dumps(info, indent=2) + "\n").encode())
     return target
+
+
+def _publish(path: Path, write_graph, info: dict) -> None:
+    """Write the graph through ``write_graph(temporary_path)`` (which also checks it), move it into place, then
+    write its sidecar; if the sidecar cannot be written, the new graph goes again."""
+    atomic_write(path, write_graph)
+    try:
+        _write_sidecar(path, info)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _onnx_graph(module: ExportedNiN, path: Path, opset: int) -> None:
@@ -139,90 +207,133 @@ def _onnx_graph(module: ExportedNiN, path: Path, opset: int) -> None:
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)
 
 
-def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, check: bool = True) -> dict:
+def _check_onnx(module: ExportedNiN, path: Path) -> None:
+    """onnx's checker, then onnxruntime (when installed) against torch on 3 random images (|Δp| < 1e-4)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as error:
+        raise NinError(f"the exported ONNX graph is not valid ({_first_line(error)})") from None
+    try:
+        import onnxruntime
+    except ModuleNotFoundError:
+        return
+    images = _example(module, count=3, seed=1)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images.numpy()})[0]
+    with torch.no_grad():
+        want = module(images)[0].numpy()
+    difference = float(abs(got - want).max())
+    if difference > 1e-4:
+        raise NinError(f"onnxruntime differs from torch by {difference:.2e} in probability; nothing written")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def _exporting(what: str):
+    """Turn a failure inside torch's exporter into one line (the graph's temporary file is removed by the caller)."""
+    try:
+        yield
+    except NinError:
+        raise
+    except Exception as error:  # torch.onnx / torch.jit errors: an operator or opset they cannot write
+        raise NinError(f"{what} failed ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, check: bool = True,
+                force: bool = False) -> dict:
     """Export ``weights`` to an ONNX file plus its sidecar ``path``.json.
 
     Args:
         weights: A pretrained tag, a weights file or a run folder.
         path: The .onnx file to write.
-        opset: ONNX opset version.
+        opset: ONNX opset version, one of `OPSETS`.
         check: Run onnx's checker, and compare onnxruntime's output with torch's on 3 random images when
-            onnxruntime is installed (max |Δprobability| < 1e-4).
+            onnxruntime is installed (max |Δprobability| < 1e-4), before the file is moved into place.
+        force: Replace existing files that are not an earlier ONNX export (never a symbolic link).
 
     Returns:
         The sidecar dict.
     """
-    module, meta = build_exported(weights)
+    check_opset(opset)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _onnx_graph(module, path, opset)
-    if check:
-        import onnx
+    claim_outputs(weights, path, "onnx", force=force)
+    module, meta = build_exported(weights)
 
-        onnx.checker.check_model(str(path))
-        try:
-            import onnxruntime
-        except ModuleNotFoundError:
-            onnxruntime = None
-        if onnxruntime is not None:
-            images = _example(module, count=3, seed=1)
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images.numpy()})[0]
-            with torch.no_grad():
-                want = module(images)[0].numpy()
-            difference = float(abs(got - want).max())
-            if difference > 1e-4:
-                raise NinError(f"{path}: onnxruntime differs from torch by {difference:.2e} in probability")
+    def write(temporary: str) -> None:
+        with _exporting(f"ONNX export at opset {opset}"):
+            _onnx_graph(module, Path(temporary), opset)
+        if check:
+            _check_onnx(module, Path(temporary))
+
     info = sidecar(module, meta, weights, "onnx", opset)
-    _write_sidecar(path, info)
+    _publish(path, write, info)
     return info
 
 
-def export_torchscript(weights: str | Path, path: str | Path, *, check: bool = True) -> dict:
+def export_torchscript(weights: str | Path, path: str | Path, *, check: bool = True, force: bool = False) -> dict:
     """Export ``weights`` to a frozen TorchScript file (``torch.jit.load(path)(images)``) plus its sidecar.
 
     Args:
         weights: A weights file or run folder.
         path: The .pt file to write.
         check: Trace-check the graph on a batch of another size (the batch dimension must stay dynamic).
+        force: Replace existing files that are not an earlier TorchScript export (never a symbolic link).
 
     Returns:
         The sidecar dict.
     """
-    module, meta = build_exported(weights)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; it still works
-        check_inputs = [(_example(module, count=5, seed=2),)] if check else None
-        traced = torch.jit.trace(module, _example(module), check_inputs=check_inputs)
-        torch.jit.save(torch.jit.freeze(traced), str(path))
+    claim_outputs(weights, path, "torchscript", force=force)
+    module, meta = build_exported(weights)
+
+    def write(temporary: str) -> None:
+        with torch.no_grad(), warnings.catch_warnings(), _exporting("TorchScript export"):
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; it still works
+            check_inputs = [(_example(module, count=5, seed=2),)] if check else None
+            traced = torch.jit.trace(module, _example(module), check_inputs=check_inputs)
+            torch.jit.save(torch.jit.freeze(traced), temporary)
+
     info = sidecar(module, meta, weights, "torchscript", None)
-    _write_sidecar(path, info)
+    _publish(path, write, info)
     return info
 
 
-def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET) -> dict:
+def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET, force: bool = False) -> dict:
     """Export ``weights`` to OpenVINO IR (``path`` .xml plus its .bin), fp32, through ONNX; plus the sidecar.
 
-    Needs the ``openvino`` package (``pip install "network-in-network[openvino]"``).
+    Needs the ``openvino`` package (``pip install "network-in-network[openvino]"``). The IR is made in a temporary
+    folder, then its two files are moved into place (the .bin first: an .xml is never without its weights).
     """
     try:
         import openvino
     except ModuleNotFoundError:
         raise NinError('--format openvino needs the openvino package: pip install "network-in-network[openvino]"') from None
-    module, meta = build_exported(weights)
+    check_opset(opset)
     path = Path(path)
     if path.suffix != ".xml":
         raise NinError(f"--out {path}: OpenVINO IR is written as FILE.xml (plus FILE.bin)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as folder:
-        onnx_path = Path(folder) / "model.onnx"
-        _onnx_graph(module, onnx_path, opset)
-        converted = openvino.convert_model(str(onnx_path))
-        openvino.save_model(converted, str(path), compress_to_fp16=False)  # the default would halve the weights
-    info = sidecar(module, meta, weights, "openvino", opset)
-    _write_sidecar(path, info)
+    claim_outputs(weights, path, "openvino", force=force)
+    module, meta = build_exported(weights)
+    with tempfile.TemporaryDirectory(prefix="nin-openvino-") as folder:
+        onnx_path, ir_path = Path(folder) / "model.onnx", Path(folder) / "model.xml"
+        with _exporting(f"OpenVINO export at opset {opset}"):
+            _onnx_graph(module, onnx_path, opset)
+            converted = openvino.convert_model(str(onnx_path))
+            openvino.save_model(converted, str(ir_path), compress_to_fp16=False)  # the default would halve the weights
+        info = sidecar(module, meta, weights, "openvino", opset)
+        weights_file = path.with_suffix(".bin")
+        atomic_write(weights_file, lambda temporary: shutil.copyfile(ir_path.with_suffix(".bin"), temporary))
+        try:
+            _publish(path, lambda temporary: shutil.copyfile(ir_path, temporary), info)
+        except BaseException:
+            weights_file.unlink(missing_ok=True)
+            raise
     return info
 
 
@@ -232,16 +343,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="default: onnx")
     parser.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .pt, .xml for openvino)")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    parser.add_argument("--opset", type=int, default=OPSET,
+                        help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing files at --out (an earlier export of the same format is replaced "
+                             "without it); never the weights being exported, never through a symbolic link")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
-        info = export_onnx(args.weights, args.out, opset=args.opset)
+        info = export_onnx(args.weights, args.out, opset=args.opset, force=args.force)
     elif args.format == "torchscript":
-        info = export_torchscript(args.weights, args.out)
+        info = export_torchscript(args.weights, args.out, force=args.force)
     else:
-        info = export_openvino(args.weights, args.out, opset=args.opset)
+        info = export_openvino(args.weights, args.out, opset=args.opset, force=args.force)
     print(f"{args.out}: {args.format}, {info['input']['layout']} {info['input']['shape']} -> "
           f"{', '.join(OUTPUT_NAMES)}; preprocessing {info['preprocessing']['kind']} inside, "
           f"tta_flip {info['tta_flip']}; described in {args.out}.json")

@@ -1,4 +1,4 @@
-"""A trained NiN behind HTTP: `POST /predict`, `GET /health`, OpenAPI at /docs, and a small web page at /.
+"""A trained NiN behind HTTP: `POST /predict`, `GET /health`, the API at /docs, and a small web page at /.
 
     nin serve weights/fast-cifar10.safetensors --port 8000
     curl -F file=@cat.png 'http://127.0.0.1:8000/predict?top_k=3'
@@ -10,15 +10,21 @@ decoded in memory by `nin.data.images.decode_image`, the decoder `nin predict` r
 sniffed from the bytes: PNG, JPEG, BMP, GIF, WebP only; EXIF orientation, alpha over white, 16-bit; the centre
 square). Nothing is written to disk and no file path comes from a request. Every refusal is a JSON
 ``{"error": ...}`` with a 4xx status: 413 for too many bytes or pixels (decompression bombs), 415 for a type
-that is not an allowed image, 400 for an empty, damaged or malformed upload.
+that is not an allowed image, 400 for an empty, damaged or malformed upload, 404 / 405 for a route or method
+that does not exist, 422 for a bad query parameter (and a 500, should one happen, is JSON too). HEAD is answered
+wherever GET is. /docs is a page of nin's own that reads /openapi.json: no CDN, so it works offline.
 
-One upload is decoded at a time (a lock: memory stays bounded by one image, whatever the number of concurrent
-uploads) and one request at a time runs the model (another lock): on a CPU the convolutions already use every
-core, and batching concurrent requests together did not pay (docs/deploy.md has the measurement).
+One upload is decoded at a time, always on one thread of its own (memory stays bounded by one image, whatever
+the number of concurrent uploads: docs/reliability.md has the measured peaks), and one request at a time runs
+the model (a lock): on a CPU the convolutions already use every core, and batching concurrent requests
+together did not pay (docs/deploy.md has the measurement).
 """
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request, Query) at runtime.
 
 import argparse
+import asyncio
+import concurrent.futures
+import math
 import threading
 from importlib import resources
 from pathlib import Path
@@ -27,17 +33,22 @@ import torch
 
 from nin.classifier import Classifier
 from nin.data.datasets import LIGHT_ON_DARK
-from nin.data.images import DecodedImage, ImageTooLarge, NotAnImage, decode_image
+from nin.data.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageTooLarge, NotAnImage, decode_image
 from nin.errors import DataError, NinError
 from nin.transforms import invert_ink, odd_polarity
 
-__all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "decode_upload", "create_app"]
+__all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "check_limits", "decode_upload",
+           "create_app"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # Pillow's names; nothing else is even tried
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB per upload
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB of RGB; a PNG bomb of 1 MB can claim far more
+# The largest limits a server may be started with: 1 GiB of upload, and Pillow's own refusal threshold (twice its
+# default MAX_IMAGE_PIXELS) in pixels, which decodes in at most about 2.9 GB (docs/reliability.md: 16 B a pixel).
+UPLOAD_BYTES_CEILING = 2**30
+PIXELS_CEILING = 2 * DEFAULT_MAX_PIXELS
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file in a multipart body
-STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's only assets; a fixed list
+STATIC_FILES = {"app.js": "text/javascript", "docs.js": "text/javascript", "style.css": "text/css"}  # a fixed list
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
@@ -48,6 +59,15 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def check_limits(max_upload_bytes: int, max_pixels: int) -> None:
+    """Refuse limits that would refuse every upload, or none (checked before the model is loaded)."""
+    if not 1 <= max_upload_bytes <= UPLOAD_BYTES_CEILING:
+        raise NinError(f"--max-upload-mb {max_upload_bytes / 2**20:g}: expected more than 0 and at most "
+                       f"{UPLOAD_BYTES_CEILING // 2**20} (MiB)")
+    if not 1 <= max_pixels <= PIXELS_CEILING:
+        raise NinError(f"--max-pixels {max_pixels}: expected 1 to {PIXELS_CEILING:,}")
 
 
 def decode_upload(data: bytes, image_size: int, channels: int, max_pixels: int = MAX_PIXELS) -> DecodedImage:
@@ -117,23 +137,26 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     """The FastAPI application serving ``weights`` (a weights file or run folder), loaded once, on the CPU."""
     from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
+
+    check_limits(max_upload_bytes, max_pixels)
 
     # nin's one inference path, as `nin predict` runs it: batch norm folded, bf16 where the CPU runs it fast
     classifier = Classifier.load(weights, device="cpu")
     pipeline, meta, classes = classifier.pipeline, classifier.meta, classifier.classes
     config = pipeline.config
     light_on_dark = meta.get("dataset") in LIGHT_ON_DARK  # MNIST-style weights: the page offers invert
-    decoding, scoring = threading.Lock(), threading.Lock()  # one upload decoded at a time: memory stays bounded
+    # One upload decoded at a time, always on the same thread: with glibc's per-thread malloc arenas (and the CLI's
+    # `keep_freed_memory`), decodes spread over the request threads would each keep an image's worth of memory.
+    decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nin-decode")
+    scoring = threading.Lock()  # one request at a time runs the model
     pipeline(torch.zeros(1, config.in_channels, config.input_size, config.input_size, dtype=torch.uint8))  # warm-up
 
     app = FastAPI(title="nin", version="1", description=f"Network In Network classifier ({meta.get('dataset')}): "
-                  f"upload an image, get the top classes and the predicted class's confidence map.")
+                  f"upload an image, get the top classes and the predicted class's confidence map.",
+                  docs_url=None, redoc_url=None)  # FastAPI's pages load Swagger UI / ReDoc from a CDN
     app.state.pipeline = pipeline  # the module /predict runs (benchmarks/doors.py sets its flips)
-
-    @app.exception_handler(RequestError)
-    async def refuse(request: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"error": error.message}, status_code=error.status)
+    app.add_middleware(_HeadAsGet)
+    _add_error_handlers(app)
 
     @app.get("/health")
     def health() -> dict:
@@ -142,9 +165,7 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                 "input": [config.in_channels, config.input_size, config.input_size], "tta_flip": pipeline.tta_flip,
                 "light_on_dark": light_on_dark, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
 
-    def classify(data: bytes, top_k: int, invert: bool) -> dict:
-        with decoding:
-            decoded = decode_upload(data, config.input_size, config.in_channels, max_pixels)
+    def classify(decoded: DecodedImage, top_k: int, invert: bool) -> dict:
         pixels = decoded.pixels[None]
         hint = _upload_hint(meta.get("dataset"), invert, bool(odd_polarity(pixels, meta.get("dataset"), invert)))
         with scoring:
@@ -160,22 +181,83 @@ def create_app(weights: str | Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                                            "`nin predict --invert` does (for MNIST-style weights)")) -> dict:
         """Top-k classes of an uploaded image (multipart field `file`, or the raw image as the body)."""
         data = await _read_upload(request, max_upload_bytes)
-        return await run_in_threadpool(classify, data, top_k, invert)
+        decoded = await asyncio.wrap_future(decoder.submit(decode_upload, data, config.input_size,
+                                                           config.in_channels, max_pixels))
+        del data  # the upload's bytes are not kept while the model runs
+        return await run_in_threadpool(classify, decoded, top_k, invert)
 
     _add_page(app)
     return app
 
 
+def _add_error_handlers(app) -> None:
+    """Every 4xx / 5xx answer as ``{"error": "<one line>"}``: nin's refusals, Starlette's 404 / 405, FastAPI's
+    422 for a bad query parameter, and any unexpected failure (500, without the traceback)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(RequestError)
+    async def refuse(request, error: RequestError) -> JSONResponse:
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException) -> JSONResponse:
+        method = "HEAD" if request.scope.get(HEAD_AS_GET) else request.method
+        message = {404: f"no route {request.url.path}", 405: f"{method} is not allowed on "
+                   f"{request.url.path}"}.get(error.status_code, str(error.detail))
+        return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "query")
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def failure(request, error: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({type(error).__name__})"}, status_code=500)
+
+
+HEAD_AS_GET = "nin.head"  # a key of the ASGI scope: this GET answers a HEAD request
+
+
+class _HeadAsGet:
+    """HEAD answered as GET without the body (RFC 9110: the same headers, Content-Length included), for every
+    route that serves GET; FastAPI's ``@app.get`` routes answer HEAD with 405 otherwise."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET", HEAD_AS_GET: True}, receive, headers_only)
+
+
 def _add_page(app) -> None:
-    """The web page's routes: / and its /static/ files, read once, with a strict content-security policy."""
+    """The web page's routes: / and /docs and their /static/ files, read once, with a strict content-security
+    policy."""
     from fastapi.responses import JSONResponse, Response
 
-    pages = {name: _static(name) for name in ("index.html", *STATIC_FILES)}
+    pages = {name: _static(name) for name in ("index.html", "docs.html", *STATIC_FILES)}
     headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff"}
 
     @app.get("/", include_in_schema=False)
     def page() -> Response:
         return Response(pages["index.html"], media_type="text/html", headers=headers)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return Response(pages["docs.html"], media_type="text/html", headers=headers)
 
     @app.get("/static/{name}", include_in_schema=False)
     def asset(name: str) -> Response:
@@ -225,8 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000")
-    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20, help="default 10")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"default {MAX_PIXELS:,}")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                        help=f"MiB per upload, above 0 and at most {UPLOAD_BYTES_CEILING // 2**20} (default 10)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"pixels per image, 1 to {PIXELS_CEILING:,} (default {MAX_PIXELS:,})")
     parser.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice; "
                         "1 gave the lowest latency on a busy 2-core host, docs/deploy.md)")
 
@@ -242,6 +326,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise NinError(f"--threads {args.threads}: expected 1 or more")
         torch.set_num_threads(args.threads)
-    app = create_app(args.weights, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    megabytes = args.max_upload_mb
+    if not (math.isfinite(megabytes) and 1 <= megabytes * 2**20 <= UPLOAD_BYTES_CEILING):  # nan, inf, 0, -1
+        raise NinError(f"--max-upload-mb {megabytes:g}: expected more than 0 and at most "
+                       f"{UPLOAD_BYTES_CEILING // 2**20} (MiB)")
+    upload_bytes = int(megabytes * 2**20)
+    check_limits(upload_bytes, args.max_pixels)  # before the model is loaded
+    app = create_app(args.weights, max_upload_bytes=upload_bytes, max_pixels=args.max_pixels)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

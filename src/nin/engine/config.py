@@ -26,7 +26,11 @@ from nin.pretrained import PRETRAINED, resolve
 from nin.transforms import PREPROCESSING_KINDS
 
 __all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate",
-           "small_phase_epochs", "starting_from"]
+           "small_phase_epochs", "starting_from", "MAX_PARAMETERS"]
+
+# The most parameters a run's model may have: 2**28 is 1 GiB of fp32 weights (optimizer state doubles it), 35 times
+# nin_imagenet; a larger one is a typo (model.num_classes=100000000), refused before anything is allocated.
+MAX_PARAMETERS = 2**28
 
 
 @dataclass(frozen=True)
@@ -281,13 +285,36 @@ def validate(cfg: TrainConfig) -> None:
             raise NinError(message)
     if cfg.dataset not in DATASET_NAMES:
         raise NinError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    where = f"model {cfg.model} {cfg.model_args}"
     try:
         config = model_config(cfg.model, **cfg.model_args)
         with torch.device("meta"):  # builds every layer (their checks run) without allocating any weight
-            NiN(config)
+            model = NiN(config).eval()
     except (KeyError, AssertionError, TypeError, ValueError, RuntimeError) as e:
-        message = " ".join(str(e).strip("'\"").split())
-        raise NinError(f"model {cfg.model} {cfg.model_args}: {message}") from None
+        raise NinError(f"{where}: {_one_line(e)}") from None
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise NinError(f"{where}: {parameters:,} parameters, more than the {MAX_PARAMETERS:,} a run may have "
+                       f"(model.num_classes {config.num_classes}, widths {[b.widths for b in config.blocks]})")
+    classes = dataset_info(cfg.dataset).num_classes  # 0: an image folder, whose sub-folders decide
+    if classes and config.num_classes < classes:
+        raise NinError(f"{where}: {config.num_classes} class maps for {cfg.dataset}'s {classes} classes")
+    size = config.input_size
+    if cfg.augment and cfg.translate >= size:
+        raise NinError(f"translate must be smaller than the {size}-pixel input (a larger shift leaves none of the "
+                       f"image), got {cfg.translate}")
+    if cfg.small_size > size:
+        raise NinError(f"small_size must be at most the {size}-pixel input, got {cfg.small_size}")
+    for side in sorted({size, cfg.small_size} - {0}):  # every size the run feeds the model must fit its layers
+        try:
+            model(torch.empty(1, config.in_channels, side, side, device="meta"))
+        except (RuntimeError, ValueError) as e:
+            raise NinError(f"{where}: a {side}×{side} input does not fit through its layers "
+                           f"({_one_line(e)})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).strip("'\"").split())
 
 
 def starting_from(cfg: TrainConfig, weights: str, *, keep_model: bool = False) -> TrainConfig:

@@ -87,6 +87,13 @@ def save(run: Run, state: RunState) -> None:
             raise CheckpointError(f"{e} (step {state.step}); free space, then `nin train --resume {run.out}`") from None
 
 
+def _last_good(run: Run) -> str:
+    """Where a stopped run can be taken up: its last checkpoint, or (none written yet) a fresh start."""
+    if run.checkpoint_path.is_file():
+        return f"the last good checkpoint stays in {run.checkpoint_path}"
+    return f"no checkpoint was written before it (nothing to resume; {run.out} may be reused by a new run)"
+
+
 def done(run: Run, state: RunState) -> bool:
     return state.epoch >= run.cfg.epochs or state.step >= run.last_step or state.rule.finished
 
@@ -111,8 +118,8 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
                                   amp_dtype=run.amp_dtype, memory_format=run.memory_format, check_finite=check)
         if loss is None:
             raise NonFiniteLoss(f"the training loss became non-finite at epoch {state.epoch + 1}, step "
-                                f"{state.step + 1}; the last good checkpoint stays in {run.checkpoint_path}. Lower "
-                                f"the lr (--set lr=...) or turn on batch norm (--set model.batch_norm=true)")
+                                f"{state.step + 1}; {_last_good(run)}. Lower the lr (--set lr=...) or turn on "
+                                f"batch norm (--set model.batch_norm=true)")
         if state.ema is not None:
             state.ema.update(state.model)
         state.totals.add(loss, logits, labels)
@@ -148,8 +155,8 @@ def end_epoch(run: Run, state: RunState) -> dict:
     seen = max(float(summed["seen"]), 1.0)
     train_loss, train_accuracy = float(summed["loss_sum"]) / seen, float(summed["correct"]) / seen
     if not math.isfinite(train_loss):
-        raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {state.epoch + 1}; the last good "
-                            f"checkpoint stays in {run.checkpoint_path}. Lower the lr (--set lr=...)")
+        raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {state.epoch + 1}; {_last_good(run)}. "
+                            f"Lower the lr (--set lr=...)")
     lr = lr_at(max(state.step - 1, 0), cfg, run.steps_per_epoch, state.rule.drops)
     event = state.rule.update(train_accuracy) if cfg.schedule == "plateau" else None
     record = {"epoch": state.epoch + 1, "step": state.step, "lr": lr, "train_loss": train_loss,
@@ -263,11 +270,17 @@ def _check_stall(run: Run, state: RunState, logits: torch.Tensor, labels: torch.
             _stalled(logits.detach(), mean_loss, num_classes, whole_epoch=whole_epoch), run.device):
         raise TrainingStalled(f"after {state.step} steps the loss is {mean_loss:.4f} ≈ ln {num_classes} = "
                               f"{math.log(num_classes):.4f}: {STALL_ADVICE}")
-    dead = dead_class_maps(logits.detach(), labels) if whole_epoch or state.epoch > 0 else []
+    # a class map dead at two epoch ends in a row, both after stall_check_steps steps: early in training a ReLU
+    # map can be all zero for a while and come back; one that stays so through a whole epoch does not
+    end = state.batches_done == run.steps_per_epoch and state.step >= run.cfg.stall_check_steps
+    dead = sorted(set(dead_class_maps(logits.detach(), labels)) & run.dead_maps) if end else []
+    if end:
+        run.dead_maps = set(dead_class_maps(logits.detach(), labels))
     if distributed.all_true(bool(dead), run.device):  # every rank sees it: all stop together
         names = ", ".join(run.classes[k] if k < len(run.classes) else str(k) for k in dead)
         raise TrainingStalled(f"epoch {state.epoch + 1}: the class map of {names} is dead (zero for every image of "
-                              f"the batch, its own class's included), so that class can never be predicted again; "
+                              f"the last batch of this epoch and of the one before, its own class's included), so "
+                              f"that class can never be predicted again; "
                               f"the last checkpoint stays in {run.checkpoint_path}. {DEAD_MAP_ADVICE}")
 
 

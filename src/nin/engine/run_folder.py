@@ -4,8 +4,9 @@
         ...
 
 A new run takes an absent or empty folder, or one a run started and left before its first epoch ended; a folder
-holding anything else is a user's, and is refused. The files a run writes are `RUN_FILES`; none may be a
-symbolic link.
+holding anything else is a user's, and is refused. The files a run writes are `RUN_FILES` (and TensorBoard's
+folder, `RUN_FOLDERS`); none may be a symbolic link, and the probe that tests the folder is writable is a fresh
+file of its own, never an existing one.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from nin.errors import NinError
 
-__all__ = ["RUN_FILES", "RUN_MARKER", "run_folder_lock", "check_output_dir"]
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "run_folder_lock", "check_output_dir"]
 
 RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "metrics.csv", "config.json")
+RUN_FOLDERS = ("tensorboard",)  # written by TensorBoard's SummaryWriter when it is installed
+PROBE_PREFIX = ".write-test"  # the writability probe: a new file (mkstemp, .write-testXXXX), removed at once
 RUN_MARKER = "nin_run"  # a key of config.json: this folder was made by `nin train`
 
 
@@ -70,16 +74,19 @@ def check_output_dir(out: Path, *, resume: bool) -> None:
     """Fail now, not after an hour: the folder is ours (or new), writable, with room for checkpoints."""
     if out.exists() and not out.is_dir():
         raise NinError(f"--out {out}: exists and is not a folder")
-    links = [name for name in RUN_FILES if (out / name).is_symlink()]
+    links = [name for name in (*RUN_FILES, *RUN_FOLDERS) if (out / name).is_symlink()]
     if links:
         raise NinError(f"--out {out}: {links[0]} is a symbolic link; a run folder holds its own files")
     if not resume and out.is_dir():
         _check_new_run_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=out)  # O_EXCL: a new file, never through a link
+        try:
+            os.write(fd, b"0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise NinError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     free = shutil.disk_usage(out).free
@@ -91,7 +98,7 @@ def _check_new_run_folder(out: Path) -> None:
     """A new run may only take an empty folder, or one a run started and left before finishing an epoch."""
     if (out / "checkpoint.safetensors").exists():
         raise NinError(f"--out {out}: already holds a run; continue it with --resume {out} or choose another --out")
-    entries = sorted(p.name for p in out.iterdir() if p.name != ".write-test")
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(PROBE_PREFIX))  # a killed probe
     if not entries:
         return
     try:

@@ -131,6 +131,7 @@ class Run:
     memory_format: torch.memory_format = torch.channels_last
     meta: dict = field(default_factory=dict)  # what every checkpoint's header says about the run
     stop: threading.Event | None = None  # set by a signal handler: checkpoint at the next step, then stop
+    dead_maps: set = field(default_factory=set)  # classes whose map was all zero at the last epoch's end
 
     @property
     def checkpoint_path(self) -> Path:

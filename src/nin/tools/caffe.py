@@ -17,12 +17,14 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nin.checkpoint import load_state, save_weights
 from nin.data import load_dataset
 from nin.data.datasets import CIFAR10_CLASSES
 from nin.errors import CheckpointError, NinError
+from nin.files import claim_output
 from nin.models import NiN, get_model, list_models, model_config, original_layer_names
 from nin.tools.caffe_format import (
     POOL_METHODS,
@@ -150,6 +152,11 @@ def map_blobs(net: CaffeNet, model: NiN, arch: str, where: str) -> dict[str, tor
         if bias.size != out or sum(d != 1 for d in bias.shape) > 1:
             raise NinError(f"{where}: layer {name} biases have the shape {bias.shape}; {arch} {prefix}.bias "
                            f"has {(out,)}")
+        for kind, blob in (("weights", weight), ("biases", bias)):
+            bad = int(blob.size - np.isfinite(blob).sum())
+            if bad:
+                raise NinError(f"{where}: layer {name} {kind} hold {bad:,} NaN or infinite values; trained weights "
+                               "are finite (a damaged file?)")
         tensors[f"{prefix}.weight"] = torch.from_numpy(weight.copy())
         tensors[f"{prefix}.bias"] = torch.from_numpy(bias.reshape(out).copy())
     extra = set(state) - set(tensors)
@@ -171,35 +178,31 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_out(out: Path) -> None:
-    """Refuse to replace anything but a nin weights file."""
-    if not out.exists():
-        return
-    if not out.is_file():
-        raise NinError(f"--out {out}: exists and is not a file")
+def _earlier_import(path: Path) -> bool:
+    """True when ``path`` is a weights file that `import_caffe` wrote (an import may replace an earlier one)."""
     try:
-        _, meta = load_state(out)
+        _, meta = load_state(path)
     except CheckpointError:
-        raise NinError(f"--out {out}: exists and is not a nin weights file; not overwriting it") from None
-    if meta.get("kind") != "weights":
-        raise NinError(f"--out {out}: is a nin {meta.get('kind')} file, not a weights file; not overwriting it")
+        return False
+    return meta.get("kind") == "weights" and (meta.get("source") or {}).get("format") == "caffemodel"
 
 
 def import_caffe(caffemodel: str | os.PathLike, arch: str, out: str | os.PathLike,
                  prototxt: str | os.PathLike | None = None, preprocessing="gcn_zca",
-                 data_dir: str | os.PathLike | None = None) -> dict:
+                 data_dir: str | os.PathLike | None = None, force: bool = False) -> dict:
     """Put a Caffe model's weights into ``arch`` and write them as a nin weights file.
 
     Args:
         caffemodel: The binary ``.caffemodel``.
         arch: The nin model to fill, e.g. "nin_cifar10_caffe" for the authors' CIFAR-10 model.
-        out: The weights file to write (``.safetensors``); an existing file is replaced only if it is
-            a nin weights file.
+        out: The weights file to write (``.safetensors``); an existing file is replaced only if an earlier
+            import wrote it, or with ``force`` (never through a symbolic link).
         prototxt: The net definition; when given, its layer names and pooling are checked too.
         preprocessing: A kind (see `nin.transforms.fit_preprocessing`) fitted on the CIFAR-10 training images
             of ``data_dir``, or an already fitted `Preprocessing`. The authors' CIFAR-10 model was trained on
             pylearn2's GCN + ZCA, "gcn_zca".
         data_dir: Data root for the CIFAR-10 training images (default: $NIN_DATA, else ~/.cache/nin).
+        force: Replace an existing ``out`` that no earlier import wrote.
 
     Returns:
         The ``source`` record written into the file's meta (file, sha256, arch, layer mapping).
@@ -212,7 +215,7 @@ def import_caffe(caffemodel: str | os.PathLike, arch: str, out: str | os.PathLik
         raise NinError(f"--arch {arch!r}: unknown model; choose one of {', '.join(ARCHS)}")
     if isinstance(preprocessing, str) and preprocessing not in PREPROCESSING_KINDS:
         raise NinError(f"--preprocessing {preprocessing!r}: choose one of {', '.join(PREPROCESSING_KINDS)}")
-    _check_out(out)
+    claim_output(out, flag="--out", force=force, ours=_earlier_import)
     model = get_model(arch)
     config = model.config
     net = read_caffemodel(caffemodel)
@@ -276,12 +279,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fitted on the CIFAR-10 training images (default: gcn_zca, as the authors trained)")
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--out", required=True, metavar="W.safetensors", help="the weights file to write")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out that no earlier import wrote (never through a symbolic link)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``nin import-caffe``: write ``--out`` and say what went where."""
     source = import_caffe(args.caffemodel, args.arch, args.out, prototxt=args.prototxt,
-                          preprocessing=args.preprocessing, data_dir=args.data_dir)
+                          preprocessing=args.preprocessing, data_dir=args.data_dir, force=args.force)
     print(f"{source['file']} (sha256 {source['sha256'][:12]}…, {source['caffe_layers']} layers) -> {args.out} "
           f"as {args.arch} with {args.preprocessing}")
     for name, prefix in source["layer_mapping"].items():

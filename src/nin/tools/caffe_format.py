@@ -130,6 +130,7 @@ V1_TYPES = {1: "Accuracy", 3: "Concat", 4: "Convolution", 5: "Data", 6: "Dropout
 _TYPE_NAMES = {name.upper(): name for name in V1_TYPES.values()} | {"SOFTMAX_LOSS": "SoftmaxWithLoss",
                                                                    "INNER_PRODUCT": "InnerProduct", "RELU": "ReLU"}
 POOL_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}  # PoolingParameter.PoolMethod
+MAX_BLOB_AXES = 32  # caffe/include/caffe/blob.hpp: kMaxBlobAxes
 
 # (name, type, blobs, convolution_param, pooling_param) field numbers in the two layer messages
 _LAYER_FIELDS = {
@@ -185,13 +186,23 @@ def _blob(data: memoryview, start: int, end: int, where: str) -> np.ndarray:
                     shape.extend(_varints(data, dim_type, dim_value))
     if shape is None:
         shape = [legacy[1], legacy[2], legacy[3], legacy[4]]
+    if len(shape) > MAX_BLOB_AXES:
+        raise NinError(f"{where} declares {len(shape)} dimensions; Caffe allows at most {MAX_BLOB_AXES}")
     if any(d < 0 for d in shape):
-        raise NinError(f"{where} declares the shape {tuple(shape)}, with a negative size")
+        raise NinError(f"{where} declares the shape {_shape(shape)}, with a negative size")
+    present = sum(part.size for part in parts or double_parts)  # values in the file: bounds every dimension
+    if any(d > max(present, 1) for d in shape):  # checked before numpy sees the shape (a 0 elsewhere hides it)
+        raise NinError(f"{where} declares the shape {_shape(shape)} but holds {present} values")
     values = np.concatenate(parts or double_parts or [np.zeros(0, "<f4")]).astype(np.float32)
     if math.prod(shape) != values.size:
-        raise NinError(f"{where} declares the shape {tuple(shape)} ({math.prod(shape)} values) "
+        raise NinError(f"{where} declares the shape {_shape(shape)} ({math.prod(shape)} values) "
                        f"but holds {values.size} values")
     return values.reshape(shape)
+
+
+def _shape(shape: list[int]) -> str:
+    """A declared shape for a message, shortened when a damaged file declares many dimensions."""
+    return str(tuple(shape)) if len(shape) <= 8 else f"({', '.join(map(str, shape[:8]))}, ...)"
 
 
 def _params(data: memoryview, span: tuple[int, int], names: dict[int, str]) -> dict[str, list[int]]:

@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from nin.errors import NinError
+from nin.files import atomic_write
 
 __all__ = ["upsample_maps", "plot_confidence_maps", "plot_overlays", "plot_photo_overlays", "figure_format",
            "plot_confusion", "new_figure", "save_figure", "FORMATS"]
@@ -75,10 +76,11 @@ def figure_format(path: str | os.PathLike) -> str:
 
 
 def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Write ``figure`` to ``path`` atomically (`nin.files.atomic_write`: never through a symbolic link)."""
     path = Path(path)
     fmt = figure_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format=fmt, dpi=PNG_DPI)  # no bbox_inches="tight": the size stays the print size
+    # no bbox_inches="tight": the size stays the print size
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format=fmt, dpi=PNG_DPI))
     return path
 
 

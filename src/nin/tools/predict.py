@@ -25,7 +25,7 @@ from nin.data.datasets import LIGHT_ON_DARK
 from nin.data.images import list_images, read_image
 from nin.deploy.backends import load_runner
 from nin.errors import NinError
-from nin.files import atomic_write_bytes
+from nin.files import atomic_write_bytes, claim_output
 from nin.pretrained import load
 from nin.transforms import invert_ink, odd_polarity
 
@@ -82,11 +82,13 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
 
 
 def check_output(path: Path) -> None:
-    """``--output`` must name a new .csv or .jsonl file (not a link, not an existing file)."""
+    """``--output`` must name a new .csv or .jsonl file (`nin.files.claim_output`: not a link, not an existing
+    file; `nin predict` has no --force)."""
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise NinError(f"--output {path}: expected a .csv or .jsonl file name")
-    if path.is_symlink() or path.exists():
+    if path.exists() and not path.is_symlink():
         raise NinError(f"--output {path}: exists; not overwriting it (choose a new file name)")
+    claim_output(path, flag="--output")
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:

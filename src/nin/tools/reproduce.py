@@ -1,17 +1,20 @@
 """Reproduce the paper's tables: run each experiment, record each finished run, write RESULTS.md.
 
     nin reproduce table4 --dry-run                            # the exact `nin train` commands, nothing run
-    nin reproduce fast-mnist --out-root runs                  # train, then record results/fast-mnist.json
-    nin reproduce record runs/fast-mnist --name fast-mnist    # record a finished run by hand
+    nin reproduce fast-mnist --out-root runs                  # train, then record runs/results/fast-mnist.json
+    nin reproduce record runs/fast-mnist --name fast-mnist    # record a finished run by hand (runs/results/...)
+    nin reproduce record runs/fast-mnist --name fast-mnist --results-dir results --weights-dir weights
     nin reproduce report                                      # RESULTS.md + results/curves/<name>.png
 
 An experiment is a list of `nin train` invocations, one run folder each under ``--out-root``. Each run
 goes through a subprocess (`python -m nin train ...`), so its ``config.json`` holds the plain `nin train`
 command that anyone can paste. A run folder that already holds ``model.safetensors`` is only recorded;
 one that holds ``checkpoint.safetensors`` is resumed. Recording (`record_run`) writes
-``results/<name>.json`` (command, git revision, machine, wall time, per-epoch curve, final error),
-copies the weights to ``weights/<name>.safetensors`` and evaluates them again, from the weights file
-alone, on the same test images: ``evaluated_error`` must equal the run's own final error.
+``<name>.json`` (command, git revision, machine, wall time, per-epoch curve, final error), copies the weights
+to ``<name>.safetensors`` and evaluates them again, from the weights file alone, on the same test images:
+``evaluated_error`` must equal the run's own final error. Records go beside the runs (``OUT_ROOT/results``,
+``OUT_ROOT/weights``; for ``record``, the run folder's parent) unless ``--results-dir`` / ``--weights-dir``
+say otherwise: the repository's ``results/`` and ``weights/`` are written only when named.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import argparse
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from nin.errors import NinError
 from nin.tools.experiments import EXPERIMENTS, PlannedRun, RunSpec, plan
 from nin.tools.results import (
     PAPER_ROWS,
     TABLE5_SMALL_ROWS,
+    claim_record,
     record_run,
     reevaluate,
     write_report,
@@ -54,16 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--gpu", action="store_true", help="train on cuda (--device cuda)")
         p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                        help="also checkpoint every STEPS optimizer steps (default: at the end of each epoch)")
-        _add_record_arguments(p)
+        _add_record_arguments(p, "OUT_ROOT")
 
-    p = sub.add_parser("record", help="record a finished run: results/<name>.json, weights/<name>.safetensors")
+    p = sub.add_parser("record", help="record a finished run: <name>.json and <name>.safetensors beside it")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--name", required=True, help="result name, e.g. fast-mnist")
     p.add_argument("--data-dir", help="data root for the re-evaluation (default: the run's, else $NIN_DATA)")
     p.add_argument("--data-label",
                    help='data set label in RESULTS.md (default: detected, e.g. "CIFAR-10 (JPEG q75 copy)")')
     p.add_argument("--device", help="where to evaluate again (default: cuda when available)")
-    _add_record_arguments(p)
+    _add_record_arguments(p, "the run folder's parent")
 
     p = sub.add_parser("reevaluate", help="evaluate every recorded weights file again (after a change to the "
                                           "inference path) and store the numbers in results/*.json")
@@ -75,11 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="RESULTS.md", help="report path (default: RESULTS.md)")
     p.add_argument("--data-dir", help="data root, to tell missing data from missing runs (default: $NIN_DATA)")
     p.add_argument("--no-curves", action="store_true", help="skip the PNG curves")
+    p.add_argument("--force", action="store_true", help="replace an --output that is not a report this command wrote")
 
 
-def _add_record_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results-dir", default="results", help="result json folder (default: results)")
-    parser.add_argument("--weights-dir", default="weights", help="weights copies go here (default: weights)")
+def _add_record_arguments(parser: argparse.ArgumentParser, beside: str) -> None:
+    parser.add_argument("--results-dir", help=f"result json folder (default: {beside}/results; the repository's "
+                                              "results/ only when named)")
+    parser.add_argument("--weights-dir", help=f"weights copies go here (default: {beside}/weights; the repository's "
+                                              "weights/ only when named)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing json or weights file that is not an earlier record of this name")
+
+
+def _record_dirs(args: argparse.Namespace, beside: Path) -> tuple[Path, Path]:
+    """Where records go: --results-dir / --weights-dir, else results/ and weights/ under ``beside``."""
+    return (Path(args.results_dir) if args.results_dir else beside / "results",
+            Path(args.weights_dir) if args.weights_dir else beside / "weights")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,15 +104,17 @@ def run(args: argparse.Namespace) -> int:
         args.reproduce_parser.print_help()
         return 2
     if args.experiment == "record":
-        record_run(args.run_dir, args.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
-                   data_label=args.data_label, device=args.device)
+        results_dir, weights_dir = _record_dirs(args, Path(args.run_dir).parent)
+        record_run(args.run_dir, args.name, results_dir, weights_dir, data_dir=args.data_dir,
+                   data_label=args.data_label, device=args.device, force=args.force)
         return 0
     if args.experiment == "reevaluate":
         moved = reevaluate(args.results_dir, data_dir=args.data_dir)
         print(f"nin reproduce: {len(moved)} records changed" + (f" ({', '.join(moved)})" if moved else ""))
         return 0
     if args.experiment == "report":
-        path = write_report(args.results_dir, args.output, data_dir=args.data_dir, curves=not args.no_curves)
+        path = write_report(args.results_dir, args.output, data_dir=args.data_dir, curves=not args.no_curves,
+                            force=args.force)
         print(f"nin reproduce: wrote {path}")
         return 0
 
@@ -106,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         for planned in runs:
             print(planned.command)
         return 0
+    results_dir, weights_dir = _record_dirs(args, Path(args.out_root))
+    for planned in runs:  # every record may be written: checked before hours of training, not after
+        claim_record(planned.name, results_dir, weights_dir, force=args.force)
     for planned in runs:
         argv = list(planned.argv)
         if (planned.run_dir / "model.safetensors").is_file():
@@ -117,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
             done = subprocess.run([sys.executable, "-m", "nin", *argv])
             if done.returncode != 0:
                 raise NinError(f"{planned.name}: nin train exited with status {done.returncode}")
-        record_run(planned.run_dir, planned.name, args.results_dir, args.weights_dir, data_dir=args.data_dir,
-                   device="cuda" if args.gpu else None)
-    print("nin reproduce: done; `nin reproduce report` rewrites RESULTS.md")
+        record_run(planned.run_dir, planned.name, results_dir, weights_dir, data_dir=args.data_dir,
+                   device="cuda" if args.gpu else None, force=args.force)
+    print(f"nin reproduce: done; records in {results_dir}, weights in {weights_dir}. Into the repository: "
+          f"`nin reproduce record RUN --name NAME --results-dir results --weights-dir weights`, then "
+          f"`nin reproduce report`")
     return 0

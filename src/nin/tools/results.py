@@ -1,12 +1,14 @@
-"""Recording finished runs (``results/<name>.json``, the weights copied and evaluated again) and RESULTS.md.
+"""Recording finished runs (``<name>.json``, the weights copied and evaluated again) and RESULTS.md.
 
-    record_run("runs/fast-mnist", "fast-mnist")                # results/fast-mnist.json, weights/fast-mnist.safetensors
+    record_run("runs/fast-mnist", "fast-mnist", "runs/results", "runs/weights")
     write_report("results", "RESULTS.md")                       # every row of the paper's tables, then ours
 
 Recording (`record_run`) writes the command, git revision, machine, wall time, per-epoch curve and final
 error, copies the weights and evaluates them again, from the weights file alone, on the same test images:
-``evaluated_error`` must equal the run's own final error. The report shows every row of the paper's Tables 1-5
-with the paper's number, the best public port's, and ours (or why there is none).
+``evaluated_error`` must equal the run's own final error. It replaces an existing record only when it is the
+record of the same name (and its weights file only when that record names it), or when told to (``force``).
+The report shows every row of the paper's Tables 1-5 with the paper's number, the best public port's, and ours
+(or why there is none).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nin.engine.config import recipe
 from nin.engine.metrics import read_metrics
 from nin.errors import NinError
 from nin.evaluate import evaluate_weights
+from nin.files import atomic_write, atomic_write_bytes, claim_output
 from nin.models import get_model, multiply_adds
 from nin.runtime import machine_name
 from nin.tools.curves import plot_curves
@@ -42,8 +45,8 @@ from nin.tools.experiments import (
     RunSpec,
 )
 
-__all__ = ["record_run", "exact_1000", "reevaluate", "write_report", "PAPER_ROWS", "TABLE5_SMALL_ROWS", "OUR_ROWS",
-           "JPEG_COPY_LABEL", "dataset_label", "machine_name", "runnable"]
+__all__ = ["record_run", "claim_record", "exact_1000", "reevaluate", "write_report", "PAPER_ROWS", "TABLE5_SMALL_ROWS",
+           "OUR_ROWS", "JPEG_COPY_LABEL", "dataset_label", "machine_name", "runnable"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,10 +67,35 @@ def dataset_label(dataset: str, data_dir: str | os.PathLike | None = None) -> st
 
 
 
-def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.PathLike = "results",
-               weights_dir: str | os.PathLike = "weights", *, data_dir: str | None = None,
-               data_label: str | None = None, device: str | None = None, log=print) -> dict:
-    """Write ``results/<name>.json`` for a finished run and copy its weights to ``weights/<name>.safetensors``.
+def _previous_record(path: Path, name: str) -> dict | None:
+    """The record of ``name`` that ``path`` already holds (one `record_run` wrote), else None."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("name") == name and "final_error" in record else None
+
+
+def claim_record(name: str, results_dir: str | os.PathLike, weights_dir: str | os.PathLike, *,
+                 force: bool = False) -> tuple[Path, Path]:
+    """``results_dir/<name>.json`` and ``weights_dir/<name>.safetensors``, checked before any work
+    (`nin.files.claim_output`): an existing record is replaced only when it is the record of ``name``, an existing
+    weights file only when that record names it, anything else only with ``force``."""
+    path, weights = Path(results_dir) / f"{name}.json", Path(weights_dir) / f"{name}.safetensors"
+    previous = _previous_record(path, name)
+    claim_output(path, flag="--results-dir", force=force, ours=lambda _: previous is not None)
+    claim_output(weights, flag="--weights-dir", force=force,
+                 ours=lambda existing: previous is not None and previous.get("weights") == existing.as_posix())
+    return path, weights
+
+
+def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.PathLike,
+               weights_dir: str | os.PathLike, *, data_dir: str | None = None, data_label: str | None = None,
+               device: str | None = None, force: bool = False, log=print) -> dict:
+    """Write ``results_dir/<name>.json`` for a finished run and copy its weights to ``weights_dir/<name>.safetensors``;
+    for a run still training, its progress (`progress_record`) without weights.
 
     The weights are evaluated again on the run's own evaluation images (its split and ``eval_subset``,
     from ``config.json``), and the result is stored as ``evaluated_error`` beside ``final_error``.
@@ -75,9 +103,12 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
     Args:
         run_dir: A run folder holding config.json, metrics.jsonl and model.safetensors.
         name: The result's name (file stem of the json and the weights).
+        results_dir: Where the json goes (the repository's ``results`` only when asked for).
+        weights_dir: Where the weights copy goes (the repository's ``weights`` only when asked for).
         data_dir: Data root for the re-evaluation; default: the run's own, else $NIN_DATA.
         data_label: The data set's label in RESULTS.md; default: detected (the CIFAR-10 JPEG copy is marked).
         device: Where to evaluate; default: cuda when available.
+        force: Replace existing files that are not an earlier record of ``name`` (see `claim_record`).
 
     Returns:
         The record written to the json file.
@@ -86,6 +117,7 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
     for needed in ("config.json", "metrics.jsonl"):
         if not (run_dir / needed).is_file():
             raise NinError(f"{run_dir}: no {needed}; is it a run folder?")
+    path, weights = claim_record(name, results_dir, weights_dir, force=force)
     config = json.loads((run_dir / "config.json").read_text())
     cfg = config["train_config"]
     epochs = read_metrics(run_dir)
@@ -95,9 +127,7 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
     data_dir = data_dir or cfg.get("data_dir")
     if not (run_dir / "model.safetensors").is_file():  # still training: its progress, from its own log
         record = progress_record(name, config, epochs, data_label or dataset_label(cfg["dataset"], data_dir))
-        path = Path(results_dir) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        _write_json(path, record)
         log(f"nin reproduce: {name} is still training (epoch {record['epochs']}); wrote its progress to {path}")
         return record
 
@@ -108,16 +138,17 @@ def record_run(run_dir: str | os.PathLike, name: str, results_dir: str | os.Path
                                     precision=cfg.get("precision", "auto"), device=device)
     log(f"nin reproduce: {name}: recorded {split} error {epochs[-1][f'{split}_error']:.4%}, evaluated again "
         f"{result.error:.4%} on {result.n} images ({time.perf_counter() - tick:.0f} s)")
-    weights = Path(weights_dir) / f"{name}.safetensors"
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "model.safetensors", weights)
+    atomic_write(weights, lambda temporary: shutil.copyfile(run_dir / "model.safetensors", temporary),
+                 flag="--weights-dir")
     record = _record(name, config, epochs, result, weights, data_label or dataset_label(cfg["dataset"], data_dir))
     record.update(exact_1000(weights, cfg["dataset"], data_dir, device))
-    path = Path(results_dir) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(path, record)
     log(f"nin reproduce: wrote {path} and {weights}")
     return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode(), flag="--results-dir")
 
 
 def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, label: str) -> dict:
@@ -447,7 +478,7 @@ def _load_records(results_dir: Path, data_dir: str | None) -> dict[str, dict]:
             extra = exact_1000(weights, record["dataset"], data_dir)
             if extra:
                 record.update(extra)
-                path.write_text(json.dumps(record, indent=2) + "\n")
+                _write_json(path, record)
         records[record["name"]] = record
     return records
 
@@ -474,7 +505,7 @@ def reevaluate(results_dir: str | os.PathLike = "results", *, data_dir: str | No
         if changed:
             moved.append(record["name"])
             record.update(update)
-            path.write_text(json.dumps(record, indent=2) + "\n")
+            _write_json(path, record)
         log(f"{record['name']}: " + (", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "unchanged"))
     return moved
 
@@ -496,13 +527,25 @@ def _plot_curves(records: dict[str, dict], results_dir: Path, output: Path) -> d
     return plotted
 
 
+def _is_report(path: Path) -> bool:
+    """True when ``path`` is a RESULTS.md that `write_report` wrote (its first lines are `_intro`'s)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(400)
+    except OSError:
+        return False
+    return head.startswith("# Results\n") and "Generated by `nin reproduce report`" in head
+
+
 def write_report(results_dir: str | os.PathLike = "results", output: str | os.PathLike = "RESULTS.md", *,
-                 data_dir: str | None = None, curves: bool = True) -> Path:
+                 data_dir: str | None = None, curves: bool = True, force: bool = False) -> Path:
     """Write RESULTS.md from ``results_dir/*.json``: every row of the paper's Tables 1-5, then ours.
 
-    Curves go to ``results_dir/curves/<name>.png`` (skipped when matplotlib is missing).
+    Curves go to ``results_dir/curves/<name>.png`` (skipped when matplotlib is missing). An existing ``output``
+    is replaced when it is a report this function wrote, other files only with ``force``.
     """
     results_dir, output = Path(results_dir), Path(output)
+    claim_output(output, flag="--output", force=force, ours=_is_report)
     records = _load_records(results_dir, data_dir)
     reference = _cpu_reference(list(records.values()))
     plotted = _plot_curves(records, results_dir, output) if curves else {}
@@ -542,5 +585,5 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
     lines += _other_runs(records)
     lines += ["", "Reproduce a row: `nin reproduce <experiment>` (see `docs/reproduce.md`); on a GPU, "
                   "`experiments/gpu_reproduce.sh` runs the paper recipes in pieces of at most 10 minutes.", ""]
-    output.write_text("\n".join(lines))
+    atomic_write_bytes(output, "\n".join(lines).encode(), flag="--output")
     return output

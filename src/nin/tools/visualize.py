@@ -29,6 +29,7 @@ from nin.data.datasets import first_per_class
 from nin.data.images import read_image, read_photo
 from nin.errors import NinError
 from nin.evaluate import evaluate, load_matching_dataset
+from nin.files import atomic_write_bytes, claim_output
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import autocast, resolve_device, select_precision
@@ -151,12 +152,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="png",
                         help="figure files: png (300 dpi), pdf or svg (vector); default png")
     parser.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace files in --out that an earlier `nin visualize` did not write (never through a "
+                             "symbolic link)")
 
 
 def _output_folder(weights: Path, out: str | None) -> Path:
     if out:
         return Path(out)
     return weights / "figures" if weights.is_dir() else weights.with_name(weights.stem + "-figures")
+
+
+REPORT = "maps.json"
+
+
+def _is_report(path: Path) -> bool:
+    """True when ``path`` is a maps.json that `nin visualize` wrote."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"weights", "max_map_true_class", "gap_accuracy"} <= set(report)
+
+
+def _claim_outputs(out: Path, names: list[str], force: bool) -> None:
+    """Every file this run writes into ``out`` may be written (`nin.files.claim_output`), before any work: an
+    existing one only when an earlier `nin visualize` wrote the folder (its maps.json is ours), or with --force."""
+    earlier = not (out / REPORT).is_symlink() and _is_report(out / REPORT)
+    for name in names:
+        claim_output(out / name, flag="--out", force=force, ours=lambda _: earlier)
+
+
+def _output_names(args: argparse.Namespace, fmt: str, runs: list[Path]) -> list[str]:
+    """The files a run of `nin visualize` with ``args`` writes into its folder."""
+    figures = ["confusion", "confidence_maps", "overlays", *(["overlays_images"] if args.images else []),
+               *(["curves"] if runs else [])]
+    return [REPORT, *(f"{figure}.{fmt}" for figure in figures)]
 
 
 def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
@@ -197,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     fmt = getattr(args, "format", "png")
     weights = Path(args.weights)
     out = _output_folder(weights, args.out)
+    runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
+    _claim_outputs(out, _output_names(args, fmt, runs), getattr(args, "force", False))
     device = resolve_device(args.device)
     model, preprocessing, meta = load(weights, device)
     config = model.config
@@ -219,9 +252,8 @@ def run(args: argparse.Namespace) -> int:
               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "tta_flip": False,
               "head": config.head, **statistics, "accuracy": scored.accuracy,
               "accuracy_tta_flip": bool(meta.get("tta_flip"))}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "maps.json").write_text(json.dumps(report, indent=2) + "\n")
-    written.append(out / "maps.json")
+    atomic_write_bytes(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    written.append(out / REPORT)
     written.append(plot_confusion(confusion, classes, out / f"confusion.{fmt}"))
 
     # Figure 4 and the test-image overlays: the first --per-class images of every class
@@ -237,7 +269,6 @@ def run(args: argparse.Namespace) -> int:
         written.append(_user_overlays(served, preprocessing, args.images, classes, out / f"overlays_images.{fmt}",
                                       amp_dtype, meta, invert=args.invert))
 
-    runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
     if runs:
         written.append(plot_curves(runs, out / f"curves.{fmt}"))
 

@@ -53,7 +53,7 @@ async function classify(file) {
   if (request !== latest) return;
   if (!response.ok) {
     result.hidden = true;
-    say(answer.error || JSON.stringify(answer.detail), true);
+    say(answer.error, true);
     return;
   }
   await showPhoto(file);

@@ -442,7 +442,12 @@ def _intro(results_dir: Path) -> list[str]:
         f"`{results_dir.as_posix()}/*.json`; each json holds the full per-epoch curve, the git revision and the "
         "resolved training config, and `weights/<name>.safetensors` holds the weights. "
         "\"`nin evaluate` again\" is the error of those weights evaluated afresh from the weights file on the "
-        "same test images (`record_run`); it must equal the run's own final error.",
+        "same test images (`record_run`); it must equal the run's own final error on the CPU that recorded it. "
+        "nin's inference path runs in bf16 where the CPU has it, and bf16 kernels round differently on other CPUs "
+        "(AMX, AVX-512 BF16): there a count may move by up to 10 images in 10,000, 1 in 1,000 "
+        "(`nin.inference.accuracy_tolerance`). A run still training shows its progress (\"in progress\"), "
+        "recorded with `nin reproduce record RUN --name NAME --results-dir results --weights-dir weights`; a run "
+        "resumed shows where each of its segments ran.",
         "",
         "Wall time is training plus the per-epoch evaluations (metrics.jsonl), without data loading. "
         "\"exact 1,000\": for CIFAR-10 models, the error on the first 1,000 official test images with their "

@@ -28,7 +28,8 @@ from data_fixtures import (
     write_svhn_mat,
 )
 from nin.data import DataError, load_dataset
-from nin.data.images import read_image, read_image_folder
+from nin.data.folders import read_image_folder
+from nin.data.images import read_image
 from nin.data.readers import (
     read_cifar_binary,
     read_cifar_python,

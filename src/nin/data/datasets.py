@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nin.data.images import list_image_classes, list_image_folder, read_image, read_image_folder
+from nin.data.folders import list_image_classes, list_image_folder, read_image_folder
+from nin.data.images import read_image
 from nin.data.readers import (
     read_cifar_binary,
     read_cifar_python,

@@ -285,6 +285,12 @@ def validate(cfg: TrainConfig) -> None:
             raise NinError(message)
     if cfg.dataset not in DATASET_NAMES:
         raise NinError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    _check_shapes(cfg)
+
+
+def _check_shapes(cfg: TrainConfig) -> None:
+    """The model builds (on the meta device: no weight allocated), within the size limit, with a class map for
+    each class, and every input size the run feeds it fits through its layers."""
     where = f"model {cfg.model} {cfg.model_args}"
     try:
         config = model_config(cfg.model, **cfg.model_args)

@@ -48,14 +48,8 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     main = distributed.is_main()
     saved, preprocess_state, saved_meta = (load_checkpoint(out / "checkpoint.safetensors") if resume
                                            else (None, None, {}))
-    if resume:
-        cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
-        if "val_split" not in saved_meta["train_config"]:  # a run from before --val-split held nothing out
-            cfg = dataclasses.replace(cfg, val_split=0.0)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
-                                                        ("data_dir", data_dir and str(data_dir))) if v is not None})
-    cfg = _held_out_split(cfg)
-    validate(cfg)
+    cfg = _run_config(cfg, out, saved, saved_meta, epochs=epochs, checkpoint_every=checkpoint_every,
+                      data_dir=data_dir)
     if main:
         for temp in remove_stale_temp_files(out, RUN_FILES):
             log(f"nin: removed {temp.name}, left by a write that was killed")
@@ -100,6 +94,21 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                 f"{f' per rank × {world} ranks' if world > 1 else ''}) on {device}, "
                 f"{'bf16 autocast' if amp_dtype else 'fp32'}; run folder {out}")
     return run, state
+
+
+def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_meta: dict, *, epochs: int | None,
+                checkpoint_every: int | None, data_dir) -> TrainConfig:
+    """The config the run trains with: the checkpoint's when resuming (a run from before --val-split held nothing
+    out), with what may change on a resume (epochs, checkpoint interval, the data's new place), validated."""
+    if saved is not None:
+        cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
+        if "val_split" not in saved_meta["train_config"]:
+            cfg = dataclasses.replace(cfg, val_split=0.0)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
+                                                        ("data_dir", data_dir and str(data_dir))) if v is not None})
+    cfg = _held_out_split(cfg)
+    validate(cfg)
+    return cfg
 
 
 def _held_out_split(cfg: TrainConfig) -> TrainConfig:

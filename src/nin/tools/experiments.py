@@ -5,7 +5,7 @@
 
 A CIFAR-10 run is also scored, at each evaluation, on the pixel-exact first 1,000 official test images when the
 data folder holds them (the images the paper's numbers compare with). `nin reproduce` (`nin.tools.reproduce`)
-runs the plans; `nin.tools.results` records the finished runs and writes RESULTS.md.
+runs the plans; `nin.tools.results` records the runs and `nin.tools.report` writes RESULTS.md.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import torch
 
 from nin.classifier import Classifier
 from nin.data.datasets import LIGHT_ON_DARK
-from nin.data.images import list_images, read_image
+from nin.data.folders import list_images
+from nin.data.images import read_image
 from nin.deploy.backends import load_runner
 from nin.errors import NinError
 from nin.files import atomic_write_bytes, claim_output

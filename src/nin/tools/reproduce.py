@@ -27,14 +27,8 @@ from pathlib import Path
 
 from nin.errors import NinError
 from nin.tools.experiments import EXPERIMENTS, PlannedRun, RunSpec, plan
-from nin.tools.results import (
-    PAPER_ROWS,
-    TABLE5_SMALL_ROWS,
-    claim_record,
-    record_run,
-    reevaluate,
-    write_report,
-)
+from nin.tools.report import PAPER_ROWS, TABLE5_SMALL_ROWS, write_report
+from nin.tools.results import claim_record, record_run, reevaluate
 
 __all__ = ["RunSpec", "PlannedRun", "EXPERIMENTS", "plan", "record_run", "write_report", "PAPER_ROWS",
            "TABLE5_SMALL_ROWS", "add_arguments", "run"]

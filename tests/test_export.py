@@ -22,7 +22,7 @@ from nin.deploy.export import INPUT_NAME, build_exported, export_onnx, export_op
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO / "weights" / "fast-cifar10.safetensors"  # standardize, batch norm, tta_flip
 MNIST = REPO / "weights" / "fast-mnist.safetensors"  # 1 channel, 28 px, scale
-PAPER = REPO / "weights" / "cifar10-paper.safetensors"  # GCN + ZCA inside the graph
+PAPER = REPO / "weights" / "caffe-authors-cifar10.safetensors"  # the authors' model: GCN + ZCA inside the graph
 CLIENT_MARKER = "<!-- the client below is run by tests/test_export.py and tests/test_python_api.py -->"
 
 

@@ -186,3 +186,29 @@ def test_a_run_in_progress_is_recorded_with_its_segments_and_shown_as_such(data_
     train(None, run, resume=True, log=lambda *_: None)
     done = record_run(run, "mnist-paper", results, tmp_path / "weights", log=lambda *_: None)
     assert not done["in_progress"] and done["evaluated_error"] == done["final_error"] and len(done["segments"]) == 3
+
+
+def test_a_run_in_progress_between_evaluations_is_recorded_with_its_last_scored_epoch(tmp_path, capsys):
+    """The fast recipe scores MNIST every other epoch: a run recorded after epoch 3 shows epoch 2's error; one
+    recorded after epoch 1, before any evaluation, is refused in one line."""
+    run = tmp_path / "runs" / "fast-mnist"
+    run.mkdir(parents=True)
+    cfg = dataclasses.replace(recipe("fast", "mnist"), data_dir=str(tmp_path))
+    (run / "config.json").write_text(json.dumps({"train_config": cfg.to_dict(), "command": "nin train ...",
+                                                 "device": "cpu"}))
+    epoch = {"lr": 0.1, "train_loss": 0.5, "train_error": 0.02, "images_per_s": 700.0, "train_time_s": 80.0,
+             "eval_time_s": 1.0}
+    lines = [{**epoch, "epoch": 1, "step": 469}, {**epoch, "epoch": 2, "step": 938, "test_loss": 0.1, "test_error": 0.0144},
+             {**epoch, "epoch": 3, "step": 1407}]
+    (run / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    args = ["reproduce", "record", str(run), "--name", "fast-mnist", "--results-dir", str(tmp_path / "results")]
+    assert main(args) == 1
+    assert "no epoch scored on test yet" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(args) == 0
+    record = json.loads((tmp_path / "results" / "fast-mnist.json").read_text())
+    assert record["in_progress"] and record["epochs"] == 3
+    assert (record["final_error"], record["final_error_epoch"]) == (0.0144, 2)
+    text = write_report(tmp_path / "results", tmp_path / "RESULTS.md", curves=False).read_text()
+    row = next(line for line in text.splitlines() if "MNIST, fast recipe" in line)
+    assert "in progress: epoch 3 of 6, 1.44% at epoch 2, its last evaluation" in row

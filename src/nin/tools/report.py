@@ -157,7 +157,9 @@ def _ours(record: dict) -> str:
     if record.get("in_progress"):
         cap = f"at most {record['epochs_planned']}" if spec is not None and spec.recipe == "paper" else \
             str(record["epochs_planned"])
-        notes = [f"in progress: epoch {record['epochs']} of {cap}, {record['final_error']:.2%} so far", *notes[1:]]
+        scored = record.get("final_error_epoch", record["epochs"])
+        at = "so far" if scored == record["epochs"] else f"at epoch {scored}, its last evaluation"
+        notes = [f"in progress: epoch {record['epochs']} of {cap}, {record['final_error']:.2%} {at}", *notes[1:]]
     elif spec is not None and spec.recipe == "paper" and record["epochs"] < PAPER_EPOCHS and not drops:
         notes = [f"only {record['epochs']} of the paper recipe's up to {PAPER_EPOCHS} epochs: a curve, not a result"]
     if record.get("train_subset"):

@@ -148,9 +148,19 @@ def _record(name: str, config: dict, epochs: list[dict], result, weights: Path, 
 
 
 def progress_record(name: str, config: dict, epochs: list[dict], label: str) -> dict:
-    """The results json of a run still training: what its log says so far (no weights, nothing evaluated again)."""
+    """The results json of a run still training: what its log says so far (no weights, nothing evaluated again).
+    Its error is its last scored epoch's (``eval_every`` > 1 leaves epochs in between unscored).
+
+    Raises:
+        NinError: No epoch scored yet.
+    """
+    cfg = config["train_config"]
+    if not _scored(epochs, cfg["eval_split"]):
+        raise NinError(f"{name}: no epoch scored on {cfg['eval_split']} yet (the run evaluates every "
+                       f"{cfg.get('eval_every', 1)} epochs; {epochs[-1]['epoch']} finished): record it after the "
+                       "next evaluation")
     fields = _run_fields(name, config, epochs, label)
-    last = epochs[-1]
+    last = _scored(epochs, cfg["eval_split"])[-1]
     extra = {"exact_1000_error": last["extra_error"]} if "extra_error" in last else {}
     return {**fields, "in_progress": True, "evaluated_error": fields["final_error"], "evaluated_n": 0, **extra}
 
@@ -182,8 +192,14 @@ def lr_drops(curve: list[dict]) -> list[int]:
     return [a["epoch"] for a, b in zip(curve, curve[1:]) if b.get("lr", 0) < a.get("lr", 0) * 0.5]
 
 
+def _scored(epochs: list[dict], split: str) -> list[dict]:
+    """The epochs that were evaluated on ``split``."""
+    return [e for e in epochs if f"{split}_error" in e]
+
+
 def _run_fields(name: str, config: dict, epochs: list[dict], label: str) -> dict:
     cfg, split = config["train_config"], config["train_config"]["eval_split"]
+    scored = _scored(epochs, split)[-1]  # the last epoch of a finished run; of a run still training, maybe earlier
     keys = ("epoch", "step", "train_error", f"{split}_error", "extra_error", "train_loss", f"{split}_loss", "lr")
     curve = [{k: e[k] for k in keys if k in e} for e in epochs]
     return {
@@ -201,7 +217,8 @@ def _run_fields(name: str, config: dict, epochs: list[dict], label: str) -> dict
         "train_time_s": sum(e["train_time_s"] for e in epochs),
         # training throughput: the median epoch's, so that epochs slowed by other work on a shared host do not skew it
         "images_per_s": statistics.median(e["images_per_s"] for e in epochs),
-        "final_error": epochs[-1][f"{split}_error"], "curve": curve, "train_config": cfg,
+        "final_error": scored[f"{split}_error"], "final_error_epoch": scored["epoch"], "curve": curve,
+        "train_config": cfg,
     }
 
 

@@ -244,3 +244,18 @@ def test_image_size_trains_and_predicts_at_that_size(folder, tmp_path, capsys):
     photo = next((folder / "test" / "cat").iterdir())
     assert main(["predict", str(out), str(photo), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["predictions"]) == 1
+
+
+def test_a_folder_with_one_class_is_refused_in_one_line(folder, tmp_path, capsys):
+    """One class sub-folder (e.g. --data-dir my_images/ holding only cat/) trains nothing: the loss is 0 from the
+    start and every prediction is that class. Refused before the run folder is made, naming the folder."""
+    import shutil
+
+    root = tmp_path / "one"
+    shutil.copytree(folder / "train" / "cat", root / "cat")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--batch-size", "32",
+                 "--out", str(out), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{root}: one class sub-folder (cat)" in err and "at least two" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

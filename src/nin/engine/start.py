@@ -131,6 +131,10 @@ def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
     if cfg.dataset != "folder":
         return cfg
     root = resolve_root(cfg.data_dir)
+    if len(classes) < 2:  # the loss is 0 from the first step and every answer is that class: nothing to learn
+        where = root / cfg.train_split if (root / cfg.train_split).is_dir() else root
+        raise NinError(f"{where}: one class sub-folder ({', '.join(classes)}); a classifier needs at least two, "
+                       "<root>/<class>/<image> with one sub-folder per class")
     if distributed.is_main() and not (root / cfg.eval_split).is_dir():
         if cfg.val_split:
             log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on "

@@ -364,6 +364,23 @@ def test_corrupted_or_truncated_weights(capsys, tmp_path, weights, image, comman
     _one_line_error(capsys, command, "model.safetensors")
 
 
+def test_an_exported_model_given_as_weights_says_what_to_pass_instead(capsys, tmp_path, weights, image):
+    """`nin predict model.onnx img.png` (or a .pt / .xml export, or the authors' .caffemodel) said only `header too
+    large`: now one line that names the file, says what it is, and what the command takes."""
+    pytest.importorskip("onnx")
+    exported = tmp_path / "mnist.onnx"
+    assert main(["export", str(weights), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(exported), str(image)]) == 1
+    _one_line_error(capsys, "predict", str(exported), "an exported model", "--backend onnxruntime")
+    assert main(["evaluate", str(exported)]) == 1
+    _one_line_error(capsys, "evaluate", str(exported), "an exported model")
+    caffe = tmp_path / "cifar10_nin.caffemodel"
+    caffe.write_bytes(b"\n\x0bCIFAR10_fullsome protobuf bytes")
+    assert main(["predict", str(caffe), str(image)]) == 1
+    _one_line_error(capsys, "predict", str(caffe), "nin import-caffe")
+
+
 def test_pickle_or_torch_save_as_weights_is_refused_and_not_run(capsys, tmp_path, image):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.safetensors"

@@ -58,8 +58,28 @@ def read_meta(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(_unreadable(path, e)) from None
     return _parse_meta(path, header)
+
+
+# Files users pass where weights go: what they are, and what to pass instead (not just "header too large").
+_NOT_WEIGHTS = {
+    ".onnx": "an exported model (ONNX), not nin weights",
+    ".pt": "an exported model (TorchScript), not nin weights",
+    ".xml": "an exported model (OpenVINO), not nin weights",
+    ".caffemodel": "Caffe weights, not nin weights; convert them first with `nin import-caffe`",
+}
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """The one-line message for a file safetensors cannot read."""
+    what = _NOT_WEIGHTS.get(path.suffix.lower())
+    if what is None:
+        return f"{path}: not a readable safetensors file ({error})"
+    if what.startswith("an exported"):
+        what += ("; pass the weights file or run folder it was exported from (`nin predict RUN IMAGE --backend "
+                 "onnxruntime` scores through ONNX Runtime)")
+    return f"{path}: {what}"
 
 
 def _parse_meta(path: Path, header: dict) -> dict:
@@ -86,7 +106,7 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
             header = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(_unreadable(path, e)) from None
     meta = _parse_meta(path, header)
     return tensors, meta
 

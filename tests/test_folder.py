@@ -259,3 +259,26 @@ def test_a_folder_with_one_class_is_refused_in_one_line(folder, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{root}: one class sub-folder (cat)" in err and "at least two" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_evaluate_pretrained_weights_on_a_folder_labels_by_class_name(folder, data_root, tmp_path, capsys):
+    """`nin evaluate fast-cifar10 --dataset folder --data-dir my_images` with {airplane, cat, ship}: each image is
+    labelled with the model's index of its class name (cat = 3), not the folder's sorted position (cat = 1, which
+    scored every cat as an automobile); a sub-folder the model has no class for is refused in one line; and a
+    named data set with other classes (a Fashion-MNIST model on MNIST digits) is refused, not scored."""
+    weights = REPO / "weights" / "fast-cifar10.safetensors"
+    assert main(["evaluate", str(weights), "--dataset", "folder", "--data-dir", str(folder), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 60 and result["accuracy"] > 0.6, result["accuracy"]
+    rows = [sum(row) for row in result["confusion"]]
+    assert rows == [20, 0, 0, 20, 0, 0, 0, 0, 20, 0]  # airplane, cat, ship in the model's own order
+    other = tmp_path / "other"
+    (other / "penguin").mkdir(parents=True)
+    for image in list((folder / "test" / "cat").iterdir())[:2]:
+        (other / "penguin" / image.name).write_bytes(image.read_bytes())
+    assert main(["evaluate", str(weights), "--dataset", "folder", "--data-dir", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "penguin" in err and "Traceback" not in err
+    assert main(["evaluate", "fast-fashion-mnist", "--dataset", "mnist", "--data-dir", str(data_root)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "T-shirt/top" in err and "mnist" in err and "Traceback" not in err

@@ -111,6 +111,12 @@ def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--dat
     return ImageDataset(images, labels, [str(k) for k in range(num_classes)], path.name)
 
 
+def _first(names, count: int = 3) -> str:
+    """A class list for a one-line message: its first names."""
+    names = list(names)
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
 def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None,
                           data_file: str | os.PathLike | None = None):
     """The images a model can be evaluated on: its own data set (or ``dataset``, or a CIFAR batch ``data_file``).
@@ -128,13 +134,21 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
             data_dir = (meta.get("train_config") or {}).get("data_dir")
         size_args = {}
-        if dataset == "folder":  # a user's folder: the model's input size, the model's own class list, and the
-            train = meta.get("train_config") or {}  # held-out part its run was scored on (--val-split)
+        # A user's folder: the model's input size, the model's own class list (also for another model's folder: a
+        # sub-folder is labelled by its name's index there, not by its sorted position), and the held-out part
+        # its run was scored on (--val-split).
+        if dataset == "folder":
+            train = meta.get("train_config") or {}
             size_args = {"image_size": config.input_size, "channels": config.in_channels,
-                         "classes": meta.get("classes") if own else None,
+                         "classes": meta.get("classes") or None,
                          "val_split": (train.get("val_split") or 0.0) if own else 0.0, "seed": train.get("seed", 0)}
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
+    theirs = meta.get("classes")
+    if data_file is None and dataset not in ("folder", meta.get("dataset")) and theirs \
+            and list(theirs) != list(data.classes):  # a Fashion-MNIST model scored on MNIST digits: refused
+        raise NinError(f"{weights}: its classes ({_first(theirs)}) are not {dataset}'s ({_first(data.classes)}); "
+                       "--dataset takes a data set with the model's own classes")
     if len(data.labels) and int(data.labels.max()) >= config.num_classes:
         raise NinError(f"{weights}: the model has {config.num_classes} classes; {dataset} {split} has "
                        f"labels up to {int(data.labels.max())}")

@@ -5,6 +5,7 @@ Real `nin train` processes on real MNIST (a 16-step run: 8 steps of 32 images pe
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -275,3 +276,19 @@ def test_damaged_weights_metadata_is_one_line(case, tmp_path, capsys):
     save_file(tensors, str(bad), metadata={"nin": header})
     assert main(["evaluate", str(bad)]) == 1
     _one_line(capsys, str(bad))
+
+
+def test_metrics_csv_keeps_the_test_columns_when_the_first_epoch_is_not_evaluated(tmp_path):
+    """The fast recipe scores MNIST every other epoch (CIFAR-10 every 4th): epoch 1 has no test_loss/test_error,
+    and the CSV's columns were taken from that first record alone, so metrics.csv never showed the test error."""
+    from nin.engine.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, keep_epochs=0)
+    log.append({"epoch": 1, "train_loss": 2.0, "eval_time_s": 0.0})
+    log.append({"epoch": 2, "train_loss": 1.0, "test_loss": 0.5, "test_error": 0.125, "eval_time_s": 1.0})
+    log.close()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert rows[1]["test_error"] == "0.125" and rows[1]["test_loss"] == "0.5"
+    assert rows[0]["test_error"] == "" and rows[0]["train_loss"] == "2.0"
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "epoch,train_loss,test_loss,test_error,eval_time_s"  # as the records order them

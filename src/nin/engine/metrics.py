@@ -60,6 +60,19 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = False) -> list[di
     return records
 
 
+def _columns(records: list[dict]) -> list[str]:
+    """Every key of ``records``, each new one placed after the key it follows in its record: epochs that were not
+    evaluated lack test_loss / test_error, and the first epoch is often one of them (the fast recipe)."""
+    columns: list[str] = []
+    for record in records:
+        previous = None
+        for key in record:
+            if key not in columns:
+                columns.insert(columns.index(previous) + 1 if previous is not None else 0, key)
+            previous = key
+    return columns
+
+
 class MetricsLog:
     """Appends one record per epoch to metrics.jsonl and metrics.csv, and to TensorBoard when installed."""
 
@@ -84,7 +97,7 @@ class MetricsLog:
         if not self.records:
             return
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(self.records[0]), extrasaction="ignore")
+        writer = csv.DictWriter(text, fieldnames=_columns(self.records), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.records)
         atomic_write_bytes(self.out / "metrics.csv", text.getvalue().encode())

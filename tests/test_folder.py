@@ -282,3 +282,24 @@ def test_evaluate_pretrained_weights_on_a_folder_labels_by_class_name(folder, da
     assert main(["evaluate", "fast-fashion-mnist", "--dataset", "mnist", "--data-dir", str(data_root)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "T-shirt/top" in err and "mnist" in err and "Traceback" not in err
+
+
+def test_evaluate_a_held_out_run_on_another_folder_scores_all_of_it(flat, tmp_path, capsys):
+    """A run trained on a folder without test/ is scored on its 10% held out; `nin evaluate RUN --data-dir OTHER`
+    held out the same 10% of OTHER too, silently scoring 18 of its 180 images. Its own folder keeps the 18."""
+    import shutil
+
+    out = tmp_path / "held"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(flat), "--epochs", "1", "--batch-size", "64",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    shutil.copytree(flat, other)
+    assert main(["evaluate", str(out), "--data-dir", str(other), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 180
+    assert main(["evaluate", str(out), "--dataset", "folder", "--data-dir", str(other), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 180
+    assert main(["evaluate", str(out), "--data-dir", str(flat), "--json"]) == 0  # its own folder, named
+    assert json.loads(capsys.readouterr().out)["n"] == 18
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 18

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin import distributed
-from nin.data import ImageDataset, TensorLoader, load_dataset
+from nin.data import ImageDataset, TensorLoader, load_dataset, resolve_root
 from nin.data.readers import read_cifar_binary
 from nin.errors import NinError
 from nin.inference import inference_model, predict_logits
@@ -131,8 +131,11 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         dataset = dataset or meta.get("dataset")
         if not dataset:
             raise NinError(f"{weights}: names no data set; pass --dataset")
+        recorded = (meta.get("train_config") or {}).get("data_dir")
+        # the run's held-out part (--val-split) is of its own folder; another folder is scored whole
+        own_folder = own and (data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve())
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
-            data_dir = (meta.get("train_config") or {}).get("data_dir")
+            data_dir = recorded
         size_args = {}
         # A user's folder: the model's input size, the model's own class list (also for another model's folder: a
         # sub-folder is labelled by its name's index there, not by its sorted position), and the held-out part
@@ -141,7 +144,8 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
             train = meta.get("train_config") or {}
             size_args = {"image_size": config.input_size, "channels": config.in_channels,
                          "classes": meta.get("classes") or None,
-                         "val_split": (train.get("val_split") or 0.0) if own else 0.0, "seed": train.get("seed", 0)}
+                         "val_split": (train.get("val_split") or 0.0) if own_folder else 0.0,
+                         "seed": train.get("seed", 0)}
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     theirs = meta.get("classes")

@@ -44,6 +44,18 @@ def test_dry_run_resolves_recipe_and_overrides(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_the_data_folder_from_nin_data_is_recorded_as_an_absolute_path(capsys, tmp_path, monkeypatch):
+    """A run trained with $NIN_DATA (relative, as the README writes it) records where its data is, so that a
+    resume or evaluate from another directory or shell finds it; without either the cache is not recorded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NIN_DATA", "data")
+    assert main(["train", "--dataset", "mnist", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_config"]["data_dir"] == str(tmp_path / "data")
+    monkeypatch.delenv("NIN_DATA")
+    assert main(["train", "--dataset", "mnist", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_config"]["data_dir"] is None
+
+
 def test_bad_flags_give_one_line_and_exit_nonzero(capsys):
     assert main(["train", "--dataset", "mnist", "--set", "lr=abc", "--dry-run"]) == 1
     err = capsys.readouterr().err

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin.layers import GlobalAvgPool, MLPConv, patch_whitening_
-from nin.models import NiN, NiNConfig, get_model, list_models, model_config, original_layer_names
+from nin.models import NiNConfig, get_model, list_models, model_config, original_layer_names
 
 EXPECT = Path(__file__).parent / "expect"
 

@@ -478,6 +478,17 @@ def test_serve_limits_are_checked_before_serving(capsys, monkeypatch, flag, valu
     _one_line(capsys, "serve", f"{flag} ", needle)
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line(capsys, monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn", reason="nin serve needs the serve extra")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("nin serve started on a port in use"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(MNIST), "--host", "127.0.0.1", "--port", str(port)]) == 1
+    _one_line(capsys, "serve", f"--port {port}", "cannot listen there")
+
+
 @pytest.mark.parametrize("assignment, needle", [
     ("translate=1000000", "translate must be smaller than the 28-pixel input"),
     ("model.pool_kernel=1000", "a 28×28 input does not fit through its layers"),

@@ -141,6 +141,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _given_data_root(data_dir: str | None) -> str | None:
+    """The data folder a command was given, as an absolute path: ``--data-dir``, else ``$NIN_DATA``, else None
+    (the per-user cache, which a run need not record)."""
+    given = data_dir or os.environ.get("NIN_DATA")
+    return str(Path(given).expanduser().resolve()) if given else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -154,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run = Path(args.resume)
         if not (run / "checkpoint.safetensors").is_file():
-            raise NinError(f"--resume {run}: no checkpoint.safetensors there")
+            raise NinError(f"--resume {run}: no checkpoint.safetensors there (a run stopped before its first "
+                           "checkpoint has nothing to continue: start it again with the command that started it)")
         fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
                  "--out": args.out, "--seed": args.seed, "--val-split": args.val_split,
                  "--image-size": args.image_size,
@@ -172,14 +180,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
             train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
-                  device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).resolve()))
+                  device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).expanduser().resolve()))
         return 0
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
     cfg = recipe(args.recipe, args.dataset)
     changes = {
         "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
-        "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),  # a resume from elsewhere finds it
+        # the data folder as an absolute path (--data-dir, else $NIN_DATA): a resume or evaluate from elsewhere finds it
+        "data_dir": _given_data_root(args.data_dir),
         "seed": args.seed, "train_subset": args.train_subset, "augment": args.augment,
         "checkpoint_every": args.checkpoint_every, "val_split": args.val_split,
     }

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import math
+import socket
 import threading
 from importlib import resources
 from pathlib import Path
@@ -315,6 +316,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "1 gave the lowest latency on a busy 2-core host, docs/deploy.md)")
 
 
+def check_address(host: str, port: int) -> None:
+    """One line, before the model is loaded, when ``host:port`` cannot be listened on (a port in use, an address
+    not this machine's), where uvicorn would print its own log lines and exit 3.
+
+    Raises:
+        NinError: The address cannot be bound.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            probe.bind((host, port))
+    except OSError as e:
+        raise NinError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                       "is another server on that port? choose another --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -332,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
                        f"{UPLOAD_BYTES_CEILING // 2**20} (MiB)")
     upload_bytes = int(megabytes * 2**20)
     check_limits(upload_bytes, args.max_pixels)  # before the model is loaded
+    check_address(args.host, args.port)
     app = create_app(args.weights, max_upload_bytes=upload_bytes, max_pixels=args.max_pixels)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

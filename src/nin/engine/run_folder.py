@@ -44,7 +44,7 @@ def run_folder_lock(out: Path, *, resume: bool):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise NinError(f"--out {out}: another nin process (PID {_lock_holder(fd)}) is writing this run folder; "
+            raise NinError(f"{'--resume' if resume else '--out'} {out}: another nin process (PID {_lock_holder(fd)}) is writing this run folder; "
                            "wait for it or stop it first") from None
         check_output_dir(out, resume=resume)  # what the holder before us may have left
         yield

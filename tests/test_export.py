@@ -129,6 +129,9 @@ def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "m.pt").is_file() and (tmp_path / "m.pt.json").is_file()
     assert main(["export", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 1
     assert "missing.safetensors" in capsys.readouterr().err
+    for fmt, name in [("onnx", "m.txt"), ("torchscript", "m.onnx")]:  # a file `--backend` would not recognise
+        assert main(["export", str(MNIST), "--format", fmt, "--out", str(tmp_path / name)]) == 1
+        assert "is written as FILE." in capsys.readouterr().err and not (tmp_path / name).exists()
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were absent
     with pytest.raises(NinError, match="network-in-network\\[openvino\\]"):
         export_openvino(MNIST, tmp_path / "m.xml")

@@ -175,8 +175,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_pat
     cfg = dataclasses.replace(recipe("paper", "mnist"), train_subset=512, eval_subset=100, epochs=3, lr=1e9,
                               precision="fp32", stall_check_steps=0, checkpoint_every=1)
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
-    with pytest.raises(NonFiniteLoss, match=f"last good checkpoint stays in {ckpt}"):
+    with pytest.raises(NonFiniteLoss, match=f"last good checkpoint stays in {ckpt}") as stopped:
         train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert "--set model.batch_norm=true" in str(stopped.value)  # the paper's model has none: the advice applies
     tensors, _ = load_state(ckpt)  # the checkpoint the message names exists, with finite weights
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
 

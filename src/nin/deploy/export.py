@@ -170,6 +170,9 @@ def claim_outputs(weights: str | Path, path: str | Path, format: str, *, force: 
             earlier export of this format (unless ``force``).
     """
     path = Path(path)
+    if path.suffix != FORMATS[format]:  # the suffix is how `nin predict --backend ...` recognises the file
+        raise NinError(f"--out {path}: --format {format} is written as FILE{FORMATS[format]}"
+                       + (" (plus FILE.bin)" if format == "openvino" else ""))
     outputs = [path, *([path.with_suffix(".bin")] if format == "openvino" else []), _sidecar_path(path)]
     source = resolve(weights)
     for output in outputs:
@@ -316,8 +319,6 @@ def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET
         raise NinError('--format openvino needs the openvino package: pip install "network-in-network[openvino]"') from None
     check_opset(opset)
     path = Path(path)
-    if path.suffix != ".xml":
-        raise NinError(f"--out {path}: OpenVINO IR is written as FILE.xml (plus FILE.bin)")
     claim_outputs(weights, path, "openvino", force=force)
     module, meta = build_exported(weights)
     with tempfile.TemporaryDirectory(prefix="nin-openvino-") as folder:

@@ -118,8 +118,9 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
                                   amp_dtype=run.amp_dtype, memory_format=run.memory_format, check_finite=check)
         if loss is None:
             raise NonFiniteLoss(f"the training loss became non-finite at epoch {state.epoch + 1}, step "
-                                f"{state.step + 1}; {_last_good(run)}. Lower the lr (--set lr=...) or turn on "
-                                f"batch norm (--set model.batch_norm=true)")
+                                f"{state.step + 1}; {_last_good(run)}. Lower the lr (--set lr=...)"
+                                + ("" if run.meta["model_config"].get("batch_norm") else
+                                   " or turn on batch norm (--set model.batch_norm=true)"))
         if state.ema is not None:
             state.ema.update(state.model)
         state.totals.add(loss, logits, labels)

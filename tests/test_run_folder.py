@@ -177,7 +177,8 @@ def test_dropout_streams_differ_per_rank_and_step():
 
 def test_top_k_and_batch_size_must_be_positive(capsys):
     for argv in (["predict", "w", "x.png", "--top-k", "0"], ["predict", "w", "x.png", "--top-k", "-1"],
-                 ["evaluate", "w", "--batch-size", "0"], ["evaluate", "w", "--batch-size", "-5"]):
+                 ["evaluate", "w", "--batch-size", "0"], ["evaluate", "w", "--batch-size", "-5"],
+                 ["train", "--dataset", "mnist", "--train-subset", "0"]):  # 0 trained on all of them, silently
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2

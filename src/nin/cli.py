@@ -61,7 +61,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<recipe>)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
+    p.add_argument("--train-subset", type=_positive_int, metavar="N",
+                   help="train on the first N training images (leave it out for all of them)")
     p.add_argument("--val-split", type=float, metavar="FRACTION",
                    help="image folders: hold out FRACTION of each class of the training images as the test split "
                         "(stratified, seeded by --seed; default 0.1 when the folder has no test/ sub-folder)")

@@ -60,6 +60,8 @@ def test_bad_flags_give_one_line_and_exit_nonzero(capsys):
     assert main(["train", "--dataset", "mnist", "--set", "lr=abc", "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--set lr" in err and "Traceback" not in err
+    assert main(["train", "--dataset", "mnist", "--image-size", "64", "--dry-run"]) == 1
+    assert "for image folders only" in capsys.readouterr().err
     assert main(["train", "--dataset", "mnist", "--model", "nin_foo", "--dry-run"]) == 1
     assert "unknown model 'nin_foo'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

@@ -197,6 +197,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_from:
         cfg = starting_from(cfg, args.init_from, keep_model=args.model is not None)
     if args.image_size:
+        if args.dataset != "folder":  # a named data set's images have one size, which its model is built for
+            raise NinError(f"--image-size {args.image_size}: for image folders only (--dataset folder); "
+                           f"{args.dataset}'s images have a fixed size")
         cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "input_size": args.image_size})
     cfg = apply_overrides(cfg, args.set)
     validate(cfg)

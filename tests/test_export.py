@@ -131,7 +131,9 @@ def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
     assert "missing.safetensors" in capsys.readouterr().err
     for fmt, name in [("onnx", "m.txt"), ("torchscript", "m.onnx")]:  # a file `--backend` would not recognise
         assert main(["export", str(MNIST), "--format", fmt, "--out", str(tmp_path / name)]) == 1
-        assert "is written as FILE." in capsys.readouterr().err and not (tmp_path / name).exists()
+        err = capsys.readouterr().err
+        assert "is written as FILE." in err and not (tmp_path / name).exists()
+    assert err.strip().endswith("for a .onnx file, --format onnx")  # the format the suffix asks for
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were absent
     with pytest.raises(NinError, match="network-in-network\\[openvino\\]"):
         export_openvino(MNIST, tmp_path / "m.xml")

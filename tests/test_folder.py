@@ -303,3 +303,21 @@ def test_evaluate_a_held_out_run_on_another_folder_scores_all_of_it(flat, tmp_pa
     assert json.loads(capsys.readouterr().out)["n"] == 18
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 18
+
+
+def test_numbered_classes_label_a_complete_folder_of_other_names_in_sorted_order(tmp_path):
+    """A model imported without class names (classes "0".."n-1", as `nin import-caffe --arch nin_imagenet` stores)
+    scores a folder of synset-named sub-folders in sorted order, as Caffe labels them; only a complete one."""
+    from nin.errors import DataError
+    from nin.data.folders import list_image_folder
+
+    for name in ("n03", "n01", "n02"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "a.png")
+    samples, classes = list_image_folder(tmp_path, ["0", "1", "2"])
+    assert classes == ["n01", "n02", "n03"] and [(p.parent.name, label) for p, label in samples] == \
+        [("n01", 0), ("n02", 1), ("n03", 2)]
+    with pytest.raises(DataError, match="a folder of all 4 classes is labelled in sorted order; this one has 3"):
+        list_image_folder(tmp_path, ["0", "1", "2", "3"])
+    with pytest.raises(DataError, match="class 'n01' is not in the class list"):  # named classes: refused as before
+        list_image_folder(tmp_path, ["cat", "dog", "ship"])

@@ -380,8 +380,7 @@ def test_export_writes_only_new_files_or_its_own(tmp_path, capsys):
     # an earlier export of the same format is replaced without --force; a user's file with it
     assert main(["export", str(mine), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
     assert main(["export", str(mine), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
-    assert main(["export", str(mine), "--format", "torchscript", "--out", str(tmp_path / "user.onnx"),
-                 "--force"]) == 0
+    assert main(["export", str(mine), "--out", str(tmp_path / "user.onnx"), "--force"]) == 0
     assert mine.read_bytes() == weights and (tmp_path / "elsewhere.txt").read_text() == "a file elsewhere"
     from nin.deploy.export import claim_outputs  # OpenVINO's .bin is claimed too (the package is optional)
 

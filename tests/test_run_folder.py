@@ -178,7 +178,8 @@ def test_dropout_streams_differ_per_rank_and_step():
 def test_top_k_and_batch_size_must_be_positive(capsys):
     for argv in (["predict", "w", "x.png", "--top-k", "0"], ["predict", "w", "x.png", "--top-k", "-1"],
                  ["evaluate", "w", "--batch-size", "0"], ["evaluate", "w", "--batch-size", "-5"],
-                 ["train", "--dataset", "mnist", "--train-subset", "0"]):  # 0 trained on all of them, silently
+                 ["train", "--dataset", "mnist", "--train-subset", "0"],  # 0 trained on all of them, silently
+                 ["reproduce", "table4", "--train-subset", "0", "--dry-run"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
@@ -226,8 +227,10 @@ def test_weights_with_nan_are_refused_in_one_line(tmp_path, capsys):
     _one_line(capsys, str(bad), key, "NaN")
 
 
-def test_resume_finds_moved_data_by_data_dir_and_refuses_other_data(data_root, tmp_path, capsys):
+def test_resume_finds_moved_data_by_data_dir_and_refuses_other_data(data_root, tmp_path, capsys, monkeypatch):
     import shutil
+
+    monkeypatch.delenv("NIN_DATA")  # set by conftest; a set $NIN_DATA would be where the data moved
 
     moved = tmp_path / "data"
     shutil.copytree(data_root / "mnist", moved / "mnist")
@@ -248,6 +251,25 @@ def test_resume_finds_moved_data_by_data_dir_and_refuses_other_data(data_root, t
                  "--device", "cpu"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+def test_a_run_trained_through_nin_data_finds_its_data_from_any_shell(data_root, tmp_path, capsys, monkeypatch):
+    """$NIN_DATA is recorded like --data-dir; when the recorded folder is gone, a set $NIN_DATA is where the data
+    moved (checked by its sha256), and the resumed run records the new place for shells without $NIN_DATA."""
+    import shutil
+
+    shutil.copytree(data_root / "mnist", tmp_path / "d1" / "mnist")
+    out = tmp_path / "run"
+    monkeypatch.setenv("NIN_DATA", str(tmp_path / "d1"))
+    assert main(["train", "--dataset", "mnist", "--train-subset", "128", "--set", "eval_subset=100", "--batch-size",
+                 "32", "--epochs", "1", "--out", str(out), "--device", "cpu"]) == 0
+    shutil.move(str(tmp_path / "d1"), str(tmp_path / "d2"))
+    monkeypatch.setenv("NIN_DATA", str(tmp_path / "d2"))
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 0
+    monkeypatch.delenv("NIN_DATA")  # another shell
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10000  # every MNIST test image, read from d2
 
 
 @pytest.mark.parametrize("case", ["meta-not-object", "classes-short", "classes-not-list", "input-size-huge",

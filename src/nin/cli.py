@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nin.__about__ import __version__
 from nin.data.datasets import DATASET_NAMES, FOLDER
+from nin.errors import positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -61,12 +62,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<recipe>)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--train-subset", type=_positive_int, metavar="N",
+    p.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N training images (leave it out for all of them)")
     p.add_argument("--val-split", type=float, metavar="FRACTION",
                    help="image folders: hold out FRACTION of each class of the training images as the test split "
                         "(stratified, seeded by --seed; default 0.1 when the folder has no test/ sub-folder)")
-    p.add_argument("--image-size", type=_positive_int, metavar="PIXELS",
+    p.add_argument("--image-size", type=positive_int, metavar="PIXELS",
                    help="image folders: the model's input size; every image's centre square is resized to it "
                         "(default: the model's, 32 for nin_cifar10; = --set model.input_size=PIXELS)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -90,7 +91,7 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the model's)")
     p.add_argument("--data-file", metavar="FILE",
                    help="evaluate on one CIFAR binary batch file (CIFAR-10 layout; CIFAR-100's for 100-class models)")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -98,8 +99,8 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
-    p.add_argument("--top-k", type=_positive_int, default=5)
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded and scored at a time")
+    p.add_argument("--top-k", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and scored at a time")
     p.add_argument("--output", metavar="FILE", help="write one row per image to FILE.csv or FILE.jsonl")
     p.add_argument("--backend", default="torch", metavar="NAME",
                    help="torch (default: nin's inference path, as `nin evaluate`), torch-fp32, torch-folded, torchscript, "
@@ -132,15 +133,6 @@ def _extension(module: str):
         raise
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 def _given_data_root(data_dir: str | None) -> str | None:
     """The data folder a command was given, as an absolute path: ``--data-dir``, else ``$NIN_DATA``, else None
@@ -161,6 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     command = shlex.join(["nin", *sys.argv[1:]]) if sys.argv else None
     if args.resume:
         run = Path(args.resume)
+        if not run.is_dir():
+            raise NinError(f"--resume {run}: no such run folder")
         if not (run / "checkpoint.safetensors").is_file():
             raise NinError(f"--resume {run}: no checkpoint.safetensors there (a run stopped before its first "
                            "checkpoint has nothing to continue: start it again with the command that started it)")

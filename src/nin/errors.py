@@ -1,5 +1,7 @@
 """Errors that the command line reports as one plain line (no traceback unless --debug)."""
 
+import argparse
+
 
 class NinError(Exception):
     """A user-facing error: the message names what is wrong and where."""
@@ -19,3 +21,14 @@ class NonFiniteLoss(NinError):
 
 class CheckpointError(NinError):
     """A checkpoint or weights file is missing, damaged, or belongs to another model."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of 1 or more, refused by argparse in one line otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin import distributed
-from nin.data import ImageDataset, TensorLoader, load_dataset, resolve_root
+from nin.data import ImageDataset, TensorLoader, load_dataset, recorded_root, resolve_root
 from nin.data.readers import read_cifar_binary
 from nin.errors import NinError
 from nin.inference import inference_model, predict_logits
@@ -135,7 +135,7 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         # the run's held-out part (--val-split) is of its own folder; another folder is scored whole
         own_folder = own and (data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve())
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
-            data_dir = recorded
+            data_dir = recorded_root(recorded)
         size_args = {}
         # A user's folder: the model's input size, the model's own class list (also for another model's folder: a
         # sub-folder is labelled by its name's index there, not by its sorted position), and the held-out part

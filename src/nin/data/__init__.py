@@ -19,6 +19,7 @@ from nin.data.datasets import (
     dataset_info,
     load_cifar10_lossless_first1000,
     load_dataset,
+    recorded_root,
     resolve_root,
 )
 from nin.data.download import (
@@ -50,6 +51,7 @@ __all__ = [
     "extract_archive",
     "load_cifar10_lossless_first1000",
     "load_dataset",
+    "recorded_root",
     "resolve_root",
     "shard_indices",
     "verify_checksum",

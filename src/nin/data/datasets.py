@@ -142,6 +142,13 @@ class ImageDataset:
         return f"ImageDataset({self.name!r}, {len(self)} images of {shape} {self.images.dtype}, classes: {classes})"
 
 
+def recorded_root(recorded: str | None) -> str | None:
+    """Where a run's own data is when a command names no folder: the folder its run recorded, while it exists;
+    else None, which `resolve_root` reads as $NIN_DATA, else the per-user cache (the data moved, or weights
+    trained on another machine)."""
+    return recorded if recorded and Path(recorded).expanduser().is_dir() else None
+
+
 def resolve_root(root: str | os.PathLike | None) -> Path:
     """The data root: the argument if given, else $NIN_DATA, else the per-user cache (~/.cache/nin).
 

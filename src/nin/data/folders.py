@@ -113,12 +113,20 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
         root: The tree, <root>/<class>/<image>.
         classes: The class list in label order (e.g. the training split's, or a model's); a sub-folder outside
             it is refused, and a class without a sub-folder is fine. Default: the sub-folders, sorted by name.
+            Numbered classes ("0" to "n-1", a model imported without names) and sub-folders of other names: the
+            folder must hold all n, labelled in sorted order (as Caffe labels ImageNet's synset folders).
 
     Returns:
         The samples in (sub-folder name, file name) order, and the class names.
     """
     found = list_image_classes(root)
     classes = found if classes is None else list(classes)
+    if classes == [str(i) for i in range(len(classes))] and not set(found) <= set(classes):
+        if len(found) != len(classes):
+            raise DataError(f"{root}: the model's classes are numbered 0 to {len(classes) - 1} and these "
+                            f"sub-folders are named ({found[0]}, ...): a folder of all {len(classes)} classes is "
+                            f"labelled in sorted order; this one has {len(found)}")
+        classes = found
     samples = []
     for name in found:
         if name not in classes:

@@ -170,15 +170,17 @@ def claim_outputs(weights: str | Path, path: str | Path, format: str, *, force: 
             earlier export of this format (unless ``force``).
     """
     path = Path(path)
-    if path.suffix != FORMATS[format]:  # the suffix is how `nin predict --backend ...` recognises the file
-        raise NinError(f"--out {path}: --format {format} is written as FILE{FORMATS[format]}"
-                       + (" (plus FILE.bin)" if format == "openvino" else ""))
     outputs = [path, *([path.with_suffix(".bin")] if format == "openvino" else []), _sidecar_path(path)]
     source = resolve(weights)
     for output in outputs:
         landing = output_path(output)  # `sub/../w.safetensors` is w.safetensors once the write makes sub/
         if landing.exists() and source.exists() and os.path.samefile(landing, source):  # links, hard links too
             raise NinError(f"--out {path}: {output} is the weights file being exported; choose another name")
+    if path.suffix != FORMATS[format]:  # the suffix is how `nin predict --backend ...` recognises the file
+        other = next((f for f, suffix in FORMATS.items() if suffix == path.suffix), None)
+        raise NinError(f"--out {path}: --format {format} is written as FILE{FORMATS[format]}"
+                       + (" (plus FILE.bin)" if format == "openvino" else "")
+                       + (f"; for a {path.suffix} file, --format {other}" if other else ""))
     earlier = _earlier_export(path, format)  # then its graph, .bin and sidecar are all that export's
     for output in outputs:
         claim_output(output, flag="--out", force=force, ours=lambda _: earlier)

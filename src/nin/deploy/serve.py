@@ -24,6 +24,7 @@ together did not pay (docs/deploy.md has the measurement).
 import argparse
 import asyncio
 import concurrent.futures
+import errno
 import math
 import socket
 import threading
@@ -318,19 +319,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_address(host: str, port: int) -> None:
     """One line, before the model is loaded, when ``host:port`` cannot be listened on (a port in use, an address
-    not this machine's), where uvicorn would print its own log lines and exit 3.
+    not this machine's), where uvicorn would print its own log lines and exit 3. Binds as asyncio's server does:
+    every address the host resolves to, IPv6 ones IPv6-only, skipping those this machine lacks.
 
     Raises:
         NinError: The address cannot be bound.
     """
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise NinError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    bound = 0
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
-            probe.bind((host, port))
-    except OSError as e:
-        raise NinError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
-                       "is another server on that port? choose another --port") from None
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL:  # e.g. ::1 where IPv6 is off
+                    continue
+                in_use = e.errno == errno.EADDRINUSE
+                advice = "; is another server on that port? choose another --port" if in_use else ""
+                raise NinError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}){advice}") \
+                    from None
+            bound += 1
+    if not bound:
+        raise NinError(f"--host {host}: not an address of this machine")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -20,7 +21,7 @@ from torch import nn
 
 from nin import distributed
 from nin.checkpoint import git_revision, load_checkpoint
-from nin.data import TensorLoader, load_dataset, resolve_root
+from nin.data import TensorLoader, load_dataset, recorded_root, resolve_root
 from nin.engine.config import TrainConfig, validate
 from nin.engine.metrics import MetricsLog
 from nin.engine.optim import Ema, make_optimizer
@@ -104,6 +105,8 @@ def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_me
         cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
         if "val_split" not in saved_meta["train_config"]:
             cfg = dataclasses.replace(cfg, val_split=0.0)
+        if data_dir is None and cfg.data_dir and recorded_root(cfg.data_dir) is None and os.environ.get("NIN_DATA"):
+            data_dir = Path(os.environ["NIN_DATA"]).expanduser().resolve()  # the data moved; its sha256 is checked
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
                                                         ("data_dir", data_dir and str(data_dir))) if v is not None})
     cfg = _held_out_split(cfg)

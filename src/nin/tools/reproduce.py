@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nin.errors import NinError
+from nin.errors import NinError, positive_int
 from nin.tools.experiments import EXPERIMENTS, PlannedRun, RunSpec, plan
 from nin.tools.report import PAPER_ROWS, TABLE5_SMALL_ROWS, write_report
 from nin.tools.results import claim_record, record_run, reevaluate
@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
         p.add_argument("--out-root", default="runs", help="run folders go to OUT_ROOT/<name> (default: runs)")
-        p.add_argument("--epochs", type=int, help="epochs for every run (default: the recipe's)")
-        p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
+        p.add_argument("--epochs", type=positive_int, help="epochs for every run (default: the recipe's)")
+        p.add_argument("--train-subset", type=positive_int, metavar="N",
+                       help="train on the first N training images (leave it out for all of them)")
         p.add_argument("--dry-run", action="store_true", help="print the nin train commands and exit")
         p.add_argument("--gpu", action="store_true", help="train on cuda (--device cuda)")
         p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",

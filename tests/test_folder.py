@@ -308,16 +308,17 @@ def test_evaluate_a_held_out_run_on_another_folder_scores_all_of_it(flat, tmp_pa
 def test_numbered_classes_label_a_complete_folder_of_other_names_in_sorted_order(tmp_path):
     """A model imported without class names (classes "0".."n-1", as `nin import-caffe --arch nin_imagenet` stores)
     scores a folder of synset-named sub-folders in sorted order, as Caffe labels them; only a complete one."""
+    from nin.data.folders import NumberedClasses, list_image_folder
     from nin.errors import DataError
-    from nin.data.folders import list_image_folder
 
     for name in ("n03", "n01", "n02"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (4, 4)).save(tmp_path / name / "a.png")
-    samples, classes = list_image_folder(tmp_path, ["0", "1", "2"])
+    samples, classes = list_image_folder(tmp_path, NumberedClasses(["0", "1", "2"]))
     assert classes == ["n01", "n02", "n03"] and [(p.parent.name, label) for p, label in samples] == \
         [("n01", 0), ("n02", 1), ("n03", 2)]
     with pytest.raises(DataError, match="a folder of all 4 classes is labelled in sorted order; this one has 3"):
-        list_image_folder(tmp_path, ["0", "1", "2", "3"])
-    with pytest.raises(DataError, match="class 'n01' is not in the class list"):  # named classes: refused as before
-        list_image_folder(tmp_path, ["cat", "dog", "ship"])
+        list_image_folder(tmp_path, NumberedClasses(["0", "1", "2", "3"]))
+    for named in (["cat", "dog", "ship"], ["0", "1", "2"]):  # named classes (MNIST's are digits): refused as before
+        with pytest.raises(DataError, match="class 'n01' is not in the class list"):
+            list_image_folder(tmp_path, named)

@@ -426,7 +426,7 @@ def test_resume_damaged_or_foreign_checkpoints(capsys, tmp_path, baseline, weigh
         assert _digest([run / "checkpoint.safetensors"]) == before, name
         assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors"], name  # nothing written
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 1
-    _one_line_error(capsys, "train", "no checkpoint.safetensors")
+    _one_line_error(capsys, "train", "no such run folder")
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 1
     _one_line_error(capsys, "train", "no checkpoint.safetensors")

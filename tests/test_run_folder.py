@@ -270,6 +270,10 @@ def test_a_run_trained_through_nin_data_finds_its_data_from_any_shell(data_root,
     capsys.readouterr()
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 10000  # every MNIST test image, read from d2
+    (tmp_path / "cache").mkdir()
+    shutil.move(str(tmp_path / "d2"), str(tmp_path / "cache" / "nin"))  # the recorded d2 gone, its data in the cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--device", "cpu"]) == 0
 
 
 @pytest.mark.parametrize("case", ["meta-not-object", "classes-short", "classes-not-list", "input-size-huge",

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from nin import distributed
 from nin.data import ImageDataset, TensorLoader, load_dataset, recorded_root, resolve_root
+from nin.data.folders import NumberedClasses
 from nin.data.readers import read_cifar_binary
 from nin.errors import NinError
 from nin.inference import inference_model, predict_logits
@@ -111,6 +112,15 @@ def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--dat
     return ImageDataset(images, labels, [str(k) for k in range(num_classes)], path.name)
 
 
+def _model_classes(meta: dict) -> list[str] | None:
+    """The class list a folder is labelled by: the model's; numbered placeholders of a model imported without
+    names (no data set) marked as such, so that a complete folder of synsets is labelled in sorted order."""
+    classes = meta.get("classes") or None
+    if classes and not meta.get("dataset") and classes == [str(i) for i in range(len(classes))]:
+        return NumberedClasses(classes)
+    return classes
+
+
 def _first(names, count: int = 3) -> str:
     """A class list for a one-line message: its first names."""
     names = list(names)
@@ -135,7 +145,7 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         # the run's held-out part (--val-split) is of its own folder; another folder is scored whole
         own_folder = own and (data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve())
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
-            data_dir = recorded_root(recorded)
+            data_dir = recorded_root(recorded, dataset)
         size_args = {}
         # A user's folder: the model's input size, the model's own class list (also for another model's folder: a
         # sub-folder is labelled by its name's index there, not by its sorted position), and the held-out part
@@ -143,7 +153,7 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         if dataset == "folder":
             train = meta.get("train_config") or {}
             size_args = {"image_size": config.input_size, "channels": config.in_channels,
-                         "classes": meta.get("classes") or None,
+                         "classes": _model_classes(meta),
                          "val_split": (train.get("val_split") or 0.0) if own_folder else 0.0,
                          "seed": train.get("seed", 0)}
         data = load_dataset(dataset, split, data_dir, **size_args)

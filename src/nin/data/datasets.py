@@ -142,11 +142,17 @@ class ImageDataset:
         return f"ImageDataset({self.name!r}, {len(self)} images of {shape} {self.images.dtype}, classes: {classes})"
 
 
-def recorded_root(recorded: str | None) -> str | None:
+def recorded_root(recorded: str | None, dataset: str | None = None) -> str | None:
     """Where a run's own data is when a command names no folder: the folder its run recorded, while it exists;
-    else None, which `resolve_root` reads as $NIN_DATA, else the per-user cache (the data moved, or weights
-    trained on another machine)."""
-    return recorded if recorded and Path(recorded).expanduser().is_dir() else None
+    else $NIN_DATA, else the per-user cache, where that folder exists (the data moved, or weights trained on
+    another machine); else the recorded folder still, for the error to name it. A user's image folder
+    (``dataset`` "folder") moves only with $NIN_DATA: the cache never holds it."""
+    if not recorded or Path(recorded).expanduser().is_dir():
+        return recorded
+    if dataset == FOLDER.name and not os.environ.get("NIN_DATA"):
+        return recorded
+    fallback = resolve_root(None)
+    return str(fallback.resolve()) if fallback.is_dir() else recorded
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:

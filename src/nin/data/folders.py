@@ -17,7 +17,7 @@ import torch
 from nin.data.images import DEFAULT_MAX_PIXELS, read_image
 from nin.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "list_image_classes", "list_image_folder", "read_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "list_images", "list_image_classes", "list_image_folder", "read_image_folder"]
 
 # What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
@@ -103,6 +103,11 @@ def list_image_classes(root: Path) -> list[str]:
     return classes
 
 
+class NumberedClasses(list):
+    """The class list of a model imported without class names ("0" to "n-1", as `nin import-caffe --arch
+    nin_imagenet` stores it): a folder of other names is labelled in sorted order (see `list_image_folder`)."""
+
+
 def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """List (file, label) pairs of a class-per-sub-folder tree.
 
@@ -113,20 +118,20 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
         root: The tree, <root>/<class>/<image>.
         classes: The class list in label order (e.g. the training split's, or a model's); a sub-folder outside
             it is refused, and a class without a sub-folder is fine. Default: the sub-folders, sorted by name.
-            Numbered classes ("0" to "n-1", a model imported without names) and sub-folders of other names: the
-            folder must hold all n, labelled in sorted order (as Caffe labels ImageNet's synset folders).
+            `NumberedClasses` (a model imported without class names) and sub-folders of other names: the folder
+            must hold all n, labelled in sorted order (as Caffe labels ImageNet's synset folders).
 
     Returns:
         The samples in (sub-folder name, file name) order, and the class names.
     """
     found = list_image_classes(root)
-    classes = found if classes is None else list(classes)
-    if classes == [str(i) for i in range(len(classes))] and not set(found) <= set(classes):
+    if isinstance(classes, NumberedClasses) and not set(found) <= set(classes):
         if len(found) != len(classes):
-            raise DataError(f"{root}: the model's classes are numbered 0 to {len(classes) - 1} and these "
+            raise DataError(f"{root}: the model has no class names (numbered 0 to {len(classes) - 1}) and these "
                             f"sub-folders are named ({found[0]}, ...): a folder of all {len(classes)} classes is "
                             f"labelled in sorted order; this one has {len(found)}")
         classes = found
+    classes = found if classes is None else list(classes)
     samples = []
     for name in found:
         if name not in classes:

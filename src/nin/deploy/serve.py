@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import errno
 import math
+import shlex
 import socket
 import threading
 from importlib import resources
@@ -328,7 +329,7 @@ def check_address(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise NinError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+        raise NinError(f"--host {shlex.quote(host)}: not an address of this machine ({e.strerror})") from None
     bound = 0
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as probe:
@@ -342,11 +343,11 @@ def check_address(host: str, port: int) -> None:
                     continue
                 in_use = e.errno == errno.EADDRINUSE
                 advice = "; is another server on that port? choose another --port" if in_use else ""
-                raise NinError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}){advice}") \
-                    from None
+                where = f"--host {shlex.quote(host)} --port {port}"
+                raise NinError(f"{where}: cannot listen there ({e.strerror or e}){advice}") from None
             bound += 1
     if not bound:
-        raise NinError(f"--host {host}: not an address of this machine")
+        raise NinError(f"--host {shlex.quote(host)}: not an address of this machine")
 
 
 def run(args: argparse.Namespace) -> int:

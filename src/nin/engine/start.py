@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -105,8 +104,8 @@ def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_me
         cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
         if "val_split" not in saved_meta["train_config"]:
             cfg = dataclasses.replace(cfg, val_split=0.0)
-        if data_dir is None and cfg.data_dir and recorded_root(cfg.data_dir) is None and os.environ.get("NIN_DATA"):
-            data_dir = Path(os.environ["NIN_DATA"]).expanduser().resolve()  # the data moved; its sha256 is checked
+        if data_dir is None and recorded_root(cfg.data_dir, cfg.dataset) != cfg.data_dir:
+            data_dir = recorded_root(cfg.data_dir, cfg.dataset)  # the data moved; its sha256 is checked
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
                                                         ("data_dir", data_dir and str(data_dir))) if v is not None})
     cfg = _held_out_split(cfg)

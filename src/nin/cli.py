@@ -145,38 +145,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from nin import distributed
-    from nin.checkpoint import load_checkpoint
     from nin.engine import apply_overrides, recipe, starting_from, train, validate
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
     command = shlex.join(["nin", *sys.argv[1:]]) if sys.argv else None
     if args.resume:
-        run = Path(args.resume)
-        if not run.is_dir():
-            raise NinError(f"--resume {run}: no such run folder")
-        if not (run / "checkpoint.safetensors").is_file():
-            raise NinError(f"--resume {run}: no checkpoint.safetensors there (a run stopped before its first "
-                           "checkpoint has nothing to continue: start it again with the command that started it)")
-        fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
-                 "--out": args.out, "--seed": args.seed, "--val-split": args.val_split,
-                 "--image-size": args.image_size,
-                 "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
-                 "--init-from": args.init_from,
-                 "--set": args.set or None}
-        given = [flag for flag, value in fixed.items() if value is not None]
-        if given:
-            raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
-                           "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
-        if args.dry_run:  # what the run would continue with; nothing is written
-            _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
-            print(json.dumps({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or
-                              meta["train_config"]["epochs"], "train_config": meta["train_config"]}, indent=2))
-            return 0
-        with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
-            train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
-                  device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).expanduser().resolve()))
-        return 0
+        return _resume(args, command)
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
     cfg = recipe(args.recipe, args.dataset)
@@ -203,6 +178,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(cfg, out, command=command, device=device, stop=stop)
+    return 0
+
+
+def _resume(args: argparse.Namespace, command: str | None) -> int:
+    """`nin train --resume RUN`: the run as it was configured; only its length, checkpoints, device and data's
+    place may change."""
+    from nin import distributed
+    from nin.checkpoint import load_checkpoint
+    from nin.engine import train
+    from nin.errors import NinError
+    from nin.runtime import resolve_device
+
+    run = Path(args.resume)
+    if not run.is_dir():
+        raise NinError(f"--resume {run}: no such run folder")
+    if not (run / "checkpoint.safetensors").is_file():
+        raise NinError(f"--resume {run}: no checkpoint.safetensors there (a run stopped before its first "
+                       "checkpoint has nothing to continue: start it again with the command that started it)")
+    fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
+             "--out": args.out, "--seed": args.seed, "--val-split": args.val_split,
+             "--image-size": args.image_size,
+             "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
+             "--init-from": args.init_from,
+             "--set": args.set or None}
+    given = [flag for flag, value in fixed.items() if value is not None]
+    if given:
+        raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
+                       "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
+    if args.dry_run:  # what the run would continue with; nothing is written
+        _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
+        print(json.dumps({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or
+                          meta["train_config"]["epochs"], "train_config": meta["train_config"]}, indent=2))
+        return 0
+    with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
+        train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
+              device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).expanduser().resolve()))
     return 0
 
 

@@ -14,7 +14,6 @@ Set NIN_FAULT_SEED to replay the kill moments of a failing run (the seed is in e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -49,6 +48,8 @@ from nin.errors import CheckpointError
 from nin.models import get_model
 from nin.pretrained import load
 from nin.transforms import Preprocessing, fit_preprocessing
+
+from guards import no_hang
 
 SRC = Path(nin.__file__).resolve().parent
 FAULT_SEED = int(os.environ.get("NIN_FAULT_SEED", random.SystemRandom().randrange(2**31)))
@@ -544,19 +545,6 @@ def test_restricted_unpickler_refuses_every_global_outside_the_list(tmp_path):
 # ---- property tests ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _no_hang(seconds: int = 20):
-    def alarm(signum, frame):
-        raise TimeoutError(f"no answer within {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 @st.composite
 def _uint8_batches(draw):
@@ -604,7 +592,7 @@ def test_readers_on_random_bytes_raise_data_error_only(tmp_path_factory, header,
     path = folder / name
     readers = [lambda: read_idx(path, 2051), lambda: read_idx(path, 2049), lambda: read_cifar_binary(path, 10),
                lambda: read_pickle_dict(path), lambda: read_image(path, 8, 3)]
-    with _no_hang():
+    with no_hang():
         for read in readers:
             try:
                 read()
@@ -624,7 +612,7 @@ def test_damaged_checkpoint_bytes_give_checkpoint_error_or_load(tmp_path_factory
         data = data[: cuts[0][0] % len(data)]
     path = tmp_path_factory.mktemp("damaged") / "w.safetensors"
     path.write_bytes(bytes(data))
-    with _no_hang():
+    with no_hang():
         try:
             load_weights(path)
         except CheckpointError as error:

@@ -14,14 +14,12 @@ docs/reliability.md ("Round 3") lists each class, the cases tried, the bound or 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +39,8 @@ from safetensors.torch import save_file
 from nin.checkpoint import load_state
 from nin.cli import main
 from nin.errors import NinError
+
+from guards import no_hang
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO / "weights" / "fast-cifar10.safetensors"
@@ -556,19 +556,6 @@ def test_import_caffe_bounds_blob_shapes_before_numpy(tmp_path, capsys, dims, ne
     assert not out.exists()
 
 
-@contextlib.contextmanager
-def _no_hang(seconds: int):
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 def _loops(tmp_path: Path) -> Path:
     """l/ with two images, links back up (loops), and a locked sub-folder."""
@@ -595,7 +582,7 @@ def test_predict_globs_follow_no_link_loop_and_report_unreadable_folders(tmp_pat
         return scandir(path, *args)
 
     monkeypatch.setattr(os, "scandir", locked)
-    with _no_hang(60):  # Python's own `**` walked the loops until the paths were too long, memory growing
+    with no_hang(60):  # Python's own `**` walked the loops until the paths were too long, memory growing
         assert main(["predict", str(MNIST), pattern, "--json"]) == 0
     captured = capsys.readouterr()
     images = sorted(Path(row["image"]).name for row in json.loads(captured.out)["predictions"])

@@ -3,11 +3,6 @@
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -28,33 +23,14 @@ pytest.importorskip("playwright", reason="playwright (Python) not installed; the
 pytest.importorskip("uvicorn", reason="nin serve needs the serve extra")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from guards import serving  # noqa: E402
 
 
 def _serve(weights: str):
-    """`nin serve weights` in a subprocess on a free port: yields its URL, stops it after."""
-    port = _free_port()
+    """`nin serve weights` with this checkout's code: yields its URL, stops it after."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "nin", "serve", weights, "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"nin serve did not start: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(weights, env=env) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

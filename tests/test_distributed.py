@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,9 @@ from nin.evaluate import evaluate
 from nin.models import get_model
 from nin.engine import TrainConfig, make_optimizer, recipe, train, train_step
 
+from guards import free_port
+
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
@@ -54,7 +49,7 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def _spawn(fn, *args, world: int = WORLD) -> None:
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 def _quiet(*_args) -> None:

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -40,7 +39,7 @@ from nin.checkpoint import load_state
 from nin.cli import main
 from nin.errors import NinError
 
-from guards import no_hang
+from guards import no_hang, serving
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO / "weights" / "fast-cifar10.safetensors"
@@ -223,12 +222,6 @@ def test_pillow_limit_is_set_for_each_decode(monkeypatch):
 # Memory: `nin serve` under concurrent uploads at the pixel limit (a real server process)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"content-type": "image/png"}, method="POST")
     try:
@@ -267,20 +260,7 @@ def test_serve_memory_thin_uploads_and_concurrent_uploads_at_the_pixel_limit(tmp
     Image.new("RGB", (32, 32), (200, 30, 60)).save(small, "PNG")
     Image.new("RGB", (300_000, 1), (10, 20, 30)).save(thin, "PNG")
     upload = _rgba(tmp_path / "rgba.png", side).read_bytes()
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "nin", "serve", str(CIFAR10), "--port", str(port),
-                               "--max-pixels", str(side * side)], env=CHILD_ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
-                time.sleep(0.3)
+    with serving(str(CIFAR10), "--max-pixels", str(side * side), env=CHILD_ENV) as (url, server):
         assert _post(url + "/predict", small.getvalue())[0] == 200  # warm-up: first calls initialise torch
         answers = []
         grown = _growth_of(server.pid, lambda: answers.append(_post(url + "/predict", thin.getvalue())))
@@ -297,9 +277,6 @@ def test_serve_memory_thin_uploads_and_concurrent_uploads_at_the_pixel_limit(tmp
         assert grown < _bound(side * side), f"4 × {side}×{side} RGBA at once: {grown / MiB:.0f} MiB"
         status, answer = _post(url + "/predict", _rgba(tmp_path / "over.png", side + 1).read_bytes())
         assert status == 413 and "pixel" in answer["error"]  # one pixel row and column over the limit
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ renaming over it would silently replace the user's link, and writing through it 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from nin.errors import NinError
 
-__all__ = ["claim_output", "output_path", "atomic_write", "atomic_write_bytes", "remove_stale_temp_files",
-           "refuse_symlink"]
+__all__ = ["claim_output", "read_json_object", "output_path", "atomic_write", "atomic_write_bytes",
+           "remove_stale_temp_files", "refuse_symlink"]
 
 
 def output_path(path: str | os.PathLike) -> Path:
@@ -155,3 +156,16 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: tuple[str, ...]) -
             temp.unlink(missing_ok=True)
             removed.append(temp)
     return removed
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object a regular file holds, or None: a symbolic link, a missing or unreadable file, other JSON.
+    How a command recognises its own earlier output (a sidecar, a record, a report, a run's config)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None

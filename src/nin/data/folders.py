@@ -17,7 +17,8 @@ import torch
 from nin.data.images import DEFAULT_MAX_PIXELS, read_image
 from nin.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "list_images", "list_image_classes", "list_image_folder", "read_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "list_images", "list_image_classes", "list_image_folder",
+           "read_image_folder"]
 
 # What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})

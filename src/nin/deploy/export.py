@@ -33,7 +33,7 @@ from nin.__about__ import __version__
 from nin.data.images import INPUT_HANDLING
 from nin.data.readers import file_digest
 from nin.errors import NinError
-from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path
+from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path, read_json_object
 from nin.inference import InferencePipeline, optimize_for_inference
 from nin.pretrained import load, resolve
 from nin.transforms import Preprocessing
@@ -151,14 +151,8 @@ def check_opset(opset: int) -> None:
 def _earlier_export(path: Path, format: str) -> bool:
     """True when an earlier `nin export` of ``format`` wrote ``path``: its sidecar (``path``.json) is one this
     module wrote for that format."""
-    sidecar_path = _sidecar_path(path)
-    if sidecar_path.is_symlink() or not sidecar_path.is_file():
-        return False
-    try:
-        info = json.loads(sidecar_path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("format") == format and {"nin_version", "source_weights"} <= set(info)
+    info = read_json_object(_sidecar_path(path))
+    return info is not None and info.get("format") == format and {"nin_version", "source_weights"} <= set(info)
 
 
 def claim_outputs(weights: str | Path, path: str | Path, format: str, *, force: bool = False) -> list[Path]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from nin.errors import NinError
+from nin.files import read_json_object
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "run_folder_lock", "check_output_dir"]
 
@@ -44,8 +44,9 @@ def run_folder_lock(out: Path, *, resume: bool):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise NinError(f"{'--resume' if resume else '--out'} {out}: another nin process (PID {_lock_holder(fd)}) is writing this run folder; "
-                           "wait for it or stop it first") from None
+            flag = "--resume" if resume else "--out"
+            raise NinError(f"{flag} {out}: another nin process (PID {_lock_holder(fd)}) is writing this run "
+                           "folder; wait for it or stop it first") from None
         check_output_dir(out, resume=resume)  # what the holder before us may have left
         yield
     except BaseException:
@@ -101,10 +102,7 @@ def _check_new_run_folder(out: Path) -> None:
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(PROBE_PREFIX))  # a killed probe
     if not entries:
         return
-    try:
-        ours = json.loads((out / "config.json").read_text()).get(RUN_MARKER) is True
-    except (OSError, ValueError, AttributeError):
-        ours = False
+    ours = (read_json_object(out / "config.json") or {}).get(RUN_MARKER) is True
     results = [name for name in ("model.safetensors", "metrics.jsonl") if (out / name).is_file()
                and (out / name).stat().st_size > 0]
     if not ours or results:

@@ -31,7 +31,7 @@ from nin.data.readers import file_digest
 from nin.engine.metrics import read_metrics
 from nin.errors import NinError
 from nin.evaluate import evaluate_weights
-from nin.files import atomic_write, atomic_write_bytes, claim_output
+from nin.files import atomic_write, atomic_write_bytes, claim_output, read_json_object
 from nin.runtime import machine_name
 
 __all__ = ["record_run", "claim_record", "progress_record", "segments", "lr_drops", "exact_1000", "reevaluate",
@@ -58,13 +58,8 @@ def dataset_label(dataset: str, data_dir: str | os.PathLike | None = None) -> st
 
 def _previous_record(path: Path, name: str) -> dict | None:
     """The record of ``name`` that ``path`` already holds (one `record_run` wrote), else None."""
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("name") == name and "final_error" in record else None
+    record = read_json_object(path)
+    return record if record is not None and record.get("name") == name and "final_error" in record else None
 
 
 def claim_record(name: str, results_dir: str | os.PathLike, weights_dir: str | os.PathLike, *,

@@ -29,7 +29,7 @@ from nin.data.datasets import first_per_class
 from nin.data.images import read_image, read_photo
 from nin.errors import NinError
 from nin.evaluate import evaluate, load_matching_dataset
-from nin.files import atomic_write_bytes, claim_output
+from nin.files import atomic_write_bytes, claim_output, read_json_object
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import autocast, resolve_device, select_precision
@@ -168,11 +168,8 @@ REPORT = "maps.json"
 
 def _is_report(path: Path) -> bool:
     """True when ``path`` is a maps.json that `nin visualize` wrote."""
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and {"weights", "max_map_true_class", "gap_accuracy"} <= set(report)
+    report = read_json_object(path)
+    return report is not None and {"weights", "max_map_true_class", "gap_accuracy"} <= set(report)
 
 
 def _claim_outputs(out: Path, names: list[str], force: bool) -> None:

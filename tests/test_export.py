@@ -124,6 +124,32 @@ def test_gcn_zca_inside_the_graph(cifar_images, tmp_path):
     assert np.abs(got - reference).max() < 1e-4
 
 
+def test_gcn_lcn_inside_the_graph(cifar_images, tmp_path):
+    """SVHN's preprocessing (GCN, then the 7x7 LCN convolution) exports too: its kernel is a constant of the graph."""
+    pytest.importorskip("onnxruntime")
+    from nin.checkpoint import save_weights
+    from nin.models import NiN, model_config
+    from nin.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    weights = tmp_path / "svhn.safetensors"
+    save_weights(weights, NiN(model_config("nin_svhn")).eval(), Preprocessing("gcn_lcn"),
+                 {"dataset": "svhn", "classes": [str(digit) for digit in range(10)]})
+    export_onnx(weights, tmp_path / "svhn.onnx")
+    assert json.loads((tmp_path / "svhn.onnx.json").read_text())["preprocessing"]["lcn"] == "LCN inside"
+    import onnxruntime
+
+    images = cifar_images[:37]  # a batch size the graph was not traced with
+    session = onnxruntime.InferenceSession(str(tmp_path / "svhn.onnx"), providers=["CPUExecutionProvider"])
+    probabilities, maps = session.run(None, {INPUT_NAME: images})
+    with torch.no_grad():
+        reference_probabilities, reference_maps = (t.numpy() for t in build_exported(weights)[0](torch.from_numpy(images)))
+    assert np.abs(probabilities - reference_probabilities).max() < 1e-4
+    # the class maps of an untrained model are small but follow the input: compare them relative to their spread
+    spread = reference_maps.std(axis=0).max()
+    assert spread > 0 and np.abs(maps - reference_maps).max() < 1e-3 * spread
+
+
 def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
     assert main(["export", str(MNIST), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
     assert (tmp_path / "m.pt").is_file() and (tmp_path / "m.pt.json").is_file()

@@ -124,12 +124,13 @@ def lcn(x: torch.Tensor, kernel_size: int = 7, threshold: float = 1e-4) -> torch
     Returns:
         float tensor of x's shape and dtype.
     """
-    channels = x.shape[1]
-    kernel = gaussian_kernel(kernel_size).to(device=x.device, dtype=x.dtype)
-    weight = kernel.expand(channels, 1, kernel_size, kernel_size)
+    # one (1, 1, k, k) kernel over every channel as an image of its own: a constant kernel, so exported graphs
+    # (ONNX, TorchScript) hold it as a constant and take any number of channels and any image size
+    weight = gaussian_kernel(kernel_size).to(device=x.device, dtype=x.dtype)[None, None]
 
     def local(values: torch.Tensor) -> torch.Tensor:  # Gaussian-weighted neighbourhood sum, zero padding
-        return F.conv2d(values, weight, padding=kernel_size // 2, groups=channels)
+        planes = values.reshape(-1, 1, values.shape[-2], values.shape[-1])
+        return F.conv2d(planes, weight, padding=kernel_size // 2).reshape_as(values)
 
     centered = x - local(x)
     local_norm = local(x.square()).clamp_min(0.0).sqrt()

@@ -270,6 +270,15 @@ def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys):
     accuracy = float((predictions == test.labels[:200]).double().mean())
     assert stats["gap_accuracy"] == pytest.approx(accuracy, abs=0.02)  # the command may run in bf16
 
+    # a second call without --images: the folder shows that call alone (no stale overlays_images.png), and a user's
+    # file stays
+    (out / "notes.txt").write_text("mine")
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "50", "--per-class", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["confidence_maps.png", "confusion.png", "curves.png", "maps.json",
+                                                     "notes.txt", "overlays.png"]
+    assert json.loads((out / "maps.json").read_text())["files"] == ["maps.json", "confusion.png",
+                                                                   "confidence_maps.png", "overlays.png", "curves.png"]
+
 
 def test_images_inverted_as_nin_predict_inverts_them(data_root, tmp_path, capsys):
     """A real MNIST test digit in dark ink on grey paper: `--invert` predicts it as `nin predict --invert` does."""

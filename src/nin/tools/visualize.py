@@ -226,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
     weights = Path(args.weights)
     out = _output_folder(weights, args.out)
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
-    _claim_outputs(out, _output_names(args, fmt, runs), getattr(args, "force", False))
+    names = _output_names(args, fmt, runs)
+    _claim_outputs(out, names, getattr(args, "force", False))
+    earlier = _earlier_files(out)
     device = resolve_device(args.device)
     model, preprocessing, meta = load(weights, device)
     config = model.config
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"weights": str(weights), "dataset": dataset, "split": "test", "limit": args.limit,
               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "tta_flip": False,
               "head": config.head, **statistics, "accuracy": scored.accuracy,
-              "accuracy_tta_flip": bool(meta.get("tta_flip"))}
+              "accuracy_tta_flip": bool(meta.get("tta_flip")), "files": names}
     atomic_write_bytes(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     written.append(out / REPORT)
     written.append(plot_confusion(confusion, classes, out / f"confusion.{fmt}"))
@@ -269,8 +271,30 @@ def run(args: argparse.Namespace) -> int:
     if runs:
         written.append(plot_curves(runs, out / f"curves.{fmt}"))
 
+    _remove_stale(out, earlier - set(names))
     _print_summary(report, fmt, written)
     return 0
+
+
+def _earlier_files(out: Path) -> set[str]:
+    """The files an earlier `nin visualize` into ``out`` wrote, as its maps.json lists them (none when it is not
+    ours, or from a version that listed none)."""
+    report = out / REPORT
+    if report.is_symlink() or not _is_report(report):
+        return set()
+    files = read_json_object(report).get("files")
+    if not isinstance(files, list):
+        return set()
+    return {name for name in files if isinstance(name, str) and Path(name).name == name}
+
+
+def _remove_stale(out: Path, names: set[str]) -> None:
+    """Remove figures an earlier call wrote that this one did not (say its --images overlays), so the folder shows
+    one call's results; never through a link."""
+    for name in names:
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -431,6 +431,8 @@ def test_resume_damaged_or_foreign_checkpoints(capsys, tmp_path, baseline, weigh
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 1
     _one_line_error(capsys, "train", "no checkpoint.safetensors")
+    assert main(["train", "--resume", ""]) == 1  # not the current folder
+    _one_line_error(capsys, "train", "--resume: an empty path")
 
 
 def test_predict_non_images(capsys, tmp_path, weights, image):

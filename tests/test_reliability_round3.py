@@ -471,11 +471,15 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(capsys, monkeypatch):
     ("model.num_classes=100000000", "parameters, more than the"),
     ("model.num_classes=5", "5 class maps for mnist's 10 classes"),
     ("small_size=64", "small_size must be at most the 28-pixel input"),
+    ("model.input_size=40", "the model expects 1×40×40 images; mnist has 1×28×28"),
+    ("model.in_channels=3", "the model expects 3×28×28 images; mnist has 1×28×28"),
 ])
 def test_set_values_that_make_impossible_shapes(capsys, tmp_path, assignment, needle):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "mnist", "--out", str(out), "--epochs", "1", "--train-subset", "64",
                  "--device", "cpu", "--set", assignment]) == 1
+    _one_line(capsys, "train", needle)
+    assert main(["train", "--dataset", "mnist", "--dry-run", "--set", assignment]) == 1  # refused without data too
     _one_line(capsys, "train", needle)
     assert not out.exists()
 

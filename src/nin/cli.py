@@ -150,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nin.runtime import resolve_device
 
     command = shlex.join(["nin", *sys.argv[1:]]) if sys.argv else None
-    if args.resume:
+    if args.resume is not None:
         return _resume(args, command)
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
@@ -190,6 +190,8 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
+    if not args.resume.strip():  # Path("") is the current folder: not what an empty argument meant
+        raise NinError("--resume: an empty path; expected a run folder (one holding checkpoint.safetensors)")
     run = Path(args.resume)
     if not run.is_dir():
         raise NinError(f"--resume {run}: no such run folder")

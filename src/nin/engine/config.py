@@ -302,9 +302,14 @@ def _check_shapes(cfg: TrainConfig) -> None:
     if parameters > MAX_PARAMETERS:
         raise NinError(f"{where}: {parameters:,} parameters, more than the {MAX_PARAMETERS:,} a run may have "
                        f"(model.num_classes {config.num_classes}, widths {[b.widths for b in config.blocks]})")
-    classes = dataset_info(cfg.dataset).num_classes  # 0: an image folder, whose sub-folders decide
+    info = dataset_info(cfg.dataset)
+    classes = info.num_classes  # 0: an image folder, whose sub-folders decide
     if classes and config.num_classes < classes:
         raise NinError(f"{where}: {config.num_classes} class maps for {cfg.dataset}'s {classes} classes")
+    named = (info.in_channels, info.image_size, info.image_size)  # a named data set's images have one shape
+    if classes and (config.in_channels, config.input_size, config.input_size) != named:
+        raise NinError(f"model {cfg.model}: the model expects {config.in_channels}×{config.input_size}×"
+                       f"{config.input_size} images; {cfg.dataset} has {'×'.join(map(str, named))}")
     size = config.input_size
     if cfg.augment and cfg.translate >= size:
         raise NinError(f"translate must be smaller than the {size}-pixel input (a larger shift leaves none of the "

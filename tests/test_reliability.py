@@ -457,6 +457,19 @@ def test_predict_non_images(capsys, tmp_path, weights, image):
     _one_line_error(capsys, "predict", str(tmp_path))
     assert _digest([weights, *(tmp_path / n for n in files)]) == before
 
+    # --skip-bad: the good image is scored and written, every bad one named on stderr
+    out = tmp_path / "out" / "preds.csv"
+    out.parent.mkdir()
+    assert main(["predict", str(weights), str(image), str(tmp_path), "--skip-bad", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == [str(image)]
+    skipped = [line for line in captured.err.splitlines() if line.startswith("nin predict: skipped ")]
+    assert len(skipped) == len(files) and all(any(name in line for line in skipped) for name in files)
+    assert f"1 images -> {out} ({len(files)} skipped)" in captured.out
+    out.unlink()
+    assert main(["predict", str(weights), str(tmp_path), "--skip-bad", "--output", str(out)]) == 1  # none readable
+    assert "none of the 6 images could be read" in capsys.readouterr().err and not out.exists()
+
 
 def test_unwritable_or_full_output_folder(capsys, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"

@@ -110,6 +110,9 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="dark ink on light paper for weights trained on light-on-black images (MNIST, Fashion-MNIST): "
                         "255 - each pixel, levels stretched so the paper is black and the strongest ink white")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="go on past images that cannot be read, naming each on stderr (default: the first one stops "
+                        "the command and nothing is written)")
 
 
 EXTENSIONS = [
@@ -266,6 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from nin.errors import NinError
     from nin.tools.predict import (
         check_output,
         polarity_hint,
@@ -276,12 +280,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.output:
         check_output(Path(args.output))  # before any image is scored
     report = predict_files(args.weights, args.images, top_k=args.top_k, batch_size=args.batch_size,
-                           backend=args.backend, device=args.device, invert=args.invert)
+                           backend=args.backend, device=args.device, invert=args.invert, skip_bad=args.skip_bad)
     for problem in report.problems:
         print(f"nin predict: skipped {problem}", file=sys.stderr)
+    if report.skipped and not report.rows:
+        raise NinError(f"none of the {report.skipped} images could be read (each named above); nothing written")
     if args.output:
         write_predictions(Path(args.output), report.rows)
-        print(f"nin predict: {len(report.rows)} images -> {args.output}")
+        skipped = f" ({report.skipped} skipped)" if report.skipped else ""
+        print(f"nin predict: {len(report.rows)} images -> {args.output}{skipped}")
     elif args.json:
         print(json.dumps({"weights": str(args.weights), "predictions": report.rows}))
     else:

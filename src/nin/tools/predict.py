@@ -43,17 +43,22 @@ class PredictReport:
     rows: list[dict]  # {"image": path, "top": [{"class", "index", "probability"}, ...]}
     dataset: str | None  # the data set the weights were trained on
     odd: list[Path] = field(default_factory=list)  # images the other way round from what the weights expect
-    problems: list[str] = field(default_factory=list)  # unreadable folders met while listing
+    problems: list[str] = field(default_factory=list)  # unreadable folders met while listing (and, with
+    # skip_bad, images that could not be read), each a line naming the path and what was wrong
+    skipped: int = 0  # images skipped (skip_bad)
 
 
 def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 5, batch_size: int = 256,
-                  backend: str = "torch", device: str | None = None, invert: bool = False) -> PredictReport:
+                  backend: str = "torch", device: str | None = None, invert: bool = False,
+                  skip_bad: bool = False) -> PredictReport:
     """The ``top_k`` classes of every image that ``items`` name (files, folders searched recursively, globs).
 
     Args:
         weights: A pretrained tag, a weights file or a run folder.
         backend: "torch" (nin's inference path, as `nin evaluate`) or another of `nin.deploy.backends.BACKENDS`.
         invert: Score dark-ink-on-paper images as MNIST draws them (`nin.transforms.invert_ink`).
+        skip_bad: Go on past an image that cannot be read (a damaged or non-image file), listing it in
+            ``problems``; without it the first one raises `NinError` naming it.
     """
     model, preprocessing, meta = load(weights)
     config = model.config
@@ -71,8 +76,10 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
                 return torch.from_numpy(runner(batch))
         k = min(top_k, config.num_classes)
         for start in range(0, len(paths), batch_size):  # one batch in memory at a time: folders of any size
-            chunk = paths[start:start + batch_size]
-            batch = torch.stack([read_image(p, config.input_size, config.in_channels) for p in chunk])
+            chunk, pixels = _read_chunk(paths[start:start + batch_size], config, report if skip_bad else None)
+            if not chunk:
+                continue
+            batch = torch.stack(pixels)
             report.odd += [path for path, flag in zip(chunk, odd_polarity(batch, report.dataset, invert)) if flag]
             top = score(invert_ink(batch) if invert else batch).topk(k, dim=1)
             report.rows += [{"image": str(path),
@@ -80,6 +87,23 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
                                      for p, i in zip(values.tolist(), indices.tolist())]}
                             for path, values, indices in zip(chunk, top.values, top.indices)]
     return report
+
+
+def _read_chunk(paths: list[Path], config, report: PredictReport | None) -> tuple[list[Path], list[torch.Tensor]]:
+    """The images of ``paths`` that read; with a ``report`` (skip_bad) one that does not is noted there and left
+    out, else its `NinError` propagates."""
+    kept, pixels = [], []
+    for path in paths:
+        try:
+            pixels.append(read_image(path, config.input_size, config.in_channels))
+        except NinError as error:
+            if report is None:
+                raise
+            report.problems.append(str(error))
+            report.skipped += 1
+            continue
+        kept.append(path)
+    return kept, pixels
 
 
 def check_output(path: Path) -> None:

@@ -28,6 +28,29 @@ def test_paper_recipe_values():
         recipe("slow", "cifar10")
 
 
+def test_parameter_groups_follow_the_authors_caffe_definition():
+    """cccp6 (the class-map layer): blobs_lr 0.1 for its weights and its bias; every other bias 2x, no decay on
+    biases. A run configured before class_map_bias_lr_mult existed keeps the 0.2x its class-map bias trained with."""
+    from nin.engine.optim import param_groups
+    from nin.models import NiN, model_config
+
+    def lr_of(cfg):
+        model = NiN(model_config("nin_cifar10"))
+        lrs = {id(p): (group["lr"], group["weight_decay"]) for group in param_groups(model, cfg) for p in group["params"]}
+        head = model.class_map_layer
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        found = [lrs[id(p)] for p in (head.weight, head.bias, first.weight, first.bias)]
+        return [round(value, 12) for pair in found for value in pair]  # lr, decay of each
+
+    paper = recipe("paper", "cifar10")
+    assert lr_of(paper) == [0.01, 1e-4, 0.01, 0.0, 0.1, 1e-4, 0.2, 0.0]
+    older = {key: value for key, value in paper.to_dict().items() if key != "class_map_bias_lr_mult"}
+    assert lr_of(TrainConfig.from_dict(older))[2:4] == [0.02, 0.0]
+    assert TrainConfig.from_dict(paper.to_dict()) == paper
+    fast = recipe("fast", "cifar10")
+    assert set(lr_of(fast)[::2]) == {fast.lr}
+
+
 def test_data_set_model_changes_add_to_the_fast_recipe():
     c10 = recipe("fast", "cifar10")
     assert c10.model_args == {**FAST.model_args, "dropout": 0.0}  # CIFAR-10 drops dropout, keeps batch norm etc.

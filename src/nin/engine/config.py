@@ -57,6 +57,10 @@ class TrainConfig:
     weight_decay: float = 1e-4  # on conv/linear weights only; NiN paper: 1e-4
     bias_lr_mult: float = 2.0  # cuda-convnet / Caffe: biases learn 2x faster
     class_map_lr_mult: float = 0.1  # cuda-convnet / Caffe: the class-map layer (cccp6) learns at 0.1x
+    # the class-map layer's bias: class_map_lr_mult × this (in place of bias_lr_mult). The authors' Caffe definition
+    # gives cccp6 blobs_lr 0.1 and 0.1: its bias learns at 0.1x, as its weights. A run configured before this field
+    # existed reads it as bias_lr_mult (from_dict), which is how it trained (0.2x in the paper recipe)
+    class_map_bias_lr_mult: float = 1.0
     label_smoothing: float = 0.0  # fraction of target mass spread over all classes
     schedule: str = "plateau"  # plateau | multistep | onecycle | constant
     milestones: tuple[float, ...] = ()  # multistep: where lr drops, in `milestone_unit`
@@ -98,6 +102,8 @@ class TrainConfig:
         if unknown:
             raise NinError(f"unknown TrainConfig fields {sorted(unknown)}")
         data = dict(data)
+        if "class_map_bias_lr_mult" not in data:  # a run configured before the field: its bias took bias_lr_mult
+            data["class_map_bias_lr_mult"] = data.get("bias_lr_mult", cls.bias_lr_mult)
         if "milestones" in data:
             data["milestones"] = tuple(data["milestones"])
         return cls(**data)

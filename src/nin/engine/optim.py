@@ -19,7 +19,7 @@ __all__ = ["param_groups", "make_optimizer", "optimizer_state", "load_optimizer_
 
 
 def param_groups(model: NiN, cfg: TrainConfig) -> list[dict]:
-    """SGD groups: weights (decayed), biases (2x lr, no decay), class-map layer (0.1x), norms (no decay)."""
+    """SGD groups: weights (decayed), biases (2x lr, no decay), class-map layer (0.1x, its bias too), norms (no decay)."""
     class_map = {id(p) for p in model.class_map_layer.parameters()}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for module in model.modules():
@@ -27,8 +27,8 @@ def param_groups(model: NiN, cfg: TrainConfig) -> list[dict]:
             is_norm = isinstance(module, nn.BatchNorm2d)
             is_bias = name == "bias"
             mult = cfg.bias_lr_mult if (is_bias and not is_norm) else 1.0
-            if id(p) in class_map:
-                mult *= cfg.class_map_lr_mult
+            if id(p) in class_map:  # Caffe's cccp6: 0.1x for its weights and its bias alike
+                mult = cfg.class_map_lr_mult * (cfg.class_map_bias_lr_mult if is_bias else 1.0)
             decay = 0.0 if (is_bias or is_norm) else cfg.weight_decay  # NiN paper: decay on weights only
             groups.setdefault((mult, decay), []).append(p)
     return [{"params": ps, "lr_mult": mult, "weight_decay": decay, "lr": cfg.lr * mult}

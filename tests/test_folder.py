@@ -175,6 +175,23 @@ def test_init_from_weights_with_other_class_names_starts_the_class_maps_afresh(r
     assert "re-initialised" not in capsys.readouterr().out
 
 
+def test_init_from_ten_class_weights_for_cifar100_takes_its_hundred_classes(tmp_path, capsys):
+    """docs/training.md: a class count that differs re-initialises the class maps, for a named data set too."""
+    from data_fixtures import write_cifar100_tree
+
+    write_cifar100_tree(tmp_path / "data", "bin", count=64)
+    out = tmp_path / "c100"
+    assert main(["train", "--dataset", "cifar100", "--data-dir", str(tmp_path / "data"), "--init-from", "fast-cifar10",
+                 "--epochs", "1", "--batch-size", "32", "--set", "eval_subset=32", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "re-initialised the class-map layer" in capsys.readouterr().out
+    model, _, meta = load(out)
+    assert model.config.num_classes == 100 and len(meta["classes"]) == 100
+    reference, _, _ = load("fast-cifar10")
+    assert model.config.batch_norm and {k: v.shape for k, v in model.state_dict().items() if "blocks.0." in k} == \
+        {k: v.shape for k, v in reference.state_dict().items() if "blocks.0." in k}  # the weights' architecture
+
+
 def test_predict_output_never_overwrites_a_file(run, folder, tmp_path, capsys):
     mine = tmp_path / "mine.csv"
     mine.write_text("my data\n")

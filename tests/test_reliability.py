@@ -468,7 +468,15 @@ def test_predict_non_images(capsys, tmp_path, weights, image):
     assert f"1 images -> {out} ({len(files)} skipped)" in captured.out
     out.unlink()
     assert main(["predict", str(weights), str(tmp_path), "--skip-bad", "--output", str(out)]) == 1  # none readable
-    assert "none of the 6 images could be read" in capsys.readouterr().err and not out.exists()
+    assert "no image could be read" in capsys.readouterr().err and not out.exists()
+    # a folder without images and a glob matching nothing: named and skipped too
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("text")
+    assert main(["predict", str(weights), str(tmp_path / "texts"), str(tmp_path / "*.webp"), str(image),
+                 "--skip-bad", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["image"] for row in json.loads(captured.out)["predictions"]] == [str(image)]
+    assert "texts: a folder without images" in captured.err and "*.webp: no file matches" in captured.err
 
 
 def test_unwritable_or_full_output_folder(capsys, tmp_path, monkeypatch):

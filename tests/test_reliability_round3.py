@@ -374,7 +374,7 @@ def test_export_opset_outside_the_range_is_one_line_and_leaves_nothing(tmp_path,
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
-    """A failure inside torch's exporter (gcn_lcn's convolution, or any other): one line, no file, no folder."""
+    """A failure inside torch's exporter (any): one line, no file, no folder."""
     import nin.deploy.export as export
 
     def broken(module, path, opset):
@@ -570,6 +570,13 @@ def test_predict_globs_follow_no_link_loop_and_report_unreadable_folders(tmp_pat
     assert images == ["one.png", "two.png"]
     assert "nin predict: skipped l/locked: cannot read it (Permission denied)" in captured.err
     assert root.is_dir()
+    # a folder whose only sub-folder cannot be read: the error gives that reason; --skip-bad goes on past it
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "locked").mkdir()
+    assert main(["predict", str(MNIST), "only"]) == 1
+    assert "only: a folder without images" in (err := capsys.readouterr().err) and "only/locked: cannot read it" in err
+    assert main(["predict", str(MNIST), "only", "l/a/one.png", "--skip-bad"]) == 0
+    assert "nin predict: skipped only/locked: cannot read it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])

@@ -240,7 +240,7 @@ def tiny_run(tmp_path_factory, data_root):
     return out
 
 
-def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys):
+def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys, monkeypatch):
     odd = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (17, 45, 4), dtype=np.uint8), "RGBA").save(odd)
     palette = tmp_path / "palette.png"
@@ -278,6 +278,25 @@ def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys):
                                                      "notes.txt", "overlays.png"]
     assert json.loads((out / "maps.json").read_text())["files"] == ["maps.json", "confusion.png",
                                                                    "confidence_maps.png", "overlays.png", "curves.png"]
+
+    # maps.json names only what it wrote: a name it never writes, put in its list, is not removed
+    report = json.loads((out / "maps.json").read_text())
+    (out / "maps.json").write_text(json.dumps({**report, "files": [*report["files"], "notes.txt", "../x", "x" * 300]}))
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "50", "--per-class", "1"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    # a call that fails midway (an --images file that is not there) stops before any work; one that fails after
+    # the report is written still lists the earlier figures, so the next call removes them
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--images", str(tmp_path / "absent.png")]) == 1
+    assert "--images" in capsys.readouterr().err and (out / "overlays.png").is_file()
+    def broken(*args, **kwargs):
+        raise NinError("broken")
+
+    monkeypatch.setattr(visualize, "plot_overlays", broken)
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "50", "--format", "svg"]) == 1
+    assert "overlays.png" in json.loads((out / "maps.json").read_text())["files"]
+    monkeypatch.undo()
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "50", "--format", "svg"]) == 0
+    assert not list(out.glob("*.png")) and (out / "notes.txt").is_file()
 
 
 def test_images_inverted_as_nin_predict_inverts_them(data_root, tmp_path, capsys):

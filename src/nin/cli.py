@@ -189,7 +189,7 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     place may change."""
     from nin import distributed
     from nin.checkpoint import load_checkpoint
-    from nin.engine import train
+    from nin.engine import TrainConfig, train
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
@@ -213,8 +213,9 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
                        "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
     if args.dry_run:  # what the run would continue with; nothing is written
         _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
+        stored = TrainConfig.from_dict(meta["train_config"]).to_dict()  # as the run reads it (older fields filled)
         print(json.dumps({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or
-                          meta["train_config"]["epochs"], "train_config": meta["train_config"]}, indent=2))
+                          stored["epochs"], "train_config": stored}, indent=2))
         return 0
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
@@ -283,8 +284,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            backend=args.backend, device=args.device, invert=args.invert, skip_bad=args.skip_bad)
     for problem in report.problems:
         print(f"nin predict: skipped {problem}", file=sys.stderr)
-    if report.skipped and not report.rows:
-        raise NinError(f"none of the {report.skipped} images could be read (each named above); nothing written")
+    if not report.rows:  # only with --skip-bad: else the first unreadable image stopped it
+        raise NinError("no image could be read (each problem named above); nothing written")
     if args.output:
         write_predictions(Path(args.output), report.rows)
         skipped = f" ({report.skipped} skipped)" if report.skipped else ""

@@ -45,30 +45,34 @@ def _walk_images(folder: Path, problems: list[str]) -> list[Path]:
     return found
 
 
-def list_images(items: list[str]) -> tuple[list[Path], list[str]]:
+def list_images(items: list[str], skip_empty: bool = False) -> tuple[list[Path], list[str]]:
     """The image files that ``items`` name: files as given, folders searched recursively (sorted, hidden entries
     skipped, symbolic-link loops not followed), globs expanded (``**`` included). Returns (files, problems): the
-    unreadable folders met on the way, one line each.
+    unreadable folders met on the way, one line each (and, with ``skip_empty``, the items that named no image).
 
     Raises:
-        DataError: A folder without images, or a glob matching no file.
+        DataError: A folder without images, or a glob matching no file (unless ``skip_empty``); the message
+            names an unreadable folder met on the way, the likely reason.
     """
     paths: list[Path] = []
     problems: list[str] = []
     for item in items:
-        path = Path(item)
+        path, before = Path(item), len(problems)
         if path.is_dir():
             found = _walk_images(path, problems)
-            if not found:
-                raise DataError(f"{path}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths += found
+            empty = f"{path}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         elif glob.has_magic(item) and not path.exists():
-            matches = sorted(Path(m) for m in _glob_without_loops(item, problems) if Path(m).is_file())
-            if not matches:
-                raise DataError(f"{item}: no file matches")
-            paths += matches
+            found = sorted(Path(m) for m in _glob_without_loops(item, problems) if Path(m).is_file())
+            empty = f"{item}: no file matches"
         else:
-            paths.append(path)
+            found, empty = [path], ""
+        if not found:
+            if skip_empty:
+                problems.append(empty)
+                continue
+            unreadable = problems[before:]
+            raise DataError(empty + (f"; {unreadable[0]}" if unreadable else ""))
+        paths += found
     return paths, problems
 
 

@@ -349,6 +349,9 @@ def starting_from(cfg: TrainConfig, weights: str, *, keep_model: bool = False) -
     except NinError as e:
         raise NinError(f"--init-from {weights}: {e}") from None
     model_args.pop("num_classes", None)  # the data set decides (a folder: its sub-folders)
+    classes = dataset_info(cfg.dataset).num_classes
+    if classes and classes != model_config(name, **model_args).num_classes:  # CIFAR-10 weights for CIFAR-100
+        model_args["num_classes"] = classes
     changes = {"init_from": str(weights), "preprocessing": meta.get("preprocessing", cfg.preprocessing)}
     if not keep_model:
         changes.update(model=name, model_args=model_args)

@@ -57,12 +57,12 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
         weights: A pretrained tag, a weights file or a run folder.
         backend: "torch" (nin's inference path, as `nin evaluate`) or another of `nin.deploy.backends.BACKENDS`.
         invert: Score dark-ink-on-paper images as MNIST draws them (`nin.transforms.invert_ink`).
-        skip_bad: Go on past an image that cannot be read (a damaged or non-image file), listing it in
-            ``problems``; without it the first one raises `NinError` naming it.
+        skip_bad: Go on past an image that cannot be read (a damaged or non-image file) and a folder or glob
+            that names none, listing each in ``problems``; without it the first one raises `NinError` naming it.
     """
     model, preprocessing, meta = load(weights)
     config = model.config
-    paths, problems = list_images(items)
+    paths, problems = list_images(items, skip_empty=skip_bad)
     report = PredictReport([], meta.get("dataset"), problems=problems)
     with tempfile.TemporaryDirectory(prefix="nin-export-") as folder:  # an exported backend's files, removed after
         if backend == "torch":  # nin's own inference path, the one `nin evaluate` scores with

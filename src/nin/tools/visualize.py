@@ -180,11 +180,18 @@ def _claim_outputs(out: Path, names: list[str], force: bool) -> None:
         claim_output(out / name, flag="--out", force=force, ours=lambda _: earlier)
 
 
+FIGURES = ("confusion", "confidence_maps", "overlays", "overlays_images", "curves")  # every figure it may write
+
+
 def _output_names(args: argparse.Namespace, fmt: str, runs: list[Path]) -> list[str]:
     """The files a run of `nin visualize` with ``args`` writes into its folder."""
     figures = ["confusion", "confidence_maps", "overlays", *(["overlays_images"] if args.images else []),
                *(["curves"] if runs else [])]
     return [REPORT, *(f"{figure}.{fmt}" for figure in figures)]
+
+
+def _write_report(out: Path, report: dict, files: list[str]) -> None:
+    atomic_write_bytes(out / REPORT, (json.dumps({**report, "files": files}, indent=2) + "\n").encode())
 
 
 def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
@@ -250,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
     report = {"weights": str(weights), "dataset": dataset, "split": "test", "limit": args.limit,
               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "tta_flip": False,
               "head": config.head, **statistics, "accuracy": scored.accuracy,
-              "accuracy_tta_flip": bool(meta.get("tta_flip")), "files": names}
-    atomic_write_bytes(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+              "accuracy_tta_flip": bool(meta.get("tta_flip"))}
+    # until every figure is written the report lists the earlier call's figures too: a call that fails midway
+    # leaves a folder whose next call still knows every figure in it
+    _write_report(out, report, names + sorted(earlier - set(names)))
     written.append(out / REPORT)
     written.append(plot_confusion(confusion, classes, out / f"confusion.{fmt}"))
 
@@ -272,20 +281,21 @@ def run(args: argparse.Namespace) -> int:
         written.append(plot_curves(runs, out / f"curves.{fmt}"))
 
     _remove_stale(out, earlier - set(names))
+    _write_report(out, report, names)
     _print_summary(report, fmt, written)
     return 0
 
 
 def _earlier_files(out: Path) -> set[str]:
-    """The files an earlier `nin visualize` into ``out`` wrote, as its maps.json lists them (none when it is not
-    ours, or from a version that listed none)."""
+    """The figures an earlier `nin visualize` into ``out`` wrote, as its maps.json lists them: only names this
+    command writes (a figure's name in one of FORMATS), so no other file of the folder is ever taken for one;
+    none when the folder is not ours, or its maps.json is from a version that listed none."""
     report = out / REPORT
     if report.is_symlink() or not _is_report(report):
         return set()
     files = read_json_object(report).get("files")
-    if not isinstance(files, list):
-        return set()
-    return {name for name in files if isinstance(name, str) and Path(name).name == name}
+    ours = {f"{figure}.{fmt}" for figure in FIGURES for fmt in FORMATS}
+    return {name for name in files if isinstance(name, str) and name in ours} if isinstance(files, list) else set()
 
 
 def _remove_stale(out: Path, names: set[str]) -> None:
@@ -307,6 +317,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise NinError(f"--limit {args.limit}: expected at least 1")
     if args.invert and not args.images:
         raise NinError("--invert applies to --images: give the image files to read inverted")
+    missing = next((image for image in args.images if not Path(image).is_file()), None)
+    if missing is not None:  # before any work: not after the figures of the test images are drawn
+        raise NinError(f"--images {missing}: no such file")
 
 
 def _print_summary(report: dict, fmt: str, written: list[Path]) -> None:

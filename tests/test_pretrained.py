@@ -51,13 +51,44 @@ def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
         entry.load()
 
 
-def test_mnist_weights_by_tag_reproduce_their_recorded_accuracy(data_root, capsys):
+@pytest.mark.parametrize("tag", ["fast-mnist", "paper-mnist"])
+def test_mnist_weights_by_tag_reproduce_their_recorded_accuracy(tag, data_root, capsys):
     import json
 
-    assert main(["evaluate", "fast-mnist", "--data-dir", str(data_root), "--json"]) == 0
+    assert main(["evaluate", tag, "--data-dir", str(data_root), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    recorded = get_weights("fast-mnist").accuracy["MNIST test (10,000)"]
+    recorded = get_weights(tag).accuracy["MNIST test (10,000)"]
     assert agrees_with_record(result["correct"], result["n"], recorded), (result["correct"], recorded)
+
+
+def test_paper_mnist_weights_file_scores_as_recorded_on_the_idx_file_and_predicts_digits(data_root, tmp_path, capsys):
+    """The Table 4 run's weights in weights/ give its recorded error on MNIST's own test file (`--data-file`), and
+    `nin predict paper-mnist IMAGE` reads a digit PNG as the paper's model (standardized pixels inside)."""
+    import json
+
+    from PIL import Image
+
+    from nin.data import load_dataset
+
+    record = json.loads((REPO / "results" / "mnist-paper.json").read_text())
+    assert not record["in_progress"] and record["weights_sha256"] == get_weights("paper-mnist").sha256
+    test_file = data_root / "mnist" / "t10k-images-idx3-ubyte.gz"
+    if not test_file.is_file():
+        pytest.skip("MNIST's original test files are not in the data folder")
+    assert main(["evaluate", str(REPO / record["weights"]), "--data-file", str(test_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 10_000 and agrees_with_record(result["correct"], 10_000, 1 - record["final_error"])
+    alone = tmp_path / test_file.name  # an IDX images file without its labels file beside it
+    alone.write_bytes(test_file.read_bytes())
+    assert main(["evaluate", "paper-mnist", "--data-file", str(alone)]) == 1
+    assert "its labels file t10k-labels-idx1-ubyte.gz beside it, which is not there" in capsys.readouterr().err
+    test = load_dataset("mnist", "test", data_root)
+    for i in range(4):
+        Image.fromarray(test.images[i, 0].numpy()).save(tmp_path / f"digit{i}.png")
+    assert main(["predict", "paper-mnist", *(str(tmp_path / f"digit{i}.png") for i in range(4)), "--json",
+                 "--top-k", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert [row["top"][0]["class"] for row in rows] == [str(label) for label in test.labels[:4].tolist()]
 
 
 def test_installed_wheel_scores_as_recorded(tmp_path, data_root):

@@ -90,7 +90,8 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the model's)")
     p.add_argument("--data-file", metavar="FILE",
-                   help="evaluate on one CIFAR binary batch file (CIFAR-10 layout; CIFAR-100's for 100-class models)")
+                   help="evaluate on one file: a CIFAR binary batch file (CIFAR-10 layout; CIFAR-100's for 100-class "
+                        "models) or an MNIST-format t10k-images-idx3-ubyte[.gz] with its labels file beside it")
     p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

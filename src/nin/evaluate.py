@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from nin import distributed
 from nin.data import ImageDataset, TensorLoader, load_dataset, recorded_root, resolve_root
 from nin.data.folders import NumberedClasses
-from nin.data.readers import read_cifar_binary
+from nin.data.readers import read_cifar_binary, read_idx_dataset
 from nin.errors import NinError
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
@@ -99,16 +99,24 @@ def check_image_shape(images: torch.Tensor, config, owner: str, source: str) -> 
                        f"{'×'.join(map(str, images.shape[1:]))}")
 
 
-def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--data-file"):
-    """A CIFAR binary batch file as a test set: CIFAR-10's 1 label byte a record, or CIFAR-100's 2 (fine label).
+IDX_IMAGES, IDX_LABELS = "images-idx3-ubyte", "labels-idx1-ubyte"  # MNIST's file names: t10k-images-idx3-ubyte.gz
 
-    The layout follows the model's class count (100: CIFAR-100's coarse + fine label bytes).
-    """
+
+def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--data-file"):
+    """One file as a test set: a CIFAR binary batch file (CIFAR-10's 1 label byte a record, or CIFAR-100's 2, fine
+    label, for a 100-class model), or an MNIST / Fashion-MNIST IDX images file (``t10k-images-idx3-ubyte[.gz]``)
+    read with the labels file beside it (``t10k-labels-idx1-ubyte[.gz]``)."""
     path = Path(path)
     if not path.is_file():
         raise NinError(f"{flag} {path}: no such file")
-    label_bytes = 2 if num_classes == 100 else 1
-    images, labels = read_cifar_binary(path, num_classes, label_bytes=label_bytes)
+    if IDX_IMAGES in path.name:
+        labels_path = path.with_name(path.name.replace(IDX_IMAGES, IDX_LABELS))
+        if not labels_path.is_file():
+            raise NinError(f"{flag} {path}: an IDX images file, read with its labels file {labels_path.name} "
+                           "beside it, which is not there")
+        images, labels = read_idx_dataset(path, labels_path, num_classes)
+    else:
+        images, labels = read_cifar_binary(path, num_classes, label_bytes=2 if num_classes == 100 else 1)
     return ImageDataset(images, labels, [str(k) for k in range(num_classes)], path.name)
 
 
@@ -129,7 +137,8 @@ def _first(names, count: int = 3) -> str:
 
 def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None,
                           data_file: str | os.PathLike | None = None):
-    """The images a model can be evaluated on: its own data set (or ``dataset``, or a CIFAR batch ``data_file``).
+    """The images a model can be evaluated on: its own data set (or ``dataset``, or one ``data_file``: a CIFAR batch
+    file or an MNIST-format IDX images file, `read_data_file`).
 
     Returns (name, ImageDataset). Raises NinError naming ``weights`` when the data set is unknown, its images
     have another shape, or its labels exceed the model's classes.

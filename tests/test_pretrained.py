@@ -81,7 +81,7 @@ def test_paper_mnist_weights_file_scores_as_recorded_on_the_idx_file_and_predict
     alone = tmp_path / test_file.name  # an IDX images file without its labels file beside it
     alone.write_bytes(test_file.read_bytes())
     assert main(["evaluate", "paper-mnist", "--data-file", str(alone)]) == 1
-    assert "its labels file t10k-labels-idx1-ubyte.gz beside it, which is not there" in capsys.readouterr().err
+    assert "its labels file t10k-labels-idx1-ubyte[.gz] beside it, which is not there" in capsys.readouterr().err
     test = load_dataset("mnist", "test", data_root)
     for i in range(4):
         Image.fromarray(test.images[i, 0].numpy()).save(tmp_path / f"digit{i}.png")
@@ -143,3 +143,36 @@ print(json.dumps({{"file": nin.__file__, "plain": (logits.argmax(1) == test.labe
     # nin's inference path: the recorded number, to within what another CPU's bf16 kernels may move it
     assert agrees_with_record(round(result["classifier"] * 1000), 1000, recorded), (result["classifier"], recorded)
     assert abs(result["plain"] - recorded) <= 0.003  # plain fp32: within 3 images of 1,000 of it
+
+
+def test_data_file_tells_idx_from_cifar_by_content(data_root, tmp_path, capsys):
+    """MNIST's test pair as the official .gz files, uncompressed, under the dotted names other mirrors use, and
+    mixed; a labels file given for the images, and a name the labels cannot be found by, refused in one line."""
+    import gzip
+    import json
+
+    source = data_root / "mnist"
+    if not (source / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("MNIST's original test files are not in the data folder")
+    images, labels = (gzip.decompress((source / f"t10k-{kind}.gz").read_bytes())
+                      for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+    pairs = {"plain": ("t10k-images-idx3-ubyte", images, "t10k-labels-idx1-ubyte", labels),
+             "dotted": ("t10k-images.idx3-ubyte", images, "t10k-labels.idx1-ubyte", labels),
+             "mixed": ("t10k-images-idx3-ubyte", images, "t10k-labels-idx1-ubyte.gz", gzip.compress(labels))}
+    for name, (image_name, image_bytes, label_name, label_bytes) in pairs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / image_name).write_bytes(image_bytes)
+        (tmp_path / name / label_name).write_bytes(label_bytes)
+        assert main(["evaluate", "paper-mnist", "--data-file", str(tmp_path / name / image_name), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["n"] == 10_000 and agrees_with_record(result["correct"], 10_000, 0.9963), name
+    assert main(["evaluate", "paper-mnist", "--data-file", str(tmp_path / "dotted" / "t10k-labels.idx1-ubyte")]) == 1
+    assert "an IDX labels file; give the images file" in capsys.readouterr().err
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / "test.gz").write_bytes(gzip.compress(images))
+    assert main(["evaluate", "paper-mnist", "--data-file", str(tmp_path / "renamed" / "test.gz")]) == 1
+    assert "found beside it by name" in capsys.readouterr().err
+    for extra in (["--split", "val"], ["--dataset", "mnist"]):  # flags that choose another test set: not with a file
+        assert main(["evaluate", "paper-mnist", "--data-file", str(tmp_path / "plain" / "t10k-images-idx3-ubyte"),
+                     *extra]) == 1
+        assert f"{extra[0]}" in capsys.readouterr().err

@@ -186,6 +186,19 @@ def test_top_k_and_batch_size_must_be_positive(capsys):
         assert "expected a positive integer" in capsys.readouterr().err
 
 
+def test_empty_path_flags_are_refused(capsys):
+    """An empty path (an unset shell variable) is not the current folder, nor "not given": `--init-from ""` had
+    trained from scratch and `--out ""` had used the default folder, silently."""
+    for argv in (["train", "--resume", ""], ["train", "--dataset", "mnist", "--init-from", "", "--dry-run"],
+                 ["train", "--dataset", "mnist", "--out", " ", "--dry-run"], ["export", "w", "--out", ""],
+                 ["visualize", "w", "--out", ""], ["predict", "w", "x.png", "--output", ""],
+                 ["evaluate", "w", "--data-file", ""], ["import-caffe", "m.caffemodel", "--out", ""]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2, argv
+        assert "an empty path" in capsys.readouterr().err, argv
+
+
 def test_disk_full_while_checkpointing_keeps_the_old_checkpoint(data_root, tmp_path, capsys, monkeypatch):
     from safetensors import SafetensorError
 

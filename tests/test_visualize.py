@@ -323,3 +323,23 @@ def test_invert_without_images_is_an_error(tmp_path, capsys):
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["visualize", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_two_calls_into_one_folder_take_turns(tiny_run, tmp_path, capsys):
+    """A second `nin visualize` into a folder another one is writing is refused in one line naming the holder,
+    before any work; the folder is left as it was (a new one removed again)."""
+    import os
+
+    from nin.files import folder_lock
+
+    out = tmp_path / "figures"
+    out.mkdir()
+    with folder_lock(out):  # as another process holds it (flock: per open file, so this process conflicts too)
+        assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "50"]) == 1
+        err = capsys.readouterr().err
+        assert f"another nin process (PID {os.getpid()}) is writing figures into this folder" in err
+        assert err.count("\n") == 1 and list(out.iterdir()) == []
+    assert main(["visualize", str(tiny_run), "--out", str(out), "--limit", "50"]) == 0  # free again
+    fresh = tmp_path / "new" / "figures"
+    assert main(["visualize", str(tiny_run), "--out", str(fresh), "--data-dir", str(tmp_path / "no-data")]) == 1
+    assert "no-data" in capsys.readouterr().err and not fresh.exists()  # failed inside the held folder: removed

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nin.__about__ import __version__
 from nin.data.datasets import DATASET_NAMES, FOLDER
-from nin.errors import positive_int
+from nin.errors import path_arg, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -60,7 +60,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per step per process (default 128)")
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
-    p.add_argument("--out", help="run folder (default: runs/<dataset>-<recipe>)")
+    p.add_argument("--out", type=path_arg, help="run folder (default: runs/<dataset>-<recipe>)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N training images (leave it out for all of them)")
@@ -74,11 +74,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="random translation + flip (default: on for fast, off for paper/caffe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, or model.<field> of the model config; repeatable")
-    p.add_argument("--init-from", metavar="WEIGHTS",
+    p.add_argument("--init-from", type=path_arg, metavar="WEIGHTS",
                    help="start from these weights (a weights file or run folder): fine-tuning; its architecture and "
                         "preprocessing unless --model / --set say otherwise; the class-map layer is re-initialised "
                         "when the class count differs")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--resume", type=path_arg, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -89,7 +89,7 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the model's)")
-    p.add_argument("--data-file", metavar="FILE",
+    p.add_argument("--data-file", type=path_arg, metavar="FILE",
                    help="evaluate on one file: a CIFAR binary batch file (CIFAR-10 layout; CIFAR-100's for 100-class "
                         "models) or an MNIST-format t10k-images-idx3-ubyte[.gz] with its labels file beside it")
     p.add_argument("--batch-size", type=positive_int, default=500)
@@ -102,7 +102,7 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and scored at a time")
-    p.add_argument("--output", metavar="FILE", help="write one row per image to FILE.csv or FILE.jsonl")
+    p.add_argument("--output", type=path_arg, metavar="FILE", help="write one row per image to FILE.csv or FILE.jsonl")
     p.add_argument("--backend", default="torch", metavar="NAME",
                    help="torch (default: nin's inference path, as `nin evaluate`), torch-fp32, torch-folded, torchscript, "
                         "onnxruntime or openvino: the same probabilities through another engine (docs/deploy.md)")
@@ -194,8 +194,6 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
-    if not args.resume.strip():  # Path("") is the current folder: not what an empty argument meant
-        raise NinError("--resume: an empty path; expected a run folder (one holding checkpoint.safetensors)")
     run = Path(args.resume)
     if not run.is_dir():
         raise NinError(f"--resume {run}: no such run folder")
@@ -247,8 +245,12 @@ def _stop_on_signals():
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nin.errors import NinError
     from nin.evaluate import evaluate_weights
 
+    if args.data_file and (args.dataset or args.split != "test"):
+        given = "--dataset" if args.dataset else f"--split {args.split}"
+        raise NinError(f"--data-file {args.data_file} is the test set scored; {given} does not apply to it")
     result, dataset, classes = evaluate_weights(args.weights, dataset=args.dataset, split=args.split,
                                                 data_dir=args.data_dir, data_file=args.data_file,
                                                 batch_size=args.batch_size, device=args.device)
@@ -289,8 +291,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise NinError("no image could be read (each problem named above); nothing written")
     if args.output:
         write_predictions(Path(args.output), report.rows)
-        skipped = f" ({report.skipped} skipped)" if report.skipped else ""
-        print(f"nin predict: {len(report.rows)} images -> {args.output}{skipped}")
+        skipped = f" ({len(report.problems)} skipped, named above)" if report.problems else ""
+        count = len(report.rows)
+        print(f"nin predict: {count} image{'' if count == 1 else 's'} -> {args.output}{skipped}")
     elif args.json:
         print(json.dumps({"weights": str(args.weights), "predictions": report.rows}))
     else:

@@ -23,6 +23,14 @@ class CheckpointError(NinError):
     """A checkpoint or weights file is missing, damaged, or belongs to another model."""
 
 
+def path_arg(text: str) -> str:
+    """An argparse type for a path flag: an empty one (an unset shell variable, say) is refused in one line, not
+    taken as the current folder or as "not given"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; expected a file or folder name")
+    return text
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a count of 1 or more, refused by argparse in one line otherwise."""
     try:

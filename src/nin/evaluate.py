@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from nin import distributed
 from nin.data import ImageDataset, TensorLoader, load_dataset, recorded_root, resolve_root
 from nin.data.folders import NumberedClasses
-from nin.data.readers import read_cifar_binary, read_idx_dataset
+from nin.data.readers import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, idx_magic, read_cifar_binary, read_idx_dataset
 from nin.errors import NinError
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
@@ -99,25 +99,38 @@ def check_image_shape(images: torch.Tensor, config, owner: str, source: str) -> 
                        f"{'×'.join(map(str, images.shape[1:]))}")
 
 
-IDX_IMAGES, IDX_LABELS = "images-idx3-ubyte", "labels-idx1-ubyte"  # MNIST's file names: t10k-images-idx3-ubyte.gz
-
-
 def read_data_file(path: str | os.PathLike, num_classes: int, flag: str = "--data-file"):
     """One file as a test set: a CIFAR binary batch file (CIFAR-10's 1 label byte a record, or CIFAR-100's 2, fine
-    label, for a 100-class model), or an MNIST / Fashion-MNIST IDX images file (``t10k-images-idx3-ubyte[.gz]``)
-    read with the labels file beside it (``t10k-labels-idx1-ubyte[.gz]``)."""
+    label, for a 100-class model), or an IDX images file (MNIST's and Fashion-MNIST's format, told by its magic
+    number, gzipped or not) read with its labels file beside it: the same name with ``images`` -> ``labels`` and
+    ``idx3`` -> ``idx1`` (``t10k-images-idx3-ubyte.gz`` -> ``t10k-labels-idx1-ubyte.gz``), gzipped or not."""
     path = Path(path)
     if not path.is_file():
         raise NinError(f"{flag} {path}: no such file")
-    if IDX_IMAGES in path.name:
-        labels_path = path.with_name(path.name.replace(IDX_IMAGES, IDX_LABELS))
-        if not labels_path.is_file():
-            raise NinError(f"{flag} {path}: an IDX images file, read with its labels file {labels_path.name} "
-                           "beside it, which is not there")
-        images, labels = read_idx_dataset(path, labels_path, num_classes)
+    magic = idx_magic(path)
+    if magic == IDX_LABEL_MAGIC:
+        raise NinError(f"{flag} {path}: an IDX labels file; give the images file (e.g. t10k-images-idx3-ubyte.gz), "
+                       "whose labels file lies beside it")
+    if magic == IDX_IMAGE_MAGIC:
+        images, labels = read_idx_dataset(path, _idx_labels_file(path, flag), num_classes)
     else:
         images, labels = read_cifar_binary(path, num_classes, label_bytes=2 if num_classes == 100 else 1)
     return ImageDataset(images, labels, [str(k) for k in range(num_classes)], path.name)
+
+
+def _idx_labels_file(images: Path, flag: str) -> Path:
+    stem = images.name[:-3] if images.name.endswith(".gz") else images.name
+    labels = stem.replace("images", "labels").replace("idx3", "idx1")
+    found = next((images.with_name(name) for name in (labels, labels + ".gz", stem.replace("images", "labels"))
+                  if name != images.name and images.with_name(name).is_file()), None)
+    if found is None and labels == stem:
+        raise NinError(f"{flag} {images}: an IDX images file; its labels file is found beside it by name (images -> "
+                       "labels, idx3 -> idx1: t10k-images-idx3-ubyte.gz -> t10k-labels-idx1-ubyte.gz), and this "
+                       "name has neither: rename the pair so")
+    if found is None:
+        raise NinError(f"{flag} {images}: an IDX images file, read with its labels file {labels}[.gz] beside it, "
+                       "which is not there")
+    return found
 
 
 def _model_classes(meta: dict) -> list[str] | None:

@@ -16,6 +16,7 @@ renaming over it would silently replace the user's link, and writing through it 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 from nin.errors import NinError
 
 __all__ = ["claim_output", "read_json_object", "output_path", "atomic_write", "atomic_write_bytes",
-           "remove_stale_temp_files", "refuse_symlink"]
+           "remove_stale_temp_files", "refuse_symlink", "folder_lock"]
 
 
 def output_path(path: str | os.PathLike) -> Path:
@@ -169,3 +170,34 @@ def read_json_object(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, flag: str = "--out", doing: str = "is writing this folder"):
+    """Hold an exclusive OS lock on ``folder`` itself while a command writes into it: released by the kernel
+    when the process dies (kill -9 too), no lock file left behind. A second nin process gets one line naming the
+    holder's PID (`nin train` on its run folder, `nin visualize` on its figures folder)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NinError(f"{flag} {folder}: another nin process (PID {_lock_holder(fd)}) {doing}; wait for it "
+                           "or stop it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """The PID holding a flock on ``fd``'s file, from /proc/locks (Linux); "unknown" elsewhere."""
+    info = os.fstat(fd)
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and where in fields:
+                return fields[fields.index(where) - 1]
+    except OSError:
+        pass
+    return "unknown"

@@ -40,8 +40,10 @@ def _walk_images(folder: Path, problems: list[str]) -> list[Path]:
             continue
         seen.add(real)
         folders[:] = sorted(f for f in folders if not f.startswith("."))
-        found += [Path(top) / f for f in sorted(files)
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()]
+        images = [Path(top) / f for f in sorted(files)
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found += [path for path in images if path.is_file()]
+        problems += [f"{path}: a broken symbolic link" for path in images if path.is_symlink() and not path.exists()]
     return found
 
 

@@ -142,6 +142,28 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
+def idx_magic(path: Path) -> int | None:
+    """The IDX magic number a file (gzipped or not) starts with when it is an IDX file of unsigned bytes whose
+    header fits it (2051 images, 2049 labels), else None: how a file is told from a CIFAR batch by content, not
+    name. A plain file must also be exactly as long as its header says."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as stream:
+            header = stream.read(16)
+    except (OSError, EOFError, zlib.error):
+        return None
+    magic = int.from_bytes(header[:4], "big") if len(header) >= 4 else None
+    if magic not in (IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC):
+        return None
+    dims = header[4 : 4 + 4 * header[3]]
+    if len(dims) < 4 * header[3]:
+        return None
+    if path.suffix != ".gz":
+        size = math.prod(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(header[3]))
+        if path.stat().st_size != 4 + len(dims) + size:
+            return None
+    return magic
+
+
 def read_idx_dataset(images_path: Path, labels_path: Path, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a matching pair of IDX image and label files.
 

@@ -32,7 +32,7 @@ from torch import nn
 from nin.__about__ import __version__
 from nin.data.images import INPUT_HANDLING
 from nin.data.readers import file_digest
-from nin.errors import NinError
+from nin.errors import NinError, path_arg
 from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path, read_json_object
 from nin.inference import InferencePipeline, optimize_for_inference
 from nin.pretrained import load, resolve
@@ -339,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "probabilities and class maps out. Writes FILE and its description FILE.json.")
     parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="default: onnx")
-    parser.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .pt, .xml for openvino)")
+    parser.add_argument("--out", required=True, type=path_arg, metavar="FILE", help="output file (.onnx, .pt, .xml for openvino)")
     parser.add_argument("--opset", type=int, default=OPSET,
                         help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
     parser.add_argument("--force", action="store_true",

@@ -12,14 +12,13 @@ file of its own, never an existing one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from nin.errors import NinError
-from nin.files import read_json_object
+from nin.files import folder_lock, read_json_object
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "run_folder_lock", "check_output_dir"]
 
@@ -31,44 +30,22 @@ RUN_MARKER = "nin_run"  # a key of config.json: this folder was made by `nin tra
 
 @contextlib.contextmanager
 def run_folder_lock(out: Path, *, resume: bool):
-    """Hold an exclusive OS lock on the run folder itself (released by the kernel when the process dies, kill -9
-    too); no lock file is left behind.
+    """Hold an exclusive OS lock on the run folder itself (`nin.files.folder_lock`: released by the kernel when
+    the process dies, kill -9 too; no lock file is left behind).
 
     Checks first that the folder may be written (`check_output_dir`); a second writer gets one line naming
     the holder's PID. A folder this call made is removed again when the run fails before writing into it.
     """
     created = not out.exists()
     check_output_dir(out, resume=resume)
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            flag = "--resume" if resume else "--out"
-            raise NinError(f"{flag} {out}: another nin process (PID {_lock_holder(fd)}) is writing this run "
-                           "folder; wait for it or stop it first") from None
-        check_output_dir(out, resume=resume)  # what the holder before us may have left
-        yield
+        with folder_lock(out, flag="--resume" if resume else "--out", doing="is writing this run folder"):
+            check_output_dir(out, resume=resume)  # what the holder before us may have left
+            yield
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything
             out.rmdir()
         raise
-    finally:
-        os.close(fd)
-
-
-def _lock_holder(fd: int) -> str:
-    """The PID holding a flock on ``fd``'s file, from /proc/locks (Linux); "unknown" elsewhere."""
-    info = os.fstat(fd)
-    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    try:
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if "FLOCK" in fields and where in fields:
-                return fields[fields.index(where) - 1]
-    except OSError:
-        pass
-    return "unknown"
 
 
 def check_output_dir(out: Path, *, resume: bool) -> None:

@@ -23,7 +23,7 @@ import torch
 from nin.checkpoint import load_state, save_weights
 from nin.data import load_dataset
 from nin.data.datasets import CIFAR10_CLASSES
-from nin.errors import CheckpointError, NinError
+from nin.errors import CheckpointError, NinError, path_arg
 from nin.files import claim_output
 from nin.models import NiN, get_model, list_models, model_config, original_layer_names
 from nin.tools.caffe_format import (
@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocessing", default="gcn_zca", choices=PREPROCESSING_KINDS,
                         help="fitted on the CIFAR-10 training images (default: gcn_zca, as the authors trained)")
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
-    parser.add_argument("--out", required=True, metavar="W.safetensors", help="the weights file to write")
+    parser.add_argument("--out", required=True, type=path_arg, metavar="W.safetensors", help="the weights file to write")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing --out that no earlier import wrote (never through a symbolic link)")
 

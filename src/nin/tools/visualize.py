@@ -17,6 +17,7 @@ The figures themselves are drawn by `nin.tools.figures`, at the size they print 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +28,9 @@ from torch import nn
 from nin.data import TensorLoader
 from nin.data.datasets import first_per_class
 from nin.data.images import read_image, read_photo
-from nin.errors import NinError
+from nin.errors import NinError, path_arg
 from nin.evaluate import evaluate, load_matching_dataset
-from nin.files import atomic_write_bytes, claim_output, read_json_object
+from nin.files import atomic_write_bytes, claim_output, folder_lock, read_json_object
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import autocast, resolve_device, select_precision
@@ -139,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "matrix, and maps.json: how often the map with the largest activation is the true class.")
     parser.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
-    parser.add_argument("--out", help="output folder (default: RUN_DIR/figures, or WEIGHTS_STEM-figures)")
+    parser.add_argument("--out", type=path_arg, help="output folder (default: RUN_DIR/figures, or WEIGHTS_STEM-figures)")
     parser.add_argument("--images", nargs="+", default=[], metavar="FILE", help="also overlay these image files")
     parser.add_argument("--invert", action="store_true",
                         help="read --images as `nin predict --invert` does (dark ink on paper, MNIST-style weights)")
@@ -234,7 +235,32 @@ def run(args: argparse.Namespace) -> int:
     out = _output_folder(weights, args.out)
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
     names = _output_names(args, fmt, runs)
-    _claim_outputs(out, names, getattr(args, "force", False))
+    _claim_outputs(out, names, getattr(args, "force", False))  # before any work
+    with _figures_folder(out):  # one writer at a time: two calls would mix their figures
+        _claim_outputs(out, names, getattr(args, "force", False))  # what a call before us may have written
+        return _draw(args, weights, out, runs, names, fmt)
+
+
+@contextlib.contextmanager
+def _figures_folder(out: Path):
+    """``out``, made if needed and held (`nin.files.folder_lock`) while the figures are drawn; a folder this call
+    made is removed again when it fails before writing anything into it."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NinError(f"--out {out}: cannot make the folder ({error.strerror or error})") from None
+    try:
+        with folder_lock(out, doing="is writing figures into this folder"):
+            yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[Path], names: list[str], fmt: str) -> int:
+    """The figures and maps.json of `run`, into the held folder ``out``."""
     earlier = _earlier_files(out)
     device = resolve_device(args.device)
     model, preprocessing, meta = load(weights, device)

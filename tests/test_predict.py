@@ -65,3 +65,24 @@ def test_starting_from_takes_the_weights_architecture_and_preprocessing():
     assert kept.model == "cnn_cifar10_gap"
     with pytest.raises(NinError, match="--init-from no-such.safetensors"):
         starting_from(recipe("fast", "folder"), "no-such.safetensors")
+
+
+def test_classifier_inverts_as_nin_predict_does(digits, data_root):
+    """`Classifier(..., invert=True)` reads dark ink on paper as `nin predict --invert` does: the same classes and
+    probabilities, and the true digits, where the plain reading of the same files is wrong more often."""
+    import torch
+
+    from nin.classifier import Classifier
+
+    labels = load_dataset("mnist", "test", data_root).labels[:3].tolist()
+    papers = [str(digits / f"paper{i}.png") for i in range(3)]
+    classifier = Classifier.load("paper-mnist")
+    inverted = classifier.predict(papers, invert=True)
+    assert inverted.argmax(1).tolist() == labels
+    report = predict_files("paper-mnist", papers, top_k=1, invert=True)
+    assert [row["top"][0]["index"] for row in report.rows] == labels
+    assert torch.allclose(inverted.max(1).values, torch.tensor([row["top"][0]["probability"] for row in report.rows]))
+    assert [top[0][0] for top in classifier.top(papers, k=1, invert=True)] == [str(label) for label in labels]
+    logits, maps = classifier.logits_and_maps(papers, invert=True)
+    assert torch.allclose(logits, classifier.logits(papers, invert=True), atol=1e-4) and maps.shape[:2] == (3, 10)
+    assert not torch.equal(classifier.predict(papers), inverted)  # the flag changes what the model sees

@@ -23,7 +23,7 @@ from nin.errors import NinError
 from nin.inference import InferencePipeline, inference_model
 from nin.pretrained import load
 from nin.runtime import resolve_device, select_precision
-from nin.transforms import ImageTransform
+from nin.transforms import ImageTransform, invert_ink
 
 __all__ = ["Classifier"]
 
@@ -51,25 +51,30 @@ class Classifier:
         model, preprocessing, meta = load(weights)
         return cls(model, preprocessing, meta, device=device, precision=precision)
 
-    @torch.no_grad()
-    def logits(self, images) -> torch.Tensor:
-        """fp32 logits (N, K), exactly as `nin evaluate` computes them."""
-        return self.pipeline.logits(self.transforms(images).to(self.device))
+    def _pixels(self, images, invert: bool):
+        """``images`` as they go in: with ``invert``, decoded and inverted as `nin predict --invert` does (dark
+        ink on light paper, for weights trained on light-on-black images)."""
+        return invert_ink(self.transforms.to_pixels(images)) if invert else images
 
     @torch.no_grad()
-    def logits_and_maps(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, images, *, invert: bool = False) -> torch.Tensor:
+        """fp32 logits (N, K), exactly as `nin evaluate` computes them (``invert``: as `nin predict --invert`)."""
+        return self.pipeline.logits(self.transforms(self._pixels(images, invert)).to(self.device))
+
+    @torch.no_grad()
+    def logits_and_maps(self, images, *, invert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 logits (N, K) and class maps (N, K, h, w) (flip-averaged with the weights' test-time flips)."""
-        return self.pipeline(self.transforms.to_pixels(images).to(self.device))
+        return self.pipeline(self.transforms.to_pixels(self._pixels(images, invert)).to(self.device))
 
-    def predict(self, images) -> torch.Tensor:
+    def predict(self, images, *, invert: bool = False) -> torch.Tensor:
         """Class probabilities (N, K) on the CPU."""
-        return self.logits(images).softmax(dim=1).cpu()
+        return self.logits(images, invert=invert).softmax(dim=1).cpu()
 
-    def top(self, images, k: int = 5) -> list[list[tuple[str, float]]]:
+    def top(self, images, k: int = 5, *, invert: bool = False) -> list[list[tuple[str, float]]]:
         """The ``k`` most probable classes of each image, as (class name, probability)."""
         if k < 1:
             raise NinError(f"k must be at least 1, got {k}")
-        probabilities = self.predict(images)
+        probabilities = self.predict(images, invert=invert)
         values, indices = probabilities.topk(min(k, len(self.classes)), dim=1)
         return [[(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())]
                 for v, ix in zip(values, indices)]

@@ -26,7 +26,7 @@ from pathlib import Path
 from nin.errors import NinError
 
 __all__ = ["claim_output", "read_json_object", "output_path", "atomic_write", "atomic_write_bytes",
-           "remove_stale_temp_files", "refuse_symlink", "folder_lock"]
+           "remove_stale_temp_files", "refuse_symlink", "folder_lock", "removed_if_unused"]
 
 
 def output_path(path: str | os.PathLike) -> Path:
@@ -170,6 +170,18 @@ def read_json_object(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
+
+
+@contextlib.contextmanager
+def removed_if_unused(folder: str | os.PathLike, created: bool):
+    """Remove ``folder`` again when the block fails and it was ``created`` for it and is still empty: a failed
+    command leaves no empty folder of its own behind."""
+    try:
+        yield
+    except BaseException:
+        if created and Path(folder).is_dir() and not any(Path(folder).iterdir()):
+            Path(folder).rmdir()
+        raise
 
 
 @contextlib.contextmanager

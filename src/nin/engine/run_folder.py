@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from nin.errors import NinError
-from nin.files import folder_lock, read_json_object
+from nin.files import folder_lock, read_json_object, removed_if_unused
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "run_folder_lock", "check_output_dir"]
 
@@ -38,14 +38,10 @@ def run_folder_lock(out: Path, *, resume: bool):
     """
     created = not out.exists()
     check_output_dir(out, resume=resume)
-    try:
-        with folder_lock(out, flag="--resume" if resume else "--out", doing="is writing this run folder"):
-            check_output_dir(out, resume=resume)  # what the holder before us may have left
-            yield
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything
-            out.rmdir()
-        raise
+    with removed_if_unused(out, created), folder_lock(out, flag="--resume" if resume else "--out",
+                                                      doing="is writing this run folder"):
+        check_output_dir(out, resume=resume)  # what the holder before us may have left
+        yield
 
 
 def check_output_dir(out: Path, *, resume: bool) -> None:

@@ -30,7 +30,7 @@ from nin.data.datasets import first_per_class
 from nin.data.images import read_image, read_photo
 from nin.errors import NinError, path_arg
 from nin.evaluate import evaluate, load_matching_dataset
-from nin.files import atomic_write_bytes, claim_output, folder_lock, read_json_object
+from nin.files import atomic_write_bytes, claim_output, folder_lock, read_json_object, removed_if_unused
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import autocast, resolve_device, select_precision
@@ -250,13 +250,8 @@ def _figures_folder(out: Path):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NinError(f"--out {out}: cannot make the folder ({error.strerror or error})") from None
-    try:
-        with folder_lock(out, doing="is writing figures into this folder"):
-            yield
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with removed_if_unused(out, created), folder_lock(out, doing="is writing figures into this folder"):
+        yield
 
 
 def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[Path], names: list[str], fmt: str) -> int:

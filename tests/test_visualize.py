@@ -311,8 +311,11 @@ def test_images_inverted_as_nin_predict_inverts_them(data_root, tmp_path, capsys
     for flags, right in (([], False), (["--invert"], True)):
         assert main(["visualize", weights, "--data-dir", str(data_root), "--out", str(tmp_path / f"f{len(flags)}"),
                      "--limit", "20", "--images", str(scan), *flags]) == 0
-        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{scan}: "))
+        captured = capsys.readouterr()
+        line = next(x for x in captured.out.splitlines() if x.startswith(f"{scan}: "))
         assert (line == f"{scan}: {expected['class']} ({expected['probability']:.1%})") == right, line
+        # without --invert, the hint `nin predict` gives: dark on light, score it with --invert
+        assert (f"nin visualize: {scan} looks dark on a light background" in captured.err) == (not right)
 
 
 def test_invert_without_images_is_an_error(tmp_path, capsys):

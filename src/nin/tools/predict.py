@@ -134,21 +134,22 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, text.encode(), flag="--output")
 
 
-def polarity_hint(report: PredictReport, total: int, inverted: bool) -> list[str]:
+def polarity_hint(report: PredictReport, total: int, inverted: bool, command: str = "nin predict") -> list[str]:
     """The lines to print after the listing: images the other way round from what the weights (and ``--invert``)
-    expect, and ``--invert`` given with weights that do not take it."""
+    expect, and ``--invert`` given with weights that do not take it (``command``: whose flag, `nin predict`'s or
+    `nin visualize`'s)."""
     lines, dataset, odd = [], report.dataset, report.odd
     if odd:
         which = f"{odd[0]} looks" if len(odd) == 1 else f"{len(odd)} of {total} images (first: {odd[0]}) look"
         them = "it" if len(odd) == 1 else "them"
         if inverted:
-            lines.append(f"nin predict: {which} light on a dark background already, as {dataset} weights expect; "
+            lines.append(f"{command}: {which} light on a dark background already, as {dataset} weights expect; "
                          f"--invert made {them} dark on light: score {them} without --invert")
         else:
-            lines.append(f"nin predict: {which} dark on a light background; {dataset} weights expect light on a "
+            lines.append(f"{command}: {which} dark on a light background; {dataset} weights expect light on a "
                          f"dark background: score {them} with --invert")
     if inverted and dataset not in LIGHT_ON_DARK:
-        lines.append(f"nin predict: --invert is for weights trained on light-on-black images "
+        lines.append(f"{command}: --invert is for weights trained on light-on-black images "
                      f"({', '.join(LIGHT_ON_DARK)}); these are {dataset} weights, so the images were scored as "
                      "negatives")
     return lines

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,7 +44,8 @@ from nin.tools.figures import (
     plot_overlays,
     plot_photo_overlays,
 )
-from nin.transforms import invert_ink
+from nin.tools.predict import PredictReport, polarity_hint
+from nin.transforms import invert_ink, odd_polarity
 
 __all__ = ["confidence_maps", "map_scores", "map_statistics", "add_arguments", "run"]
 
@@ -205,6 +207,10 @@ def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequen
     device = next(model.parameters()).device
     photos = [read_photo(Path(p), config.in_channels) for p in images]
     pixels = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in images])
+    dataset = meta.get("dataset")  # photos the other way round from what the weights expect: said as predict says it
+    odd = [Path(p) for p, flag in zip(images, odd_polarity(pixels, dataset, invert)) if flag]
+    for line in polarity_hint(PredictReport([], dataset, odd=odd), len(images), invert, command="nin visualize"):
+        print(line, file=sys.stderr)
     batch = preprocessing((invert_ink(pixels) if invert else pixels).to(device))
     maps = confidence_maps(model, batch, amp_dtype)
     logits = predict_logits(served, batch, tta_flip=bool(meta.get("tta_flip")))

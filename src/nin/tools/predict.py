@@ -45,7 +45,6 @@ class PredictReport:
     odd: list[Path] = field(default_factory=list)  # images the other way round from what the weights expect
     problems: list[str] = field(default_factory=list)  # unreadable folders met while listing (and, with
     # skip_bad, images that could not be read), each a line naming the path and what was wrong
-    skipped: int = 0  # images skipped (skip_bad)
 
 
 def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 5, batch_size: int = 256,
@@ -100,7 +99,6 @@ def _read_chunk(paths: list[Path], config, report: PredictReport | None) -> tupl
             if report is None:
                 raise
             report.problems.append(str(error))
-            report.skipped += 1
             continue
         kept.append(path)
     return kept, pixels

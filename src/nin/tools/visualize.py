@@ -169,16 +169,16 @@ def _output_folder(weights: Path, out: str | None) -> Path:
 REPORT = "maps.json"
 
 
-def _is_report(path: Path) -> bool:
-    """True when ``path`` is a maps.json that `nin visualize` wrote."""
-    report = read_json_object(path)
-    return report is not None and {"weights", "max_map_true_class", "gap_accuracy"} <= set(report)
+def _earlier_report(out: Path) -> dict | None:
+    """The maps.json an earlier `nin visualize` wrote into ``out`` (not a link: `read_json_object`), or None."""
+    report = read_json_object(out / REPORT)
+    return report if report is not None and {"weights", "max_map_true_class", "gap_accuracy"} <= set(report) else None
 
 
 def _claim_outputs(out: Path, names: list[str], force: bool) -> None:
     """Every file this run writes into ``out`` may be written (`nin.files.claim_output`), before any work: an
     existing one only when an earlier `nin visualize` wrote the folder (its maps.json is ours), or with --force."""
-    earlier = not (out / REPORT).is_symlink() and _is_report(out / REPORT)
+    earlier = _earlier_report(out) is not None
     for name in names:
         claim_output(out / name, flag="--out", force=force, ours=lambda _: earlier)
 
@@ -188,9 +188,8 @@ FIGURES = ("confusion", "confidence_maps", "overlays", "overlays_images", "curve
 
 def _output_names(args: argparse.Namespace, fmt: str, runs: list[Path]) -> list[str]:
     """The files a run of `nin visualize` with ``args`` writes into its folder."""
-    figures = ["confusion", "confidence_maps", "overlays", *(["overlays_images"] if args.images else []),
-               *(["curves"] if runs else [])]
-    return [REPORT, *(f"{figure}.{fmt}" for figure in figures)]
+    drawn = {"overlays_images": bool(args.images), "curves": bool(runs)}  # the others every time
+    return [REPORT, *(f"{figure}.{fmt}" for figure in FIGURES if drawn.get(figure, True))]
 
 
 def _write_report(out: Path, report: dict, files: list[str]) -> None:
@@ -317,10 +316,7 @@ def _earlier_files(out: Path) -> set[str]:
     """The figures an earlier `nin visualize` into ``out`` wrote, as its maps.json lists them: only names this
     command writes (a figure's name in one of FORMATS), so no other file of the folder is ever taken for one;
     none when the folder is not ours, or its maps.json is from a version that listed none."""
-    report = out / REPORT
-    if report.is_symlink() or not _is_report(report):
-        return set()
-    files = read_json_object(report).get("files")
+    files = (_earlier_report(out) or {}).get("files")
     ours = {f"{figure}.{fmt}" for figure in FIGURES for fmt in FORMATS}
     return {name for name in files if isinstance(name, str) and name in ours} if isinstance(files, list) else set()
 

@@ -230,6 +230,19 @@ def test_curves_of_several_runs(tmp_path, drawn):
     assert all(float(t).is_integer() for t in error_axis.get_xticks())  # whole epochs
 
 
+def test_map_scores_logits_are_the_ones_evaluate_counts(tiny_run):
+    # through nin's inference path in bf16 the maps' mean is taken in bf16, as `model(images)` takes it: the map
+    # statistic's logits are bit for bit the ones `nin evaluate` counts (an fp32 mean parts bf16 ties differently)
+    from nin.inference import inference_model, predict_logits
+
+    model, preprocessing, _ = load(tiny_run)
+    served = inference_model(model, torch.bfloat16)
+    images = load_dataset("mnist", "test").images[:300]
+    _, logits = visualize.map_scores(served, preprocessing, images, batch_size=128, amp_dtype=torch.bfloat16)
+    expected = torch.cat([predict_logits(served, batch) for batch in preprocessing(images).split(128)])
+    assert torch.equal(logits, expected)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
     from nin.engine import recipe, train
@@ -269,6 +282,7 @@ def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys, monkeypatch):
         predictions = model(preprocessing(test.images[:200])).argmax(dim=1)
     accuracy = float((predictions == test.labels[:200]).double().mean())
     assert stats["gap_accuracy"] == pytest.approx(accuracy, abs=0.02)  # the command may run in bf16
+    assert not stats["accuracy_tta_flip"] and stats["gap_accuracy"] == stats["accuracy"]  # one pass, one count
 
     # a second call without --images: the folder shows that call alone (no stale overlays_images.png), and a user's
     # file stays

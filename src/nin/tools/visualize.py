@@ -57,34 +57,43 @@ __all__ = ["confidence_maps", "map_scores", "map_statistics", "add_arguments", "
 
 
 @torch.no_grad()
+def _maps_and_logits(model: nn.Module, images: torch.Tensor,
+                     amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class maps (N, K, h, w) and the logits (N, K) of one forward pass in eval mode: the logits are the
+    head of the maps in the maps' own dtype, as ``model(images)`` computes them (a bf16 mean of bf16 maps can tie
+    two classes that an fp32 mean would part; this keeps `nin evaluate`'s count)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(images.device, amp_dtype):
+            maps = model.forward_features(images)
+            logits = model.forward_head(maps)
+    finally:
+        model.train(was_training)
+    return maps.float().contiguous(), logits.float()
+
+
 def confidence_maps(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The last mlpconv block's maps, before pooling: ``model.forward_features`` in eval mode, without gradients.
 
     Args:
-        model: A NiN (anything with ``forward_features``).
+        model: A NiN (anything with ``forward_features``), or the `nin.inference.InferenceModel` of one.
         images: Preprocessed float (N, C, H, W), on the model's device.
         amp_dtype: Autocast dtype (bf16 where `nin.train.select_precision` picks it); None runs fp32.
 
     Returns:
         fp32 (N, K, h, w), one confidence map per class; the model's training mode is left as it was.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(images.device, amp_dtype):
-            maps = model.forward_features(images)
-    finally:
-        model.train(was_training)
-    return maps.float().contiguous()
+    return _maps_and_logits(model, images, amp_dtype)[0]
 
 
-@torch.no_grad()
 def map_scores(model: nn.Module, preprocessing, images: torch.Tensor, *, batch_size: int = 500,
                amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each class map's largest activation and the model's logits, batch by batch over a whole split.
 
     Args:
-        model: A NiN, on its device.
+        model: A NiN, or the `nin.inference.InferenceModel` of one (``nin visualize`` passes the one `nin
+            evaluate` runs: then the logits are exactly evaluate's), on its device.
         preprocessing: The fitted `nin.transforms.Preprocessing` stored with the model.
         images: Raw uint8 (N, C, H, W), on any device; each batch is moved to the model's device.
         batch_size: Images per batch.
@@ -92,14 +101,14 @@ def map_scores(model: nn.Module, preprocessing, images: torch.Tensor, *, batch_s
 
     Returns:
         On the CPU: peaks (N, K), the max over spatial positions of each class map, and logits (N, K),
-        ``model.forward_head`` of the same maps (their spatial mean for a GAP model).
+        ``model.forward_head`` of the same maps (their spatial mean for a GAP model), without test-time flips.
     """
     device = next(model.parameters()).device
     peaks, logits = [], []
     for chunk in images.split(batch_size):
-        maps = confidence_maps(model, preprocessing(chunk.to(device)), amp_dtype)  # (B, K, h, w)
+        maps, scores = _maps_and_logits(model, preprocessing(chunk.to(device)), amp_dtype)  # (B, K, h, w), (B, K)
         peaks.append(maps.amax(dim=(2, 3)).cpu())
-        logits.append(model.forward_head(maps).float().cpu())
+        logits.append(scores.cpu())
     return torch.cat(peaks), torch.cat(logits)
 
 
@@ -211,7 +220,7 @@ def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequen
     for line in polarity_hint(PredictReport([], dataset, odd=odd), len(images), invert, command="nin visualize"):
         print(line, file=sys.stderr)
     batch = preprocessing((invert_ink(pixels) if invert else pixels).to(device))
-    maps = confidence_maps(model, batch, amp_dtype)
+    maps = confidence_maps(served, batch, amp_dtype)
     logits = predict_logits(served, batch, tta_flip=bool(meta.get("tta_flip")))
     probabilities, predictions = logits.softmax(dim=1).max(dim=1)
     for name, k, share in zip(images, predictions.tolist(), probabilities.tolist()):
@@ -269,12 +278,13 @@ def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[Path], 
     images, labels = data.images[: args.limit], data.labels[: args.limit]
     classes = list(meta.get("classes") or data.classes or [str(k) for k in range(config.num_classes)])
     amp_dtype = select_precision("auto", device)
-    served = inference_model(model, amp_dtype)  # the one inference path: batch norm folded once, in amp_dtype
-    model = served.model  # its folded copy, whose class maps the figures show
+    # the one inference path: batch norm folded once, in amp_dtype; its class maps are the figures' maps, and
+    # their spatial mean is exactly the logits `nin evaluate` counts (one pass, one set of kernels)
+    served = inference_model(model, amp_dtype)
     written: list[Path] = []
 
     # the map statistic (plain GAP, no flips), over the whole (or --limit) test set
-    peaks, logits = map_scores(model, preprocessing, images, batch_size=args.batch_size, amp_dtype=amp_dtype)
+    peaks, logits = map_scores(served, preprocessing, images, batch_size=args.batch_size, amp_dtype=amp_dtype)
     statistics = map_statistics(peaks, logits, labels)
     predictions = logits.argmax(dim=1)
     num_classes = config.num_classes
@@ -292,7 +302,7 @@ def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[Path], 
 
     # Figure 4 and the test-image overlays: the first --per-class images of every class
     chosen = first_per_class(labels, args.per_class, num_classes)
-    chosen_maps = confidence_maps(model, preprocessing(images[chosen].to(device)), amp_dtype).cpu()
+    chosen_maps = confidence_maps(served, preprocessing(images[chosen].to(device)), amp_dtype).cpu()
     chosen_predictions = predictions[chosen]
     written.append(plot_confidence_maps(images[chosen], chosen_maps, labels[chosen], chosen_predictions, classes,
                                         out / f"confidence_maps.{fmt}"))

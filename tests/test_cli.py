@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,23 +37,43 @@ def test_python_dash_m_runs():
 
 
 def test_dry_run_resolves_recipe_and_overrides(capsys, tmp_path):
+    # no CIFAR-100 here: the config is still printed, then the missing data in one line and exit 1
     assert main(["train", "--dataset", "cifar100", "--recipe", "paper", "--dry-run", "--out", str(tmp_path / "r"),
-                 "--set", "model.dropout=0.3", "--epochs", "7"]) == 0
-    cfg = json.loads(capsys.readouterr().out)["train_config"]
+                 "--set", "model.dropout=0.3", "--epochs", "7", "--data-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    cfg = printed["train_config"]
     assert (cfg["model"], cfg["lr"], cfg["weight_decay"], cfg["epochs"]) == ("nin_cifar100", 0.02, 5e-4, 7)
-    assert cfg["model_args"] == {"dropout": 0.3}
+    assert cfg["model_args"] == {"dropout": 0.3} and printed["data_files"] is None
+    assert captured.err.count("\n") == 1 and "no cifar100 files found" in captured.err
     assert not (tmp_path / "r").exists()
 
 
-def test_the_data_folder_from_nin_data_is_recorded_as_an_absolute_path(capsys, tmp_path, monkeypatch):
+def test_dry_run_finds_the_data_files_without_reading_them(capsys, tmp_path, data_root):
+    assert main(["train", "--dataset", "mnist", "--dry-run", "--data-dir", str(data_root)]) == 0
+    files = [Path(f) for f in json.loads(capsys.readouterr().out)["data_files"]]
+    assert sorted(f.name for f in files) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                             "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    # a copy that lacks one file: named, before any training; the run itself would have stopped on it later
+    copy = tmp_path / "data"
+    shutil.copytree(data_root / "cifar-10-batches-bin", copy / "cifar-10-batches-bin")
+    (copy / "cifar-10-batches-bin" / "data_batch_3.bin").unlink()
+    assert main(["train", "--dataset", "cifar10", "--dry-run", "--data-dir", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "data_batch_3.bin: missing" in err and err.count("\n") == 1
+
+
+def test_the_data_folder_from_nin_data_is_recorded_as_an_absolute_path(capsys, tmp_path, monkeypatch, data_root):
     """A run trained with $NIN_DATA (relative, as the README writes it) records where its data is, so that a
     resume or evaluate from another directory or shell finds it; without either the cache is not recorded."""
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(data_root / "mnist", tmp_path / "data" / "mnist")  # the dry run finds the data it names
     monkeypatch.setenv("NIN_DATA", "data")
     assert main(["train", "--dataset", "mnist", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["train_config"]["data_dir"] == str(tmp_path / "data")
     monkeypatch.delenv("NIN_DATA")
-    assert main(["train", "--dataset", "mnist", "--dry-run"]) == 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # an empty per-user cache: exit 1, config printed
+    assert main(["train", "--dataset", "mnist", "--dry-run"]) == 1
     assert json.loads(capsys.readouterr().out)["train_config"]["data_dir"] is None
 
 

@@ -166,6 +166,27 @@ def test_svhn_round_trip_and_splits(tmp_path):
     assert len(rest) == 100 + 50 and len(load_dataset("svhn", "train", tmp_path)) == 4100 + 2050
 
 
+def test_dataset_files_finds_what_a_run_reads(tmp_path):
+    from nin.data import dataset_files
+
+    write_cifar100_tree(tmp_path, "py")
+    assert [f.name for f in dataset_files("cifar100", tmp_path)] == ["train", "test"]
+    write_svhn_mat(tmp_path / "svhn" / "train_32x32.mat", random_images(20, 1), balanced_labels(20, 10))
+    with pytest.raises(DataError, match="test_32x32.mat: missing"):
+        dataset_files("svhn", tmp_path)
+    write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", random_images(20, 2), balanced_labels(20, 10))
+    assert [f.name for f in dataset_files("svhn", tmp_path)] == ["train_32x32.mat", "test_32x32.mat"]
+    write_svhn_mat(tmp_path / "svhn" / "extra_32x32.mat", random_images(20, 3), balanced_labels(20, 10))
+    assert [f.name for f in dataset_files("svhn", tmp_path)] == ["train_32x32.mat", "extra_32x32.mat",
+                                                                 "test_32x32.mat"]
+    write_mnist_tree(tmp_path / "MNIST/raw", compress=False)
+    (tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: missing"):
+        dataset_files("mnist", tmp_path)
+    with pytest.raises(DataError, match="no such image folder"):
+        dataset_files("folder", tmp_path / "absent")
+
+
 def test_image_folder_any_size_and_mode(tmp_path):
     write_image_folder(tmp_path / "train", {"cat": 3, "dog": 2}, size=(50, 20), mode="RGBA")
     write_image_folder(tmp_path / "train", {"emu": 1}, size=(7, 9), mode="L")

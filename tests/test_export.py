@@ -165,6 +165,22 @@ def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
         export_openvino(MNIST, tmp_path / "m.xml")
 
 
+def test_export_without_out_names_the_file_after_the_weights(tmp_path, capsys, monkeypatch):
+    from nin.deploy.export import default_out
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "fast-mnist", "--format", "torchscript"]) == 0
+    assert "fast-mnist.pt:" in capsys.readouterr().out
+    assert (tmp_path / "fast-mnist.pt").is_file() and (tmp_path / "fast-mnist.pt.json").is_file()
+    run = tmp_path / "runs" / "my-run"
+    run.mkdir(parents=True)
+    assert default_out(f"{run}/", "onnx") == Path("my-run.onnx")  # a run folder: its name, trailing slash or not
+    assert default_out(MNIST, "openvino") == Path(MNIST.name.removesuffix(".safetensors") + ".xml")
+    assert default_out("fast-cifar10", "onnx") == Path("fast-cifar10.onnx")
+    (tmp_path / "fast-cifar10").mkdir()  # a folder of a tag's name here is what the command reads: named after it
+    assert default_out("fast-cifar10", "onnx") == Path("fast-cifar10.onnx")
+
+
 def _client_script() -> str:
     text = (REPO / "docs" / "deploy.md").read_text()
     return text.split(CLIENT_MARKER, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]

@@ -55,6 +55,22 @@ def test_write_predictions_csv_and_jsonl(digits, tmp_path):
             check_output(bad)
 
 
+def test_predict_json_with_output_prints_where_the_rows_went(digits, tmp_path, capsys):
+    from nin.cli import main
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "fast-mnist", str(digits / "light*.png"), str(tmp_path / "broken.png"), "--skip-bad",
+                 "--json", "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)  # one JSON object, not the human line
+    assert printed["output"] == str(out) and printed["images"] == 3 and "predictions" not in printed
+    assert len(printed["skipped"]) == 1 and "broken.png" in printed["skipped"][0]
+    assert len(out.read_text().splitlines()) == 3
+    assert main(["predict", "fast-mnist", str(digits / "light0.png"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["predictions"]) == 1 and printed["skipped"] == []
+
+
 def test_starting_from_takes_the_weights_architecture_and_preprocessing():
     cfg = starting_from(recipe("fast", "folder"), "fast-cifar10")
     assert cfg.init_from == "fast-cifar10" and cfg.model == "nin_cifar10"

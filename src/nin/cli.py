@@ -81,7 +81,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=path_arg, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the data files it would read (a missing one: one line, exit 1) and exit")
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,7 +110,9 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert", action="store_true",
                    help="dark ink on light paper for weights trained on light-on-black images (MNIST, Fashion-MNIST): "
                         "255 - each pixel, levels stretched so the paper is black and the strongest ink white")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: the predictions, or with --output the file and the image count; "
+                        "'skipped' lists what --skip-bad went past")
     p.add_argument("--skip-bad", action="store_true",
                    help="go on past images that cannot be read, naming each on stderr (default: the first one stops "
                         "the command and nothing is written)")
@@ -178,8 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
     if args.dry_run:
-        print(json.dumps({"out": str(out), "train_config": cfg.to_dict()}, indent=2))
-        return 0
+        return _dry_run({"out": str(out), "train_config": cfg.to_dict()}, cfg.dataset, cfg.data_dir)
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(cfg, out, command=command, device=device, stop=stop)
     return 0
@@ -190,6 +191,7 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     place may change."""
     from nin import distributed
     from nin.checkpoint import load_checkpoint
+    from nin.data import recorded_root
     from nin.engine import TrainConfig, train
     from nin.errors import NinError
     from nin.runtime import resolve_device
@@ -213,12 +215,27 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     if args.dry_run:  # what the run would continue with; nothing is written
         _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
         stored = TrainConfig.from_dict(meta["train_config"]).to_dict()  # as the run reads it (older fields filled)
-        print(json.dumps({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or
-                          stored["epochs"], "train_config": stored}, indent=2))
-        return 0
+        root = args.data_dir or recorded_root(stored["data_dir"], stored["dataset"])  # where the run will look
+        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or stored["epochs"],
+                         "train_config": stored}, stored["dataset"], root)
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
               device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).expanduser().resolve()))
+    return 0
+
+
+def _dry_run(report: dict, dataset: str, data_dir: str | None) -> int:
+    """`nin train --dry-run`: the config as the run would take it and the data files it would read, found but not
+    read; where one is missing the config is still printed, then the problem in one line and exit 1."""
+    from nin.data import DataError, dataset_files
+
+    try:
+        files, problem = [str(f) for f in dataset_files(dataset, data_dir)], None
+    except DataError as error:
+        files, problem = None, error
+    print(json.dumps({**report, "data_files": files}, indent=2))
+    if problem is not None:
+        raise problem
     return 0
 
 
@@ -291,11 +308,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise NinError("no image could be read (each problem named above); nothing written")
     if args.output:
         write_predictions(Path(args.output), report.rows)
+    if args.json:  # one object on stdout; with --output the rows are in the file and the object says where
+        rows = {"output": args.output, "images": len(report.rows)} if args.output else {"predictions": report.rows}
+        print(json.dumps({"weights": str(args.weights), **rows, "skipped": report.problems}))
+    elif args.output:
         skipped = f" ({len(report.problems)} skipped, named above)" if report.problems else ""
         count = len(report.rows)
         print(f"nin predict: {count} image{'' if count == 1 else 's'} -> {args.output}{skipped}")
-    elif args.json:
-        print(json.dumps({"weights": str(args.weights), "predictions": report.rows}))
     else:
         for row in report.rows:
             print(row["image"])

@@ -190,33 +190,40 @@ def _check_count(dataset: str, part: str, count: int, where: Path) -> None:
         raise DataError(f"{where}: {count} {part} images, expected the official {expected}")
 
 
-def _load_cifar(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Read CIFAR-10/100 `part` ("train" or "test") from the binary or the python layout."""
-    num_classes = DATASETS[name].num_classes
+def _cifar_files(name: str, part: str, root: Path) -> tuple[bool, Path, list[str]]:
+    """Where CIFAR-10/100 `part` ("train" or "test") is under ``root``: (binary layout?, its folder, its file
+    names), the binary layout first; not read."""
     if name == "cifar10":
         binary_folders, python_folders = ["cifar-10-batches-bin"], ["cifar-10-batches-py"]
         binary_files = [f"data_batch_{i}.bin" for i in range(1, 6)] if part == "train" else ["test_batch.bin"]
         python_files = [f"data_batch_{i}" for i in range(1, 6)] if part == "train" else ["test_batch"]
-        label_bytes, label_key = 1, b"labels"
     else:
         binary_folders, python_folders = ["cifar-100-binary"], ["cifar-100-python"]
         binary_files, python_files = [f"{part}.bin"], [part]
-        label_bytes, label_key = 2, b"fine_labels"  # CIFAR-100 records: coarse label byte, then fine label byte
     binary = _first_existing(root, binary_folders, binary_files[0])
-    python = None if binary else _first_existing(root, python_folders, python_files[0])
     if binary is not None:
-        parts = [read_cifar_binary(binary / f, num_classes, label_bytes=label_bytes) for f in binary_files]
-        names_file = binary / ("batches.meta.txt" if name == "cifar10" else "fine_label_names.txt")
+        return True, binary, binary_files
+    python = _first_existing(root, python_folders, python_files[0])
+    if python is not None:
+        return False, python, python_files
+    raise _missing(name, root, binary_folders + python_folders)
+
+
+def _load_cifar(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read CIFAR-10/100 `part` ("train" or "test") from the binary or the python layout."""
+    num_classes = DATASETS[name].num_classes
+    # CIFAR-100 records: coarse label byte, then fine label byte
+    label_bytes, label_key = (1, b"labels") if name == "cifar10" else (2, b"fine_labels")
+    is_binary, folder, files = _cifar_files(name, part, root)
+    if is_binary:
+        parts = [read_cifar_binary(folder / f, num_classes, label_bytes=label_bytes) for f in files]
+        names_file = folder / ("batches.meta.txt" if name == "cifar10" else "fine_label_names.txt")
         classes = read_class_names_text(names_file) if names_file.is_file() else None
-        folder = binary
-    elif python is not None:
-        parts = [read_cifar_python(python / f, num_classes, label_key) for f in python_files]
-        names_file = python / ("batches.meta" if name == "cifar10" else "meta")
+    else:
+        parts = [read_cifar_python(folder / f, num_classes, label_key) for f in files]
+        names_file = folder / ("batches.meta" if name == "cifar10" else "meta")
         key = b"label_names" if name == "cifar10" else b"fine_label_names"
         classes = read_cifar_python_names(names_file, key) if names_file.is_file() else None
-        folder = python
-    else:
-        raise _missing(name, root, binary_folders + python_folders)
     if classes is None:
         classes = CIFAR10_CLASSES if name == "cifar10" else [str(label) for label in range(num_classes)]
     if len(classes) != num_classes:
@@ -228,20 +235,56 @@ def _load_cifar(name: str, part: str, root: Path, verify: bool) -> tuple[torch.T
     return images, labels, classes
 
 
-def _load_idx(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Read MNIST or Fashion-MNIST from the original layout or torchvision's <Name>/raw layout, gzipped or not."""
+def _idx_files(name: str, part: str, root: Path) -> tuple[Path, Path]:
+    """(images, labels) files of MNIST or Fashion-MNIST `part` under ``root``, in the original layout or
+    torchvision's <Name>/raw layout, gzipped or not; not read."""
     folders = ["mnist", "MNIST/raw"] if name == "mnist" else ["fashion-mnist", "FashionMNIST/raw"]
     prefix = "train" if part == "train" else "t10k"
     for folder in folders:
         for suffix in (".gz", ""):
             images_path = root / folder / f"{prefix}-images-idx3-ubyte{suffix}"
-            labels_path = root / folder / f"{prefix}-labels-idx1-ubyte{suffix}"
             if images_path.is_file():
-                images, labels = read_idx_dataset(images_path, labels_path)
-                if verify:
-                    _check_count(name, part, len(labels), root / folder)
-                return images, labels, MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
+                return images_path, root / folder / f"{prefix}-labels-idx1-ubyte{suffix}"
     raise _missing(name, root, folders)
+
+
+def _load_idx(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read MNIST or Fashion-MNIST `part` ("train" or "test"), wherever `_idx_files` finds it."""
+    images_path, labels_path = _idx_files(name, part, root)
+    images, labels = read_idx_dataset(images_path, labels_path)
+    if verify:
+        _check_count(name, part, len(labels), images_path.parent)
+    return images, labels, MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
+
+
+def dataset_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The files a run on data set ``name`` reads from ``root`` (see `resolve_root`), found but not read: what
+    `nin train --dry-run` checks before a long run. SVHN's optional extra file is listed when present.
+
+    Raises:
+        DataError: The data set is not there, or a file it needs is missing (the message names it).
+    """
+    info = dataset_info(name)
+    root = resolve_root(root)
+    if name == FOLDER.name:
+        if not root.is_dir():
+            raise DataError(f"{root}: no such image folder")
+        return [root]
+    files: list[Path] = []
+    for part in ("train", "test"):
+        if info.name in ("cifar10", "cifar100"):
+            _, folder, names = _cifar_files(name, part, root)
+            files += [folder / file for file in names]
+        elif info.name == "svhn":
+            files += [root / "svhn" / f"{p}_32x32.mat" for p in ([part, "extra"] if part == "train" else [part])
+                      if p != "extra" or (root / "svhn" / "extra_32x32.mat").is_file()]
+        else:
+            files += list(_idx_files(name, part, root))
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"{file}: missing (the rest of {info.label} is in {file.parent}); "
+                            f"run `nin download {name}`?")
+    return files
 
 
 def _load_svhn_part(part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor] | None:

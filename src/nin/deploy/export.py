@@ -1,6 +1,7 @@
 """A trained NiN out of Python: ONNX, TorchScript or OpenVINO, with its preprocessing inside the graph.
 
     nin export weights/fast-cifar10.safetensors --format onnx --out nin-cifar10.onnx
+    nin export paper-mnist                              # paper-mnist.onnx (and its .json) in the current folder
 
 Every exported graph takes what a camera or a PNG gives, a uint8 image batch (N, C, H, W) with a dynamic N, and
 returns two tensors: ``probabilities`` (N, K) and ``class_maps`` (N, K, h, w), the paper's category-confidence
@@ -35,11 +36,11 @@ from nin.data.readers import file_digest
 from nin.errors import NinError, path_arg
 from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path, read_json_object
 from nin.inference import InferencePipeline, optimize_for_inference
-from nin.pretrained import load, resolve
+from nin.pretrained import PRETRAINED, load, resolve
 from nin.transforms import Preprocessing
 
 __all__ = ["ExportedNiN", "build_exported", "export_onnx", "export_torchscript", "export_openvino", "sidecar",
-           "claim_outputs", "check_opset", "FORMATS", "OPSET", "OPSETS", "INPUT_NAME", "OUTPUT_NAMES"]
+           "claim_outputs", "check_opset", "default_out", "FORMATS", "OPSET", "OPSETS", "INPUT_NAME", "OUTPUT_NAMES"]
 
 OPSET = 17  # ONNX opset of the exported graph; onnxruntime >= 1.14 and OpenVINO read it
 # The opsets an export may ask for: from 10 (the first with Flip, which test-time flips need) to 20, the last one
@@ -179,6 +180,19 @@ def claim_outputs(weights: str | Path, path: str | Path, format: str, *, force: 
     for output in outputs:
         claim_output(output, flag="--out", force=force, ours=lambda _: earlier)
     return outputs
+
+
+def default_out(weights: str | os.PathLike, format: str) -> Path:
+    """Where `nin export` writes without ``--out``: NAME plus the format's suffix in the current folder, NAME the
+    pretrained tag, the run folder's name or the weights file's name without .safetensors."""
+    given = Path(weights).expanduser()
+    if not given.exists() and str(weights) in PRETRAINED:
+        name = str(weights)
+    elif given.is_dir():
+        name = given.resolve().name
+    else:
+        name = given.name.removesuffix(".safetensors")
+    return Path(name + FORMATS[format])
 
 
 def _write_sidecar(path: Path, info: dict) -> Path:
@@ -339,7 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "probabilities and class maps out. Writes FILE and its description FILE.json.")
     parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="default: onnx")
-    parser.add_argument("--out", required=True, type=path_arg, metavar="FILE", help="output file (.onnx, .pt, .xml for openvino)")
+    parser.add_argument("--out", type=path_arg, metavar="FILE",
+                        help="output file (.onnx, .pt, .xml for openvino); default: NAME.onnx (.pt, .xml) in the "
+                             "current folder, NAME the tag, the run folder's name or the weights file's")
     parser.add_argument("--opset", type=int, default=OPSET,
                         help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default {OPSET})")
     parser.add_argument("--force", action="store_true",
@@ -348,6 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.out = args.out or str(default_out(args.weights, args.format))
     if args.format == "onnx":
         info = export_onnx(args.weights, args.out, opset=args.opset, force=args.force)
     elif args.format == "torchscript":

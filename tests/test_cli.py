@@ -57,10 +57,16 @@ def test_dry_run_finds_the_data_files_without_reading_them(capsys, tmp_path, dat
     # a copy that lacks one file: named, before any training; the run itself would have stopped on it later
     copy = tmp_path / "data"
     shutil.copytree(data_root / "cifar-10-batches-bin", copy / "cifar-10-batches-bin")
+    (copy / "cifar-10-batches-bin" / "test_batch.bin").unlink()  # a run evaluated on val never reads it
+    assert main(["train", "--dataset", "cifar10", "--dry-run", "--data-dir", str(copy), "--set", "eval_split=val"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["data_files"]) == 5
     (copy / "cifar-10-batches-bin" / "data_batch_3.bin").unlink()
-    assert main(["train", "--dataset", "cifar10", "--dry-run", "--data-dir", str(copy)]) == 1
+    assert main(["train", "--dataset", "cifar10", "--dry-run", "--data-dir", str(copy), "--set", "eval_split=val"]) == 1
     err = capsys.readouterr().err
     assert "data_batch_3.bin: missing" in err and err.count("\n") == 1
+    # the second test set of Table 1's recipe is a file the run reads too
+    assert main(["train", "--dataset", "mnist", "--dry-run", "--set", f"extra_eval={tmp_path / 'absent.bin'}"]) == 1
+    assert "absent.bin: no such file" in capsys.readouterr().err
 
 
 def test_the_data_folder_from_nin_data_is_recorded_as_an_absolute_path(capsys, tmp_path, monkeypatch, data_root):

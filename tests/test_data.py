@@ -183,8 +183,37 @@ def test_dataset_files_finds_what_a_run_reads(tmp_path):
     (tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: missing"):
         dataset_files("mnist", tmp_path)
-    with pytest.raises(DataError, match="no such image folder"):
+    assert len(dataset_files("mnist", tmp_path, ["train", "val"])) == 2  # a run on val never reads the test files
+    with pytest.raises(DataError, match="image folder not found"):
         dataset_files("folder", tmp_path / "absent")
+    (tmp_path / "svhn" / "test_32x32.mat").unlink()
+    (tmp_path / "svhn" / "test_32x32.mat").mkdir()
+    with pytest.raises(DataError, match="test_32x32.mat: not a file"):
+        dataset_files("svhn", tmp_path)
+    with pytest.raises(DataError, match="no svhn files found"):  # no svhn/ at all: not "the rest is in svhn/"
+        dataset_files("svhn", tmp_path / "absent")
+
+
+def test_dataset_files_of_an_image_folder_make_the_checks_a_run_makes(tmp_path):
+    from nin.data import dataset_files
+
+    write_image_folder(tmp_path / "a" / "train", {"cat": 3, "dog": 2})
+    write_image_folder(tmp_path / "a" / "test", {"cat": 1, "dog": 1})
+    assert len(dataset_files("folder", tmp_path / "a")) == 7
+    assert len(dataset_files("folder", tmp_path / "a", ["train", "test"], val_split=0.5)) == 5  # held out of train/
+    write_image_folder(tmp_path / "b" / "test", {"cat": 1, "dog": 1})
+    with pytest.raises(DataError, match="train/ is missing"):
+        dataset_files("folder", tmp_path / "b")
+    (tmp_path / "c" / "cat").mkdir(parents=True)
+    (tmp_path / "c" / "dog").mkdir()
+    with pytest.raises(DataError, match="empty class folder"):
+        dataset_files("folder", tmp_path / "c")
+    write_image_folder(tmp_path / "d", {"cat": 2})
+    with pytest.raises(DataError, match="one class sub-folder"):
+        dataset_files("folder", tmp_path / "d")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        dataset_files("folder", tmp_path / "e")
 
 
 def test_image_folder_any_size_and_mode(tmp_path):

@@ -177,8 +177,21 @@ def test_export_without_out_names_the_file_after_the_weights(tmp_path, capsys, m
     assert default_out(f"{run}/", "onnx") == Path("my-run.onnx")  # a run folder: its name, trailing slash or not
     assert default_out(MNIST, "openvino") == Path(MNIST.name.removesuffix(".safetensors") + ".xml")
     assert default_out("fast-cifar10", "onnx") == Path("fast-cifar10.onnx")
-    (tmp_path / "fast-cifar10").mkdir()  # a folder of a tag's name here is what the command reads: named after it
-    assert default_out("fast-cifar10", "onnx") == Path("fast-cifar10.onnx")
+    assert default_out(tmp_path / ".safetensors", "onnx") == Path("model.onnx")
+    # the same default name from other weights (two runs' model.safetensors) is refused, the earlier export kept
+    for folder, source in (("a", MNIST), ("b", REPO / "weights" / "fast-fashion-mnist.safetensors")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.safetensors").write_bytes(source.read_bytes())
+    assert main(["export", "a/model.safetensors", "--format", "torchscript"]) == 0
+    assert main(["export", "a/model.safetensors", "--format", "torchscript"]) == 0  # its own: replaced
+    before = (tmp_path / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["export", "b/model.safetensors", "--format", "torchscript"]) == 1
+    err = capsys.readouterr().err
+    assert "model.pt (nin export's default name" in err and "other weights" in err and "--out" in err
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert main(["export", "b/model.safetensors", "--format", "torchscript", "--force"]) == 0
+    assert (tmp_path / "model.pt").read_bytes() != before
 
 
 def _client_script() -> str:

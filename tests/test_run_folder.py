@@ -125,6 +125,19 @@ def test_resume_dry_run_writes_nothing(uninterrupted, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["resume_at_step"] == 16 and printed["epochs"] == 3
     assert _digests(uninterrupted) == before
+    # --data-dir: the folder the resume would read, in the config and in the files alike (absolute, as recorded)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["train", "--resume", str(uninterrupted), "--data-dir", "elsewhere", "--dry-run"]) == 1
+    finally:
+        monkeypatch.undo()
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed["train_config"]["data_dir"] == str(empty) and printed["data_files"] is None
+    assert str(empty) in captured.err and _digests(uninterrupted) == before
 
 
 def test_resume_refuses_a_metrics_log_it_cannot_read_whole(uninterrupted, tmp_path, capsys):

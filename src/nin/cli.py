@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
     if args.dry_run:
-        return _dry_run({"out": str(out), "train_config": cfg.to_dict()}, cfg.dataset, cfg.data_dir)
+        return _dry_run({"out": str(out)}, cfg)
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(cfg, out, command=command, device=device, stop=stop)
     return 0
@@ -190,6 +190,8 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     """`nin train --resume RUN`: the run as it was configured; only its length, checkpoints, device and data's
     place may change."""
     from nin import distributed
+    import dataclasses
+
     from nin.checkpoint import load_checkpoint
     from nin.data import recorded_root
     from nin.engine import TrainConfig, train
@@ -214,26 +216,34 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
                        "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
     if args.dry_run:  # what the run would continue with; nothing is written
         _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
-        stored = TrainConfig.from_dict(meta["train_config"]).to_dict()  # as the run reads it (older fields filled)
-        root = args.data_dir or recorded_root(stored["data_dir"], stored["dataset"])  # where the run will look
-        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or stored["epochs"],
-                         "train_config": stored}, stored["dataset"], root)
+        stored = TrainConfig.from_dict(meta["train_config"])  # as the run reads it (older fields filled)
+        # where the run will look for its data: --data-dir (absolute, as the run records it), else where it was
+        root = _given_data_root(args.data_dir) or recorded_root(stored.data_dir, stored.dataset)
+        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or stored.epochs},
+                        dataclasses.replace(stored, data_dir=root))
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
               device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).expanduser().resolve()))
     return 0
 
 
-def _dry_run(report: dict, dataset: str, data_dir: str | None) -> int:
+def _dry_run(report: dict, cfg) -> int:
     """`nin train --dry-run`: the config as the run would take it and the data files it would read, found but not
-    read; where one is missing the config is still printed, then the problem in one line and exit 1."""
-    from nin.data import DataError, dataset_files
+    read (`nin.engine.data_files`); where one is missing the config is still printed, then the problem in one
+    line and exit 1. An image folder's images are counted, not listed."""
+    from nin.data import resolve_root
+    from nin.engine import data_files
+    from nin.errors import NinError
 
     try:
-        files, problem = [str(f) for f in dataset_files(dataset, data_dir)], None
-    except DataError as error:
+        files, problem = [str(f) for f in data_files(cfg)], None
+    except NinError as error:
         files, problem = None, error
-    print(json.dumps({**report, "data_files": files}, indent=2))
+    if files is not None and cfg.dataset == "folder":  # the folder and its image count, not every image's name
+        extra = files[-1:] if cfg.extra_eval else []
+        report["data_images"] = len(files) - len(extra)
+        files = [str(resolve_root(cfg.data_dir)), *extra]
+    print(json.dumps({**report, "train_config": cfg.to_dict(), "data_files": files}, indent=2))
     if problem is not None:
         raise problem
     return 0

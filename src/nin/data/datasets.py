@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from nin.data.folders import list_image_classes, list_image_folder, read_image_folder
+from nin.data.folders import check_class_count, list_image_classes, list_image_folder
 from nin.data.images import read_image
 from nin.data.readers import (
     read_cifar_binary,
@@ -257,34 +258,49 @@ def _load_idx(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Ten
     return images, labels, MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
 
 
-def dataset_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """The files a run on data set ``name`` reads from ``root`` (see `resolve_root`), found but not read: what
-    `nin train --dry-run` checks before a long run. SVHN's optional extra file is listed when present.
+def dataset_files(name: str, root: str | os.PathLike | None = None, splits: Sequence[str] = ("train", "test"), *,
+                  val_split: float = 0.0, seed: int = 0) -> list[Path]:
+    """The files that loading ``splits`` of data set ``name`` from ``root`` (see `resolve_root`) reads, found but
+    not read: what `nin train --dry-run` checks before a long run. SVHN's optional extra file is listed when
+    present; an image folder's images are listed (``val_split`` and ``seed`` as `load_dataset` takes them) and
+    its training split must hold two classes at least, as a run needs.
 
     Raises:
         DataError: The data set is not there, or a file it needs is missing (the message names it).
     """
     info = dataset_info(name)
+    for split in splits:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     root = resolve_root(root)
     if name == FOLDER.name:
         if not root.is_dir():
-            raise DataError(f"{root}: no such image folder")
-        return [root]
-    files: list[Path] = []
-    for part in ("train", "test"):
+            raise DataError(f"{root}: image folder not found")
+        files: dict[Path, None] = {}
+        for split in splits:
+            samples, classes = _folder_samples(root, split, None, val_split, seed)
+            if split == splits[0]:
+                check_class_count(classes, root / split if (root / split).is_dir() else root)
+            files.update(dict.fromkeys(path for path, _ in samples))
+        return list(files)
+    parts = sorted({"test" if split == "test" else "train" for split in splits}, reverse=True)  # train, then test
+    found: list[Path] = []
+    for part in parts:
         if info.name in ("cifar10", "cifar100"):
             _, folder, names = _cifar_files(name, part, root)
-            files += [folder / file for file in names]
+            found += [folder / file for file in names]
         elif info.name == "svhn":
-            files += [root / "svhn" / f"{p}_32x32.mat" for p in ([part, "extra"] if part == "train" else [part])
-                      if p != "extra" or (root / "svhn" / "extra_32x32.mat").is_file()]
+            if not (root / "svhn").is_dir():
+                raise _missing(name, root, ["svhn"])
+            extra = root / "svhn" / "extra_32x32.mat"
+            found += [root / "svhn" / f"{part}_32x32.mat", *([extra] if part == "train" and extra.is_file() else [])]
         else:
-            files += list(_idx_files(name, part, root))
-    for file in files:
+            found += list(_idx_files(name, part, root))
+    for file in found:
         if not file.is_file():
-            raise DataError(f"{file}: missing (the rest of {info.label} is in {file.parent}); "
-                            f"run `nin download {name}`?")
-    return files
+            problem = "not a file" if file.exists() else f"missing (the rest of {info.label} is in {file.parent})"
+            raise DataError(f"{file}: {problem}; run `nin download {name}`?")
+    return found
 
 
 def _load_svhn_part(part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -370,7 +386,16 @@ def held_out(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
 
 def _load_folder(root: Path, split: str, image_size: int, channels: int, classes: list[str] | None,
                  val_split: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """An image folder: <root>/train/, <root>/test/ (, val/ ...) labelled by one class list, or a flat tree.
+    """An image folder's `split`, decoded (each image as `read_image` does); `_folder_samples` says which."""
+    samples, classes = _folder_samples(root, split, classes, val_split, seed)
+    images = torch.stack([read_image(path, image_size, channels) for path, _ in samples])
+    return images, torch.tensor([label for _, label in samples], dtype=torch.int64), classes
+
+
+def _folder_samples(root: Path, split: str, classes: list[str] | None, val_split: float = 0.0,
+                    seed: int = 0) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The (file, label) pairs of an image folder's `split`, listed but not read, and the class list:
+    <root>/train/, <root>/test/ (, val/ ...) labelled by one class list, or a flat tree.
 
     With split folders the class list is `classes` if given, else train/'s sub-folders, so that a split lacking
     a class keeps the others' labels; a class train/ lacks is refused. Without a train/ or test/ sub-folder the
@@ -390,11 +415,9 @@ def _load_folder(root: Path, split: str, image_size: int, channels: int, classes
         keep = [i for i in range(len(samples)) if (i in held) != (split == "train")]
         if not keep:
             raise DataError(f"{source}: --val-split {val_split} leaves no {split} images")
-        images = torch.stack([read_image(samples[i][0], image_size, channels) for i in keep])
-        return images, labels[keep], classes
+        return [samples[i] for i in keep], classes
     if not split_folders:
-        folder = root / split if (root / split).is_dir() else root
-        return read_image_folder(folder, image_size, channels, classes=classes)
+        return list_image_folder(root / split if (root / split).is_dir() else root, classes)
     folder = root / split
     if not folder.is_dir():
         present = ", ".join(f"{part}/" for part in SPLITS if (root / part).is_dir())
@@ -405,7 +428,7 @@ def _load_folder(root: Path, split: str, image_size: int, channels: int, classes
         if unknown:
             raise DataError(f"{folder / unknown[0]}: class {unknown[0]!r} is not in {root / 'train'}, "
                             f"whose sub-folders are the class list ({', '.join(classes)})")
-    return read_image_folder(folder, image_size, channels, classes=classes)
+    return list_image_folder(folder, classes)
 
 
 def load_cifar10_lossless_first1000(root: str | os.PathLike | None = None) -> ImageDataset:

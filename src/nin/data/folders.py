@@ -17,7 +17,7 @@ import torch
 from nin.data.images import DEFAULT_MAX_PIXELS, read_image
 from nin.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "list_images", "list_image_classes", "list_image_folder",
+__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "check_class_count", "list_images", "list_image_classes", "list_image_folder",
            "read_image_folder"]
 
 # What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
@@ -108,6 +108,18 @@ def list_image_classes(root: Path) -> list[str]:
     if not classes:
         raise DataError(f"{root}: no class sub-folders, expected <root>/<class>/<image>")
     return classes
+
+
+def check_class_count(classes: list[str], where: Path) -> None:
+    """A training run needs two classes at least: with one the loss is 0 from the first step and every answer is
+    that class, nothing to learn.
+
+    Raises:
+        DataError: One class, naming ``where`` (the folder its sub-folder is in).
+    """
+    if len(classes) < 2:
+        raise DataError(f"{where}: one class sub-folder ({', '.join(classes)}); a classifier needs at least two, "
+                        "<root>/<class>/<image> with one sub-folder per class")
 
 
 class NumberedClasses(list):

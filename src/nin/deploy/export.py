@@ -192,7 +192,23 @@ def default_out(weights: str | os.PathLike, format: str) -> Path:
         name = given.resolve().name
     else:
         name = given.name.removesuffix(".safetensors")
-    return Path(name + FORMATS[format])
+    return Path((name or "model") + FORMATS[format])
+
+
+def _check_default_out(weights: str | os.PathLike, path: Path, format: str, force: bool) -> None:
+    """Without ``--out`` an existing file at the default name is replaced only when it is an earlier export of
+    the same weights (its sidecar's sha256), or with ``force``: two runs' model.safetensors, or two run folders
+    of one name, would otherwise overwrite each other's exports in silence."""
+    outputs = [path, *([path.with_suffix(".bin")] if format == "openvino" else []), _sidecar_path(path)]
+    if force or not any(output.exists() or output.is_symlink() for output in outputs):
+        return
+    earlier = read_json_object(_sidecar_path(path))["source_weights"] if _earlier_export(path, format) else None
+    earlier = earlier if isinstance(earlier, dict) else None
+    if earlier is not None and earlier.get("sha256") == file_digest(resolve(weights), "sha256"):
+        return
+    what = f"an export of other weights ({earlier.get('file')})" if earlier is not None else "not an export of these weights"
+    raise NinError(f"{path} (nin export's default name for {weights}): exists and is {what}; not replacing it "
+                   "(name another file with --out, or add --force)")
 
 
 def _write_sidecar(path: Path, info: dict) -> Path:
@@ -364,7 +380,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.out = args.out or str(default_out(args.weights, args.format))
+    if args.out is None:
+        args.out = str(default_out(args.weights, args.format))
+        _check_default_out(args.weights, Path(args.out), args.format, args.force)
     if args.format == "onnx":
         info = export_onnx(args.weights, args.out, opset=args.opset, force=args.force)
     elif args.format == "torchscript":

@@ -20,14 +20,15 @@ from torch import nn
 
 from nin import distributed
 from nin.checkpoint import git_revision, load_checkpoint
-from nin.data import TensorLoader, load_dataset, recorded_root, resolve_root
+from nin.data import TensorLoader, dataset_files, load_dataset, recorded_root, resolve_root
+from nin.data.folders import check_class_count
 from nin.engine.config import TrainConfig, validate
 from nin.engine.metrics import MetricsLog
 from nin.engine.optim import Ema, make_optimizer
 from nin.engine.run_folder import RUN_FILES, RUN_MARKER
 from nin.engine.schedule import PlateauRule
 from nin.engine.state import EpochTotals, Run, RunState
-from nin.errors import CheckpointError, NinError
+from nin.errors import CheckpointError, DataError, NinError
 from nin.evaluate import check_image_shape, read_data_file
 from nin.files import atomic_write_bytes, remove_stale_temp_files
 from nin.layers import patch_whitening_
@@ -128,15 +129,32 @@ def _held_out_split(cfg: TrainConfig) -> TrainConfig:
 DEFAULT_VAL_SPLIT = 0.1  # of each class, for an image folder without a test/ sub-folder
 
 
+def data_files(cfg: TrainConfig) -> list[Path]:
+    """The files a run of ``cfg`` reads, found but not read: its training and evaluation splits
+    (`nin.data.dataset_files`, an image folder's held-out split decided as the run decides it) and
+    ``extra_eval``. What `nin train --dry-run` checks before a long run.
+
+    Raises:
+        DataError: A file the run needs is missing (the message names it), or an image folder the run would
+            refuse.
+    """
+    cfg = _held_out_split(cfg)
+    files = dataset_files(cfg.dataset, cfg.data_dir, (cfg.train_split, cfg.eval_split), val_split=cfg.val_split or 0.0,
+                          seed=cfg.seed)
+    if cfg.extra_eval:
+        extra = Path(cfg.extra_eval).expanduser()
+        if not extra.is_file():
+            raise DataError(f"--set extra_eval={cfg.extra_eval}: {'not a file' if extra.exists() else 'no such file'}")
+        files.append(extra)
+    return files
+
+
 def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
     """A user's folder decides the class count (and is told which images its test error is measured on)."""
     if cfg.dataset != "folder":
         return cfg
     root = resolve_root(cfg.data_dir)
-    if len(classes) < 2:  # the loss is 0 from the first step and every answer is that class: nothing to learn
-        where = root / cfg.train_split if (root / cfg.train_split).is_dir() else root
-        raise NinError(f"{where}: one class sub-folder ({', '.join(classes)}); a classifier needs at least two, "
-                       "<root>/<class>/<image> with one sub-folder per class")
+    check_class_count(classes, root / cfg.train_split if (root / cfg.train_split).is_dir() else root)
     if distributed.is_main() and not (root / cfg.eval_split).is_dir():
         if cfg.val_split:
             log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on "

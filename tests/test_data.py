@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,14 @@ def test_missing_file(tmp_path):
     _raises_naming(tmp_path / "nope.bin", lambda: read_cifar_binary(tmp_path / "nope.bin", 10), "not found")
     _raises_naming(tmp_path, lambda: load_dataset("cifar10", "train", tmp_path), "no cifar10 files")
     _raises_naming(tmp_path, lambda: load_dataset("svhn", "test", tmp_path))
+    # the data set's folder is there but lacks the split's file: that file is named, for the run as for the dry run
+    write_cifar10_tree(tmp_path, "bin")
+    (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").unlink()
+    _raises_naming(tmp_path / "cifar-10-batches-bin" / "test_batch.bin",
+                   lambda: load_dataset("cifar10", "test", tmp_path), "missing")
+    write_mnist_tree(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    _raises_naming(tmp_path / "mnist", lambda: load_dataset("mnist", "test", tmp_path), re.escape("t10k-images-idx3-ubyte[.gz]"))
 
 
 def test_cifar_truncated_and_wrong_size(tmp_path):

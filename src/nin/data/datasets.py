@@ -180,7 +180,12 @@ def _first_existing(root: Path, folders: list[str], marker: str) -> Path | None:
     return None
 
 
-def _missing(name: str, root: Path, folders: list[str]) -> DataError:
+def _missing(name: str, root: Path, folders: list[str], markers: list[str] | None = None) -> DataError:
+    """The error for a data set not found under ``root`` in any of ``folders``; where one of them is there but
+    lacks its file (``markers``, one per folder), that file is named."""
+    for folder, marker in zip(folders, markers or []):
+        if (root / folder).is_dir():
+            return DataError(f"{root / folder / marker}: missing; run `nin download {name}`?")
     searched = ", ".join(str(root / folder) for folder in folders)
     return DataError(f"{root}: no {name} files found (searched {searched}); run `nin download {name}`?")
 
@@ -207,7 +212,7 @@ def _cifar_files(name: str, part: str, root: Path) -> tuple[bool, Path, list[str
     python = _first_existing(root, python_folders, python_files[0])
     if python is not None:
         return False, python, python_files
-    raise _missing(name, root, binary_folders + python_folders)
+    raise _missing(name, root, binary_folders + python_folders, binary_files[:1] + python_files[:1])
 
 
 def _load_cifar(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -246,7 +251,7 @@ def _idx_files(name: str, part: str, root: Path) -> tuple[Path, Path]:
             images_path = root / folder / f"{prefix}-images-idx3-ubyte{suffix}"
             if images_path.is_file():
                 return images_path, root / folder / f"{prefix}-labels-idx1-ubyte{suffix}"
-    raise _missing(name, root, folders)
+    raise _missing(name, root, folders, [f"{prefix}-images-idx3-ubyte[.gz]"] * len(folders))
 
 
 def _load_idx(name: str, part: str, root: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -298,8 +303,7 @@ def dataset_files(name: str, root: str | os.PathLike | None = None, splits: Sequ
             found += list(_idx_files(name, part, root))
     for file in found:
         if not file.is_file():
-            problem = "not a file" if file.exists() else f"missing (the rest of {info.label} is in {file.parent})"
-            raise DataError(f"{file}: {problem}; run `nin download {name}`?")
+            raise DataError(f"{file}: {'not a file' if file.exists() else 'missing'}; run `nin download {name}`?")
     return found
 
 
@@ -309,7 +313,7 @@ def _load_svhn_part(part: str, root: Path, verify: bool) -> tuple[torch.Tensor, 
     if part == "extra" and not path.is_file():
         return None
     if not path.is_file():
-        raise _missing("svhn", root, ["svhn"])
+        raise _missing("svhn", root, ["svhn"], [path.name])
     images, labels = read_svhn_mat(path)
     if verify:
         _check_count("svhn", part, len(labels), path)

@@ -64,9 +64,27 @@ def test_dry_run_finds_the_data_files_without_reading_them(capsys, tmp_path, dat
     assert main(["train", "--dataset", "cifar10", "--dry-run", "--data-dir", str(copy), "--set", "eval_split=val"]) == 1
     err = capsys.readouterr().err
     assert "data_batch_3.bin: missing" in err and err.count("\n") == 1
-    # the second test set of Table 1's recipe is a file the run reads too
+    # the second test set of Table 1's recipe is a file the run reads too, recorded as an absolute path (a resume
+    # from another folder finds it)
     assert main(["train", "--dataset", "mnist", "--dry-run", "--set", f"extra_eval={tmp_path / 'absent.bin'}"]) == 1
     assert "absent.bin: no such file" in capsys.readouterr().err
+    (tmp_path / "x.bin").write_bytes(b"")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["train", "--dataset", "mnist", "--dry-run", "--set", "extra_eval=x.bin"]) == 0
+    finally:
+        monkeypatch.undo()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train_config"]["extra_eval"] == str(tmp_path / "x.bin") == printed["data_files"][-1]
+
+
+def test_a_run_recorded_with_a_relative_extra_eval_says_where_to_resume_from(tmp_path):
+    from nin.engine.start import _checkpoint_config
+    from nin.errors import NinError
+
+    with pytest.raises(NinError, match="relative to the folder the run was started in"):
+        _checkpoint_config(tmp_path / "checkpoint.safetensors", {}, {"train_config": {"extra_eval": "xe.bin"}})
 
 
 def test_the_data_folder_from_nin_data_is_recorded_as_an_absolute_path(capsys, tmp_path, monkeypatch, data_root):

@@ -138,6 +138,13 @@ def test_resume_dry_run_writes_nothing(uninterrupted, tmp_path, capsys):
     printed = json.loads(captured.out)
     assert printed["train_config"]["data_dir"] == str(empty) and printed["data_files"] is None
     assert str(empty) in captured.err and _digests(uninterrupted) == before
+    # $NIN_DATA elsewhere: the resume reads the folder it recorded while that is there, and so does its dry run
+    monkeypatch.setenv("NIN_DATA", str(empty))
+    try:
+        assert main(["train", "--resume", str(uninterrupted), "--dry-run"]) == 0
+    finally:
+        monkeypatch.undo()
+    assert json.loads(capsys.readouterr().out)["train_config"]["data_dir"] != str(empty)
 
 
 def test_resume_refuses_a_metrics_log_it_cannot_read_whole(uninterrupted, tmp_path, capsys):

@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from nin import distributed
-    from nin.engine import apply_overrides, recipe, starting_from, train, validate
+    from nin.engine import apply_overrides, planned_config, recipe, starting_from, train, validate
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
@@ -177,10 +177,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                            f"{args.dataset}'s images have a fixed size")
         cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "input_size": args.image_size})
     cfg = apply_overrides(cfg, args.set)
+    if cfg.extra_eval:  # absolute, as data_dir: a resume or evaluate from another folder finds it
+        cfg = dataclasses.replace(cfg, extra_eval=str(Path(cfg.extra_eval).expanduser().resolve()))
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
     if args.dry_run:
-        return _dry_run({"out": str(out)}, cfg)
+        return _dry_run({"out": str(out)}, planned_config(cfg, out)[0])
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(cfg, out, command=command, device=device, stop=stop)
     return 0
@@ -190,11 +192,7 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     """`nin train --resume RUN`: the run as it was configured; only its length, checkpoints, device and data's
     place may change."""
     from nin import distributed
-    import dataclasses
-
-    from nin.checkpoint import load_checkpoint
-    from nin.data import recorded_root
-    from nin.engine import TrainConfig, train
+    from nin.engine import planned_config, train
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
@@ -214,16 +212,14 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     if given:
         raise NinError(f"--resume continues the run as it was configured; {', '.join(given)} cannot change it "
                        "(only --epochs, --checkpoint-every, --device and --data-dir, for the same data moved, can)")
-    if args.dry_run:  # what the run would continue with; nothing is written
-        _, _, meta = load_checkpoint(run / "checkpoint.safetensors")
-        stored = TrainConfig.from_dict(meta["train_config"])  # as the run reads it (older fields filled)
-        # where the run will look for its data: --data-dir (absolute, as the run records it), else where it was
-        root = _given_data_root(args.data_dir) or recorded_root(stored.data_dir, stored.dataset)
-        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": args.epochs or stored.epochs},
-                        dataclasses.replace(stored, data_dir=root))
+    data_dir = args.data_dir and str(Path(args.data_dir).expanduser().resolve())
+    if args.dry_run:  # what the run would continue with, decided as the run decides it; nothing is written
+        cfg, meta = planned_config(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every,
+                                   data_dir=data_dir)
+        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": cfg.epochs}, cfg)
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
-              device=device, stop=stop, data_dir=args.data_dir and str(Path(args.data_dir).expanduser().resolve()))
+              device=device, stop=stop, data_dir=data_dir)
     return 0
 
 

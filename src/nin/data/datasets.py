@@ -185,7 +185,8 @@ def _missing(name: str, root: Path, folders: list[str], markers: list[str] | Non
     lacks its file (``markers``, one per folder), that file is named."""
     for folder, marker in zip(folders, markers or []):
         if (root / folder).is_dir():
-            return DataError(f"{root / folder / marker}: missing; run `nin download {name}`?")
+            file = root / folder / marker
+            return DataError(f"{file}: {'not a file' if file.exists() else 'missing'}; run `nin download {name}`?")
     searched = ", ".join(str(root / folder) for folder in folders)
     return DataError(f"{root}: no {name} files found (searched {searched}); run `nin download {name}`?")
 

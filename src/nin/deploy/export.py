@@ -200,15 +200,17 @@ def _check_default_out(weights: str | os.PathLike, path: Path, format: str, forc
     the same weights (its sidecar's sha256), or with ``force``: two runs' model.safetensors, or two run folders
     of one name, would otherwise overwrite each other's exports in silence."""
     outputs = [path, *([path.with_suffix(".bin")] if format == "openvino" else []), _sidecar_path(path)]
-    if force or not any(output.exists() or output.is_symlink() for output in outputs):
+    existing = [output for output in outputs if output.exists() or output.is_symlink()]
+    if force or not existing:
         return
     earlier = read_json_object(_sidecar_path(path))["source_weights"] if _earlier_export(path, format) else None
     earlier = earlier if isinstance(earlier, dict) else None
     if earlier is not None and earlier.get("sha256") == file_digest(resolve(weights), "sha256"):
         return
-    what = f"an export of other weights ({earlier.get('file')})" if earlier is not None else "not an export of these weights"
-    raise NinError(f"{path} (nin export's default name for {weights}): exists and is {what}; not replacing it "
-                   "(name another file with --out, or add --force)")
+    what = (f"an export of other weights ({earlier.get('file', '?')}, sha256 {str(earlier.get('sha256'))[:12]}...)"
+            if earlier is not None else "not an export of these weights")
+    raise NinError(f"{existing[0]} (nin export's default name for {weights}): exists and is {what}; not replacing "
+                   "it (name another file with --out, or add --force)")
 
 
 def _write_sidecar(path: Path, info: dict) -> Path:

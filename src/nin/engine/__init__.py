@@ -24,8 +24,8 @@ from nin.engine.loop import train, train_step
 from nin.engine.metrics import read_metrics
 from nin.engine.optim import make_optimizer
 from nin.engine.schedule import PlateauRule, lr_at, total_steps
-from nin.engine.start import data_files
+from nin.engine.start import data_files, planned_config
 
 __all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate",
            "starting_from", "lr_at", "total_steps", "PlateauRule", "make_optimizer", "read_metrics", "train",
-           "train_step", "data_files"]
+           "train_step", "data_files", "planned_config"]

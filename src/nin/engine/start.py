@@ -28,7 +28,7 @@ from nin.engine.optim import Ema, make_optimizer
 from nin.engine.run_folder import RUN_FILES, RUN_MARKER
 from nin.engine.schedule import PlateauRule
 from nin.engine.state import EpochTotals, Run, RunState
-from nin.errors import CheckpointError, DataError, NinError
+from nin.errors import CheckpointError, NinError
 from nin.evaluate import check_image_shape, read_data_file
 from nin.files import atomic_write_bytes, remove_stale_temp_files
 from nin.layers import patch_whitening_
@@ -141,12 +141,18 @@ def data_files(cfg: TrainConfig) -> list[Path]:
     cfg = _held_out_split(cfg)
     files = dataset_files(cfg.dataset, cfg.data_dir, (cfg.train_split, cfg.eval_split), val_split=cfg.val_split or 0.0,
                           seed=cfg.seed)
-    if cfg.extra_eval:
-        extra = Path(cfg.extra_eval).expanduser()
-        if not extra.is_file():
-            raise DataError(f"--set extra_eval={cfg.extra_eval}: {'not a file' if extra.exists() else 'no such file'}")
-        files.append(extra)
-    return files
+    return files + ([Path(cfg.extra_eval).expanduser()] if cfg.extra_eval else [])  # `validate` found it
+
+
+def planned_config(cfg: TrainConfig | None, out: Path, *, resume: bool = False, epochs: int | None = None,
+                   checkpoint_every: int | None = None, data_dir: str | None = None) -> tuple[TrainConfig, dict]:
+    """The config `start_run` would train with, decided as it decides it (a resume's checkpoint, the data's
+    place, an image folder's held-out split), and the checkpoint's header when resuming ({} else); nothing is
+    written. What `nin train --dry-run` prints.
+    """
+    saved, _, saved_meta = load_checkpoint(out / "checkpoint.safetensors") if resume else (None, None, {})
+    return _run_config(cfg, out, saved, saved_meta, epochs=epochs, checkpoint_every=checkpoint_every,
+                       data_dir=data_dir), saved_meta
 
 
 def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
@@ -293,6 +299,11 @@ def _first(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torc
 
 def _checkpoint_config(path: Path, saved: dict, meta: dict) -> TrainConfig:
     """The run's TrainConfig from its checkpoint's header, checked against the checkpoint's own model tensors."""
+    extra = (meta.get("train_config") or {}).get("extra_eval") if isinstance(meta.get("train_config"), dict) else None
+    if isinstance(extra, str) and extra and not Path(extra).expanduser().is_absolute() and not Path(extra).is_file():
+        # runs before nin recorded it as an absolute path kept it as given: found only from where they started
+        raise NinError(f"{path}: its extra_eval {extra} is relative to the folder the run was started in and is not "
+                       f"found from {Path.cwd()}; resume from that folder")
     try:
         cfg = TrainConfig.from_dict(meta["train_config"])
         validate(cfg)

@@ -180,13 +180,17 @@ def _first_existing(root: Path, folders: list[str], marker: str) -> Path | None:
     return None
 
 
+def _absent(name: str, file: Path) -> DataError:
+    """The error for one file of data set ``name`` that is not there (or is a folder)."""
+    return DataError(f"{file}: {'not a file' if file.exists() else 'missing'}; run `nin download {name}`?")
+
+
 def _missing(name: str, root: Path, folders: list[str], markers: list[str] | None = None) -> DataError:
     """The error for a data set not found under ``root`` in any of ``folders``; where one of them is there but
     lacks its file (``markers``, one per folder), that file is named."""
     for folder, marker in zip(folders, markers or []):
         if (root / folder).is_dir():
-            file = root / folder / marker
-            return DataError(f"{file}: {'not a file' if file.exists() else 'missing'}; run `nin download {name}`?")
+            return _absent(name, root / folder / marker)
     searched = ", ".join(str(root / folder) for folder in folders)
     return DataError(f"{root}: no {name} files found (searched {searched}); run `nin download {name}`?")
 
@@ -304,7 +308,7 @@ def dataset_files(name: str, root: str | os.PathLike | None = None, splits: Sequ
             found += list(_idx_files(name, part, root))
     for file in found:
         if not file.is_file():
-            raise DataError(f"{file}: {'not a file' if file.exists() else 'missing'}; run `nin download {name}`?")
+            raise _absent(name, file)
     return found
 
 

@@ -139,6 +139,42 @@ def test_pack_and_unpack_data_round_trip(tmp_path):
     assert (tmp_path / "out" / "b.txt").read_text() == "hello"
 
 
+def test_jpeg_pairs_are_the_exact_images_jpeg_copies(data_root, tmp_path, capsys):
+    """experiments/jpeg_pairs.py writes, in the exact 1,000's order, each image's JPEG copy from the CIFAR-10 copy's
+    test batch; the authors' weights (trained on exact pixels) then score the same images lower in JPEG."""
+    if not (data_root / "cifar-10-test-lossless-first1000").is_dir():
+        pytest.skip("no exact CIFAR-10 images here")
+    tool, out = REPO / "experiments" / "jpeg_pairs.py", tmp_path / "pairs.bin"
+    done = subprocess.run([sys.executable, str(tool), "--data-dir", str(data_root), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = 3073
+    exact = (data_root / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin").read_bytes()
+    jpeg = (data_root / "cifar-10-batches-bin" / "test_batch.bin").read_bytes()
+    pairs = out.read_bytes()
+    assert len(pairs) == len(exact)
+    pairs_records = [pairs[i:i + record] for i in range(0, len(pairs), record)]
+    assert len(set(pairs_records)) == 1000 and set(pairs_records) <= {jpeg[i:i + record] for i in range(0, len(jpeg), record)}
+    assert pairs[::record] == exact[::record]  # the labels, in the exact file's order
+    assert pairs != exact
+
+    scores = {}
+    for name, extra in (("jpeg", ["--data-file", str(out)]),
+                        ("exact", ["--dataset", "cifar10-lossless-first1000", "--data-dir", str(data_root)])):
+        assert main(["evaluate", "caffe-authors-cifar10", *extra, "--json"]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)["accuracy"]
+    assert scores["exact"] - scores["jpeg"] > 0.05
+
+    broken = tmp_path / "data"
+    (broken / "cifar-10-test-lossless-first1000").mkdir(parents=True)
+    (broken / "cifar-10-batches-bin").symlink_to(data_root / "cifar-10-batches-bin")
+    (broken / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin").write_bytes(
+        bytes([(exact[0] + 1) % 10]) + exact[1:])  # image 0 labelled as another class
+    refused = subprocess.run([sys.executable, str(tool), "--data-dir", str(broken), "--out", str(tmp_path / "x.bin")],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "labels differ" in refused.stderr and not (tmp_path / "x.bin").exists()
+
+
 REPO = Path(__file__).resolve().parent.parent
 CHEAP_RESULTS = ("fast-mnist", "fast-fashion-mnist")  # 10,000 small test images each: seconds to evaluate
 

@@ -49,6 +49,21 @@ def test_dry_run_resolves_recipe_and_overrides(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_fast_recipe_trains_an_fc_head_at_full_size(capsys, tmp_path):
+    """CIFAR-10's fast recipe trains its first epochs on 24 px images, which a GAP head takes and a fully connected
+    head does not: for an FC model the recipe's resizing is off (said in one line); a small_size the user sets
+    is refused, with the way out."""
+    for model, small in (("nin_cifar10_fc", 0), ("cnn_cifar10_fc_dropout", 0), ("nin_cifar10", 24)):
+        main(["train", "--dataset", "cifar10", "--model", model, "--dry-run", "--data-dir", str(tmp_path)])
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["train_config"]["small_size"] == small
+        assert ("fully connected head takes 32×32 inputs only" in captured.err) == (small == 0)
+    assert main(["train", "--dataset", "cifar10", "--model", "nin_cifar10_fc", "--dry-run", "--set",
+                 "small_size=24"]) == 1
+    err = capsys.readouterr().err
+    assert "a 24×24 input does not fit" in err and "--set small_size=0" in err and err.count("\n") == 1
+
+
 def test_dry_run_finds_the_data_files_without_reading_them(capsys, tmp_path, data_root):
     assert main(["train", "--dataset", "mnist", "--dry-run", "--data-dir", str(data_root)]) == 0
     files = [Path(f) for f in json.loads(capsys.readouterr().out)["data_files"]]

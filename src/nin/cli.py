@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from nin import distributed
-    from nin.engine import apply_overrides, planned_config, recipe, starting_from, train, validate
+    from nin.engine import apply_overrides, fitted_to_model, planned_config, recipe, starting_from, train, validate
     from nin.errors import NinError
     from nin.runtime import resolve_device
 
@@ -176,7 +176,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise NinError(f"--image-size {args.image_size}: for image folders only (--dataset folder); "
                            f"{args.dataset}'s images have a fixed size")
         cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "input_size": args.image_size})
+    cfg, note = fitted_to_model(cfg)
     cfg = apply_overrides(cfg, args.set)
+    if note and not cfg.small_size:  # a small_size set by the user is checked by validate() instead
+        print(f"nin train: {note}", file=sys.stderr)
     if cfg.extra_eval:  # absolute, as data_dir: a resume or evaluate from another folder finds it
         cfg = dataclasses.replace(cfg, extra_eval=str(Path(cfg.extra_eval).expanduser().resolve()))
     validate(cfg)

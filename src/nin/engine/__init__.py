@@ -16,6 +16,7 @@ from nin.engine.config import (
                                RECIPES,
                                TrainConfig,
                                apply_overrides,
+                               fitted_to_model,
                                recipe,
                                starting_from,
                                validate,
@@ -26,6 +27,6 @@ from nin.engine.optim import make_optimizer
 from nin.engine.schedule import PlateauRule, lr_at, total_steps
 from nin.engine.start import data_files, planned_config
 
-__all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate",
+__all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "fitted_to_model", "validate",
            "starting_from", "lr_at", "total_steps", "PlateauRule", "make_optimizer", "read_metrics", "train",
            "train_step", "data_files", "planned_config"]

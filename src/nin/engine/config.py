@@ -168,6 +168,24 @@ def recipe(name: str, dataset: str) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
+def fitted_to_model(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """A recipe's setting the chosen model cannot take, turned off, and a line saying so (None when nothing was):
+    progressive resizing (``small_size``, the fast recipe's CIFAR-10 default) for a fully connected head, which
+    takes one input size. Apply it before ``--set``: a ``small_size`` the user sets stays and is refused."""
+    if not cfg.small_size:
+        return cfg, None
+    try:
+        config = model_config(cfg.model, **cfg.model_args)
+    except (KeyError, AssertionError, TypeError, ValueError):
+        return cfg, None  # validate() names what is wrong with the model
+    if config.head == "gap":
+        return cfg, None
+    size = config.input_size
+    return (dataclasses.replace(cfg, small_size=0),
+            f"{cfg.model}: its fully connected head takes {size}×{size} inputs only, so every epoch trains at full "
+            f"size (not the recipe's first epochs at {cfg.small_size}×{cfg.small_size})")
+
+
 # ---------------------------------------------------------------------------------------------
 # Overrides: --set key=value, parsed with the field's own type
 # ---------------------------------------------------------------------------------------------
@@ -326,8 +344,9 @@ def _check_shapes(cfg: TrainConfig) -> None:
         try:
             model(torch.empty(1, config.in_channels, side, side, device="meta"))
         except (RuntimeError, ValueError) as e:
+            hint = "; `--set small_size=0` trains every epoch at full size" if side == cfg.small_size else ""
             raise NinError(f"{where}: a {side}×{side} input does not fit through its layers "
-                           f"({_one_line(e)})") from None
+                           f"({_one_line(e)}){hint}") from None
 
 
 def _one_line(error: BaseException) -> str:

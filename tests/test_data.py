@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from nin.data import (
 )
 from nin.data.images import read_image
 from nin.data.readers import read_cifar_binary, read_cifar_python, read_idx
+from nin.errors import NinError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -165,6 +167,14 @@ def test_svhn_round_trip_and_splits(tmp_path):
     assert torch.bincount(val.labels).tolist() == [600] * 10  # 400 per class from train + 200 from extra
     rest = load_dataset("svhn", "train_minus_val", tmp_path)
     assert len(rest) == 100 + 50 and len(load_dataset("svhn", "train", tmp_path)) == 4100 + 2050
+
+
+def test_svhn_without_scipy_names_the_extra(tmp_path, monkeypatch):
+    write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", random_images(10, 2), balanced_labels(10, 10))
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as when scipy is not installed
+    with pytest.raises(NinError, match=r'reading SVHN\'s .mat files needs the scipy package: pip install '
+                                       r'"network-in-network\[svhn\]"'):
+        load_dataset("svhn", "test", tmp_path)
 
 
 def test_dataset_files_finds_what_a_run_reads(tmp_path):

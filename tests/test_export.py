@@ -165,6 +165,23 @@ def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
         export_openvino(MNIST, tmp_path / "m.xml")
 
 
+@pytest.mark.parametrize("hidden, argv, extra", [
+    ("onnx", ["export", "fast-mnist", "--format", "onnx", "--out", "m.onnx"], "onnx"),
+    ("openvino", ["export", "fast-mnist", "--format", "openvino", "--out", "m.xml"], "openvino"),
+    ("onnxruntime", ["predict", "fast-mnist", "digit.png", "--backend", "onnxruntime"], "onnx"),
+    ("matplotlib", ["visualize", "fast-mnist", "--images", "digit.png", "--out", "vis"], "viz"),
+])
+def test_a_missing_extra_is_named_in_one_line(hidden, argv, extra, tmp_path, capsys, monkeypatch):
+    """Without an optional package, the command says which extra to install, writes nothing, and exits 1."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (28, 28)).save("digit.png")
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now fails as when it is not installed
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f'needs the {hidden} package: pip install "network-in-network[{extra}]"' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digit.png"]
+
+
 def test_export_without_out_names_the_file_after_the_weights(tmp_path, capsys, monkeypatch):
     from nin.deploy.export import default_out
 

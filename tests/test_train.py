@@ -110,6 +110,25 @@ def _tiny(tmp_path, **changes) -> TrainConfig:
     return dataclasses.replace(cfg, **{**base, **changes})
 
 
+def test_svhn_without_its_extra_images_says_so(tmp_path):
+    """The paper's SVHN model trained on train + extra; a run where extra_32x32.mat is absent says it trains on
+    train alone (a step on 32 tiny synthetic images in SVHN's genuine .mat format)."""
+    from data_fixtures import balanced_labels, random_images, write_svhn_mat
+
+    for part in ("train", "test"):
+        write_svhn_mat(tmp_path / "data" / "svhn" / f"{part}_32x32.mat", random_images(32, 1), balanced_labels(32, 10))
+    cfg = dataclasses.replace(recipe("fast", "svhn"), data_dir=str(tmp_path / "data"), epochs=1, batch_size=16,
+                              max_steps=1, eval_every=1)
+    said = []
+    train(cfg, tmp_path / "run", log=said.append)
+    notes = [line for line in said if "extra_32x32.mat" in line]
+    assert len(notes) == 1 and "training on train_32x32.mat alone" in notes[0] and "nin download svhn-extra" in notes[0]
+    write_svhn_mat(tmp_path / "data" / "svhn" / "extra_32x32.mat", random_images(16, 2), balanced_labels(16, 10))
+    said.clear()
+    train(cfg, tmp_path / "run2", log=said.append)
+    assert not [line for line in said if "extra_32x32.mat" in line]
+
+
 def test_short_real_run_learns_and_writes_its_files(data_root, tmp_path):
     out = tmp_path / "run"
     record = train(_tiny(tmp_path, epochs=3), out, log=lambda *_: None)

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from nin.__about__ import __version__
-from nin.data.datasets import DATASET_NAMES, FOLDER
+from nin.data.datasets import DATASET_NAMES
+from nin.data.download import RESOURCES
 from nin.errors import path_arg, positive_int
 
 __all__ = ["main", "build_parser"]
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_arguments(sub.add_parser("predict", help="class probabilities for image files"))
     sub.add_parser("models", help="list the registered models with their parameter counts")
     p = sub.add_parser("download", help="download a data set's official files (needs internet)")
-    p.add_argument("dataset", choices=[d for d in DATASET_NAMES if d != FOLDER.name])
+    p.add_argument("dataset", choices=list(RESOURCES),
+                   help="svhn-extra: SVHN's 531,131 extra images (1.3 GB), which the paper's SVHN model trained on")
     p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and run(args) -> int

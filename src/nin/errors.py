@@ -1,6 +1,7 @@
 """Errors that the command line reports as one plain line (no traceback unless --debug)."""
 
 import argparse
+import importlib
 
 
 class NinError(Exception):
@@ -21,6 +22,18 @@ class NonFiniteLoss(NinError):
 
 class CheckpointError(NinError):
     """A checkpoint or weights file is missing, damaged, or belongs to another model."""
+
+
+def require_package(package: str, what: str, extra: str) -> None:
+    """Import ``package`` (an optional dependency); when it is not installed, a one-line NinError saying which
+    extra brings it: "WHAT needs the PACKAGE package: pip install "network-in-network[EXTRA]"."""
+    try:
+        importlib.import_module(package)
+    except ModuleNotFoundError as error:
+        if error.name != package.split(".")[0] and error.name != package:
+            raise
+        raise NinError(f'{what} needs the {package.split(".")[0]} package: pip install "network-in-network[{extra}]"') \
+            from None
 
 
 def path_arg(text: str) -> str:

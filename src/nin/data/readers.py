@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nin.data.pickles import unpickle_dict
-from nin.errors import DataError
+from nin.errors import DataError, require_package
 
 CIFAR_IMAGE_BYTES = 3 * 32 * 32  # one CIFAR record's pixels: 1024 R, then 1024 G, then 1024 B, row-major
 IDX_LABEL_MAGIC = 2049  # http://yann.lecun.com/exdb/mnist/: uint8 data, 1 dimension
@@ -285,7 +285,8 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         uint8 images (N, 3, 32, 32) and int64 labels (N,), with label 10 mapped to 0.
     """
-    import scipy.io  # optional dependency: network-in-network[svhn]
+    require_package("scipy.io", "reading SVHN's .mat files", "svhn")
+    import scipy.io
 
     require_file(path)
     try:

@@ -31,7 +31,7 @@ import torch
 from nin.classifier import Classifier
 from nin.deploy import export
 from nin.deploy.export import INPUT_NAME, OUTPUT_NAMES, build_exported
-from nin.errors import NinError
+from nin.errors import NinError, require_package
 from nin.inference import predict_logits
 from nin.pretrained import load
 from nin.runtime import timings
@@ -137,18 +137,13 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
     path = Path(weights)
     if backend == "torch-folded":
         return _exported_runner(backend, path, 0)
+    if backend in ("onnxruntime", "openvino"):
+        require_package(backend, f"--backend {backend}", {"onnxruntime": "onnx", "openvino": "openvino"}[backend])
     if path.suffix == _EXPORTED_SUFFIX[backend]:
         info_path = path.with_name(path.name + ".json")
         if not info_path.is_file():
             raise NinError(f"{path}: its sidecar {info_path.name} is missing")
         return _exported_runner(backend, path, len(json.loads(info_path.read_text())["classes"]))
-    if backend in ("onnxruntime", "openvino"):
-        import importlib.util
-
-        package, extra = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}[backend]
-        if importlib.util.find_spec(package) is None:
-            raise NinError(f'--backend {backend} needs the {package} package: '
-                           f'pip install "network-in-network[{extra}]"')
     if export_dir is None:
         export_dir = tempfile.mkdtemp(prefix="nin-export-")
         atexit.register(shutil.rmtree, export_dir, ignore_errors=True)  # the runner may use it until then

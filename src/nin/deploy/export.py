@@ -33,7 +33,7 @@ from torch import nn
 from nin.__about__ import __version__
 from nin.data.images import INPUT_HANDLING
 from nin.data.readers import file_digest
-from nin.errors import NinError, path_arg
+from nin.errors import NinError, path_arg, require_package
 from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path, read_json_object
 from nin.inference import InferencePipeline, optimize_for_inference
 from nin.pretrained import PRETRAINED, load, resolve
@@ -292,6 +292,8 @@ def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, ch
         The sidecar dict.
     """
     check_opset(opset)
+    if check:
+        require_package("onnx", "checking the exported ONNX graph", "onnx")
     path = Path(path)
     claim_outputs(weights, path, "onnx", force=force)
     module, meta = build_exported(weights)
@@ -341,10 +343,8 @@ def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET
     Needs the ``openvino`` package (``pip install "network-in-network[openvino]"``). The IR is made in a temporary
     folder, then its two files are moved into place (the .bin first: an .xml is never without its weights).
     """
-    try:
-        import openvino
-    except ModuleNotFoundError:
-        raise NinError('--format openvino needs the openvino package: pip install "network-in-network[openvino]"') from None
+    require_package("openvino", "--format openvino", "openvino")
+    import openvino
     check_opset(opset)
     path = Path(path)
     claim_outputs(weights, path, "openvino", force=force)

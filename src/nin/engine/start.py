@@ -94,6 +94,7 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
             log(f"nin: training {cfg.model} on {cfg.dataset} ({len(train_data[1])} images, {len(loader)} steps/epoch"
                 f"{f' per rank × {world} ranks' if world > 1 else ''}) on {device}, "
                 f"{'bf16 autocast' if amp_dtype else 'fp32'}; run folder {out}")
+            _note_missing_svhn_extra(cfg, log)
     return run, state
 
 
@@ -153,6 +154,15 @@ def planned_config(cfg: TrainConfig | None, out: Path, *, resume: bool = False, 
     saved, _, saved_meta = load_checkpoint(out / "checkpoint.safetensors") if resume else (None, None, {})
     return _run_config(cfg, out, saved, saved_meta, epochs=epochs, checkpoint_every=checkpoint_every,
                        data_dir=data_dir), saved_meta
+
+
+def _note_missing_svhn_extra(cfg: TrainConfig, log) -> None:
+    """SVHN's train split is train + extra where extra_32x32.mat is there; say so where it is not."""
+    root = resolve_root(cfg.data_dir)
+    if cfg.dataset == "svhn" and cfg.train_split in ("train", "train_minus_val") and \
+            not (root / "svhn" / "extra_32x32.mat").is_file():
+        log(f"nin: note: no svhn/extra_32x32.mat in {root}: training on train_32x32.mat alone (the paper's SVHN "
+            "model trained on train + extra; `nin download svhn-extra` fetches it, 1.3 GB)")
 
 
 def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from nin.errors import NinError
+from nin.errors import NinError, require_package
 from nin.files import atomic_write
 
 __all__ = ["upsample_maps", "plot_confidence_maps", "plot_overlays", "plot_photo_overlays", "figure_format",
@@ -57,11 +57,10 @@ def upsample_maps(maps: torch.Tensor, class_indices: torch.Tensor, size: tuple[i
 
 def new_figure(width_in: float, height_in: float, **kwargs):
     """A matplotlib Figure on an Agg canvas, width_in × height_in inches (the size it is meant to print at)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError:
-        raise NinError("visualization needs matplotlib: pip install 'network-in-network[viz]'") from None
+    require_package("matplotlib", "visualization", "viz")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width_in, height_in), dpi=PNG_DPI, **kwargs)
     FigureCanvasAgg(figure)
     return figure

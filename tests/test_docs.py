@@ -127,3 +127,15 @@ def test_recorded_commands_parse(result):
     command = json.loads(result.read_text())["command"]
     assert command.startswith("nin ")
     assert command_problem(command[len("nin "):]) is None
+
+
+def test_the_readme_own_network_example_runs():
+    """README's "In your own network" block, run as written: its GAP logits are the model's, its own net works."""
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class MyNet" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    torch = scope["torch"]
+    assert scope["maps"].shape == (2, 10, 8, 8)
+    assert torch.allclose(scope["logits"], scope["model"](scope["x"]), atol=1e-6)
+    assert scope["MyNet"]()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

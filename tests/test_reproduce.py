@@ -61,6 +61,38 @@ def test_cifar10_runs_also_score_the_exact_1000_and_checkpoint_as_asked(data_roo
     assert not any(a.startswith("extra_eval=") for a in mnist) and "--checkpoint-every" not in mnist
 
 
+# what a run's config holds beside its training: where the data lies, how often it is evaluated and checkpointed
+NOT_TRAINING = {"data_dir", "extra_eval", "eval_every", "eval_batch_size", "checkpoint_every", "stall_check_steps",
+                "compile"}
+
+
+def _training_fields(config: dict) -> dict:
+    from nin.engine import TrainConfig
+
+    cfg = TrainConfig.from_dict(config).to_dict()  # a record's older config read as a resume reads it
+    cfg["val_split"] = cfg["val_split"] or 0.0
+    cfg["milestones"] = list(cfg["milestones"])
+    if not cfg["small_size"]:  # no progressive resizing: its length is moot
+        cfg["small_epochs"] = cfg["small_fraction"] = 0
+    return {k: v for k, v in cfg.items() if k not in NOT_TRAINING}
+
+
+@pytest.mark.parametrize("record", sorted((REPO / "results").glob("*.json")), ids=lambda p: p.stem)
+def test_reproduce_repeats_each_recorded_run(record, data_root, capsys):
+    """`nin reproduce EXPERIMENT` trains what results/NAME.json recorded: the same config but for where the data
+    lies and how often it is evaluated (runs recorded before a recipe's default changed have that setting pinned)."""
+    recorded = json.loads(record.read_text())
+    runs = {spec.name: name for name, (_, specs) in EXPERIMENTS.items() for spec in specs}
+    if recorded["name"] not in runs:
+        assert recorded.get("kind") == "imported", f"{record.name}: no experiment repeats it"
+        return
+    planned = next(p for p in plan(runs[recorded["name"]], data_dir=str(data_root))
+                   if p.run_dir.name == recorded["name"])
+    main([*planned.argv, "--dry-run"])
+    config = json.loads(capsys.readouterr().out)["train_config"]
+    assert _training_fields(config) == _training_fields(recorded["train_config"])
+
+
 def test_table5_small_runs_three_heads_identically_but_for_the_head(capsys):
     runs = plan("table5-small")
     models = [r.argv[r.argv.index("--model") + 1] for r in runs]

@@ -62,16 +62,22 @@ TABLE5_SMALL = {"epochs": 6, "train_subset": 10_000,
                          "eval_every=1")}
 
 
+# The recorded Table 1 and Table 4 runs predate `class_map_bias_lr_mult` (the paper recipe's class-map bias at 0.1x,
+# as the authors' Caffe definition has it): their class-map bias learned at 0.2x, the other biases' 2x. Pinned, so
+# that `nin reproduce table1` / `table4` repeat the recorded runs (docs/training.md).
+RECORDED_CLASS_MAP_BIAS = "class_map_bias_lr_mult=2"
+
 EXPERIMENTS: dict[str, tuple[str, tuple[RunSpec, ...]]] = {
     "table1": ("CIFAR-10, paper recipe, no augmentation (Table 1: 10.41%)",
-               (RunSpec("cifar10-paper", "cifar10", "paper"),)),
+               (RunSpec("cifar10-paper", "cifar10", "paper", sets=(RECORDED_CLASS_MAP_BIAS,)),)),
     "table1-aug": ("CIFAR-10, paper recipe + translation and flips (Table 1: 8.81%)",
                    (RunSpec("cifar10-paper-aug", "cifar10", "paper", augment=True),)),
     "table2": ("CIFAR-100, paper recipe (Table 2: 35.68%)", (RunSpec("cifar100-paper", "cifar100", "paper"),)),
     "table3": ("SVHN, paper recipe (Table 3: 2.35%)", (RunSpec("svhn-paper", "svhn", "paper"),)),
     # MNIST: the paper's form (a ReLU on the class maps, lr 0.1) loses class maps in its first epochs for most seeds
     # (docs/training.md: seeds 0, 1 and 3 of 0-3); seed 2 did not, so the table's run is seed 2
-    "table4": ("MNIST, paper recipe (Table 4: 0.47%)", (RunSpec("mnist-paper", "mnist", "paper", sets=("seed=2",)),)),
+    "table4": ("MNIST, paper recipe (Table 4: 0.47%)",
+               (RunSpec("mnist-paper", "mnist", "paper", sets=("seed=2", RECORDED_CLASS_MAP_BIAS)),)),
     "table5": ("GAP vs FC heads on CIFAR-10, mlpconv and conventional CNN, one fixed schedule (Table 5)",
                tuple(RunSpec(f"table5-{m}", "cifar10", "paper", model=m, fixed_schedule=True) for m in TABLE5_MODELS)),
     "table5-small": ("Table 5 at reduced scale: the three mlpconv heads, 10,000 training images, 6 epochs, one "

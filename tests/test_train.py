@@ -213,6 +213,21 @@ def test_stall_detector_names_the_dead_class_maps(data_root, tmp_path):
     assert dead_class_maps(logits, labels.clamp(max=4)) == []  # no image of class 5 in the batch: no verdict
 
 
+def test_no_checkpoint_follows_an_unchecked_step():
+    """On a GPU the loss is checked for NaN every 50th step, and at every step a checkpoint follows: mid-epoch
+    (every --checkpoint-every), at an epoch's end and the last; on a CPU at every step."""
+    from nin.engine.loop import checks_finite
+
+    def checked(device, steps=390, every=30, per_epoch=100, last=390):
+        return [s for s in range(1, steps + 1)
+                if checks_finite(device, s, every, end_of_epoch=s % per_epoch == 0, last=s >= last)]
+
+    assert checked("cpu") == list(range(1, 391))
+    gpu = checked("cuda")
+    assert set(gpu) == {s for s in range(1, 391) if s % 50 == 0 or s % 30 == 0 or s % 100 == 0 or s == 390}
+    assert checked("cuda", every=0) == [50, 100, 150, 200, 250, 300, 350, 390]
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_path):
     cfg = dataclasses.replace(recipe("paper", "mnist"), train_subset=512, eval_subset=100, epochs=3, lr=1e9,
                               precision="fp32", stall_check_steps=0, checkpoint_every=1)

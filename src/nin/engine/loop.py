@@ -39,7 +39,7 @@ from nin.errors import CheckpointError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
 from nin.runtime import autocast, keep_freed_memory
 
-__all__ = ["train_step", "dropout_seed", "train_one_epoch", "end_epoch", "train", "dead_class_maps"]
+__all__ = ["train_step", "checks_finite", "dropout_seed", "train_one_epoch", "end_epoch", "train", "dead_class_maps"]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
@@ -62,6 +62,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         return None, logits
     optimizer.step()
     return loss, logits
+
+
+def checks_finite(device_type: str, step: int, checkpoint_every: int, *, end_of_epoch: bool, last: bool) -> bool:
+    """Whether training step ``step`` (1-based) checks its loss for NaN/inf before applying it: every step on a CPU,
+    where the host sync is free; on a GPU every 50th step and every step a checkpoint follows (mid-epoch, at an
+    epoch's end, the last), so that no checkpoint is written after an unchecked step."""
+    return (device_type == "cpu" or step % 50 == 0 or end_of_epoch or last
+            or bool(checkpoint_every and step % checkpoint_every == 0))
 
 
 def dropout_seed(seed: int, rank: int, step: int) -> int:
@@ -113,7 +121,8 @@ def train_one_epoch(run: Run, state: RunState, interrupt_after: int | None = Non
             images = F.interpolate(images, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
         lr = lr_at(state.step, cfg, steps_per_epoch, lr_drops)
         torch.manual_seed(dropout_seed(cfg.seed, distributed.rank(), state.step))  # each rank its own masks
-        check = run.device.type == "cpu" or (state.step + 1) % 50 == 0  # a host sync is free on a CPU, costly on a GPU
+        check = checks_finite(run.device.type, state.step + 1, cfg.checkpoint_every,
+                              end_of_epoch=state.batches_done + 1 == steps_per_epoch, last=state.step + 1 >= run.last_step)
         loss, logits = train_step(run.train_model, state.optimizer, images, labels, lr=lr, cfg=cfg,
                                   amp_dtype=run.amp_dtype, memory_format=run.memory_format, check_finite=check)
         if loss is None:

@@ -18,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from nin.errors import NinError
+from nin.files import atomic_write_bytes, claim_output, output_path
+
 RECORD = 1 + 3 * 32 * 32  # label byte + R, G, B planes
 
 
 def records(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
     data = np.fromfile(path, np.uint8)
     if data.size % RECORD:
         raise SystemExit(f"{path}: {data.size} bytes, not a whole number of {RECORD}-byte CIFAR records")
@@ -50,12 +55,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder with cifar-10-batches-bin/ and "
                                                           "cifar-10-test-lossless-first1000/")
-    parser.add_argument("--out", required=True, help="CIFAR binary file to write the paired JPEG records to")
+    parser.add_argument("--out", required=True, help="CIFAR binary file to write the paired JPEG records to (a new "
+                                                     "file, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args()
     root = Path(args.data_dir)
-    exact = records(root / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin")
-    jpeg = records(root / "cifar-10-batches-bin" / "test_batch.bin")
-    jpeg[pair(exact, jpeg)].tofile(args.out)
+    inputs = [root / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin",
+              root / "cifar-10-batches-bin" / "test_batch.bin"]
+    try:
+        if output_path(args.out).resolve() in {p.resolve() for p in inputs}:
+            raise NinError(f"--out {args.out}: is one of the input files")
+        claim_output(args.out, force=args.force)
+        exact, jpeg = (records(p) for p in inputs)
+        atomic_write_bytes(args.out, jpeg[pair(exact, jpeg)].tobytes())
+    except NinError as error:
+        raise SystemExit(f"jpeg_pairs.py: error: {error}") from None
     print(f"wrote {args.out}")
 
 

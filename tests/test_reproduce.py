@@ -205,6 +205,13 @@ def test_jpeg_pairs_are_the_exact_images_jpeg_copies(data_root, tmp_path, capsys
     refused = subprocess.run([sys.executable, str(tool), "--data-dir", str(broken), "--out", str(tmp_path / "x.bin")],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "labels differ" in refused.stderr and not (tmp_path / "x.bin").exists()
+    # never over an input, nor over a file of the user's
+    jpeg_file = data_root / "cifar-10-batches-bin" / "test_batch.bin"
+    for target, message in ((jpeg_file, "is one of the input files"), (out, "exists and was not written")):
+        refused = subprocess.run([sys.executable, str(tool), "--data-dir", str(data_root), "--out", str(target)],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and message in refused.stderr and refused.stderr.count("\n") == 1
+    assert jpeg_file.read_bytes() == jpeg and out.read_bytes() == pairs
 
 
 REPO = Path(__file__).resolve().parent.parent

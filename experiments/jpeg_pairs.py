@@ -24,12 +24,13 @@ from nin.files import atomic_write_bytes, claim_output, output_path
 RECORD = 1 + 3 * 32 * 32  # label byte + R, G, B planes
 
 
-def records(path: Path) -> np.ndarray:
+def records(path: Path, count: int) -> np.ndarray:
+    """The ``count`` CIFAR records of ``path``."""
     if not path.is_file():
-        raise SystemExit(f"{path}: no such file")
+        raise NinError(f"{path}: no such file")
     data = np.fromfile(path, np.uint8)
-    if data.size % RECORD:
-        raise SystemExit(f"{path}: {data.size} bytes, not a whole number of {RECORD}-byte CIFAR records")
+    if data.size != count * RECORD:
+        raise NinError(f"{path}: {data.size:,} bytes; expected {count:,} CIFAR records of {RECORD} bytes")
     return data.reshape(-1, RECORD)
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         if output_path(args.out).resolve() in {p.resolve() for p in inputs}:
             raise NinError(f"--out {args.out}: is one of the input files")
         claim_output(args.out, force=args.force)
-        exact, jpeg = (records(p) for p in inputs)
+        exact, jpeg = records(inputs[0], 1000), records(inputs[1], 10_000)
         atomic_write_bytes(args.out, jpeg[pair(exact, jpeg)].tobytes())
     except NinError as error:
         raise SystemExit(f"jpeg_pairs.py: error: {error}") from None

@@ -73,7 +73,11 @@ def test_bad_checksum_leaves_nothing(server, tmp_path):
     target = tmp_path / "data"
     with pytest.raises(DataError, match="md5"):
         download("svhn", target, resources=[Resource(f"{base}/train_32x32.mat", "0" * 32, "svhn")], progress=False)
-    assert list((target / "svhn").iterdir()) == []  # no partial or temporary file
+    assert not target.exists()  # no partial or temporary file, and not the folders made for it
+    (target / "svhn").mkdir(parents=True)  # folders that were there stay
+    with pytest.raises(DataError, match="md5"):
+        download("svhn", target, resources=[Resource(f"{base}/train_32x32.mat", "0" * 32, "svhn")], progress=False)
+    assert list((target / "svhn").iterdir()) == []
 
 
 def test_unreachable_url_raises_after_retries(tmp_path):

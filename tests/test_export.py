@@ -170,6 +170,7 @@ def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
     ("openvino", ["export", "fast-mnist", "--format", "openvino", "--out", "m.xml"], "openvino"),
     ("onnxruntime", ["predict", "fast-mnist", "digit.png", "--backend", "onnxruntime"], "onnx"),
     ("matplotlib", ["visualize", "fast-mnist", "--images", "digit.png", "--out", "vis"], "viz"),
+    ("fastapi", ["serve", "fast-mnist", "--port", "18765"], "serve"),
 ])
 def test_a_missing_extra_is_named_in_one_line(hidden, argv, extra, tmp_path, capsys, monkeypatch):
     """Without an optional package, the command says which extra to install, writes nothing, and exits 1."""
@@ -247,7 +248,16 @@ def test_predict_backends_agree_with_torch(tmp_path, capsys):
     for backend in ("torch", "torch-fp32", "torchscript", "onnxruntime"):
         assert main(["predict", str(weights), str(tmp_path), "--backend", backend, "--json", "--top-k", "1"]) == 0
         tops[backend] = [p["top"][0] for p in json.loads(capsys.readouterr().out)["predictions"]]
-    for backend, tolerance in (("torch", 0.02), ("torchscript", 1e-4), ("onnxruntime", 1e-4)):  # torch: maybe bf16
+    # an exported graph itself, read through its sidecar (as docs/deploy.md says)
+    for backend, name in (("torchscript", "g.pt"), ("onnxruntime", "g.onnx")):
+        assert main(["export", str(weights), "--format", backend.replace("onnxruntime", "onnx"),
+                     "--out", str(tmp_path / "graphs" / name)]) == 0
+        capsys.readouterr()
+        assert main(["predict", str(tmp_path / "graphs" / name), str(tmp_path), "--backend", backend, "--json",
+                     "--top-k", "1"]) == 0
+        tops[name] = [p["top"][0] for p in json.loads(capsys.readouterr().out)["predictions"]]
+    for backend, tolerance in (("torch", 0.02), ("torchscript", 1e-4), ("onnxruntime", 1e-4), ("g.pt", 1e-4),
+                               ("g.onnx", 1e-4)):  # torch: maybe bf16
         assert [t["class"] for t in tops[backend]] == [t["class"] for t in tops["torch-fp32"]], backend
         assert max(abs(a["probability"] - b["probability"])
                    for a, b in zip(tops[backend], tops["torch-fp32"])) < tolerance, backend

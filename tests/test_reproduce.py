@@ -152,6 +152,22 @@ def test_python_dash_m_reproduce_report(tmp_path):
     assert report.count("| Table 5, reduced |") == len(TABLE5_SMALL_ROWS) == 3
 
 
+def test_report_without_matplotlib_or_results(tmp_path, capsys, monkeypatch):
+    """No matplotlib: the report is written without curves (they are optional); no results folder: one line."""
+    import shutil
+
+    (tmp_path / "results").mkdir()
+    shutil.copy(REPO / "results" / "fast-mnist.json", tmp_path / "results")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["reproduce", "report", "--results-dir", str(tmp_path / "results"), "--output",
+                 str(tmp_path / "R.md")]) == 0
+    assert "| ours | MNIST, fast recipe |" in (tmp_path / "R.md").read_text()
+    assert not (tmp_path / "results" / "curves").exists()
+    assert main(["reproduce", "report", "--results-dir", str(tmp_path / "none"), "--output",
+                 str(tmp_path / "S.md")]) == 1
+    assert "none: no such folder" in capsys.readouterr().err and not (tmp_path / "S.md").exists()
+
+
 def test_pack_and_unpack_data_round_trip(tmp_path):
     source = tmp_path / "data"
     (source / "mnist").mkdir(parents=True)

@@ -129,6 +129,21 @@ def test_svhn_without_its_extra_images_says_so(tmp_path):
     assert not [line for line in said if "extra_32x32.mat" in line]
 
 
+def test_train_from_python_records_its_data_place_absolute(data_root, tmp_path, monkeypatch):
+    """`train()` with a relative data_dir (docs/training.md's example) records it absolute, as `nin train` does,
+    so that the run resumes from any folder."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny(tmp_path, data_dir=os.path.relpath(data_root, tmp_path), epochs=1, train_subset=128, eval_subset=100)
+    train(cfg, "run", log=lambda *_: None)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]["data_dir"]
+    assert recorded == str(data_root.resolve())
+    monkeypatch.chdir(tmp_path / "run")
+    train(None, ".", resume=True, epochs=2, log=lambda *_: None)  # from another folder
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
 def test_short_real_run_learns_and_writes_its_files(data_root, tmp_path):
     out = tmp_path / "run"
     record = train(_tiny(tmp_path, epochs=3), out, log=lambda *_: None)
@@ -211,6 +226,26 @@ def test_stall_detector_names_the_dead_class_maps(data_root, tmp_path):
     logits[:, 5] = 0
     assert dead_class_maps(logits, labels) == [5]
     assert dead_class_maps(logits, labels.clamp(max=4)) == []  # no image of class 5 in the batch: no verdict
+
+
+@pytest.mark.parametrize("classes", [3, 10])
+def test_init_from_an_fc_model_starts_its_last_fc_layer_afresh(classes):
+    """Fine-tuning weights with a fully connected head: its last layer gives the classes, so it starts afresh
+    (another count, or other names) and every convolution is kept, the last one included."""
+    from nin.engine.start import _start_from
+    from nin.models import get_model
+
+    source = get_model("nin_cifar10_fc")
+    model = get_model("nin_cifar10_fc", num_classes=classes)
+    said = []
+    _start_from(model, source, "w", said.append, same_classes=False)
+    target, weights = model.state_dict(), source.state_dict()
+    last = next(n for n, m in model.named_modules() if m is model.head[-1])
+    assert model.head[-1].out_features == classes and said and "re-initialised" in said[0]
+    kept = [k for k in weights if not k.startswith(last + ".")]
+    assert kept and all(torch.equal(target[k], weights[k]) for k in kept)  # blocks.2.convs.2 among them
+    assert any(k.startswith("blocks.2.convs.2") for k in kept)
+    assert not torch.equal(target[last + ".weight"][:3], weights[last + ".weight"][:3])
 
 
 def test_no_checkpoint_follows_an_unchecked_step():

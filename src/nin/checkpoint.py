@@ -77,8 +77,9 @@ def _unreadable(path: Path, error: Exception) -> str:
     if what is None:
         return f"{path}: not a readable safetensors file ({error})"
     if what.startswith("an exported"):
-        what += ("; pass the weights file or run folder it was exported from (`nin predict RUN IMAGE --backend "
-                 "onnxruntime` scores through ONNX Runtime)")
+        backend = {".onnx": "onnxruntime", ".pt": "torchscript", ".xml": "openvino"}[path.suffix.lower()]
+        what += (f"; pass the weights file or run folder it was exported from, or score this graph with "
+                 f"`nin predict {path.name} IMAGE --backend {backend}`")
     return f"{path}: {what}"
 
 

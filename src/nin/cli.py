@@ -178,11 +178,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise NinError(f"--image-size {args.image_size}: for image folders only (--dataset folder); "
                            f"{args.dataset}'s images have a fixed size")
         cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "input_size": args.image_size})
+    cfg = apply_overrides(cfg, args.set)
     if not any(item.split("=", 1)[0].strip() == "small_size" for item in args.set):  # the user's is validated
         cfg, note = fitted_to_model(cfg)
-        if note:
+        if note and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, once
             print(f"nin train: {note}", file=sys.stderr)
-    cfg = apply_overrides(cfg, args.set)
     if cfg.extra_eval:  # absolute, as data_dir: a resume or evaluate from another folder finds it
         cfg = dataclasses.replace(cfg, extra_eval=str(Path(cfg.extra_eval).expanduser().resolve()))
     validate(cfg)

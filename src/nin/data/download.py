@@ -179,11 +179,20 @@ def download(
     """
     assert resources is not None or name in RESOURCES, f"unknown data set {name!r}; known: {sorted(RESOURCES)}"
     root = resolve_root(root)
-    for resource in resources if resources is not None else RESOURCES[name]:
-        folder = root / resource.folder
-        path = download_file(resource.url, folder / resource.url.rsplit("/", 1)[-1], resource.md5,
-                             retries=retries, progress=progress)  # fmt: skip
-        if resource.extract:
-            extract_archive(path, folder)  # the archive stays, so a second call skips the download
+    resources = resources if resources is not None else RESOURCES[name]
+    folders = {root, *(root / r.folder for r in resources)}
+    made = [f for f in folders for f in (f, *f.parents) if not f.exists()]  # what a failure must not leave behind
+    try:
+        for resource in resources:
+            folder = root / resource.folder
+            path = download_file(resource.url, folder / resource.url.rsplit("/", 1)[-1], resource.md5,
+                                 retries=retries, progress=progress)  # fmt: skip
+            if resource.extract:
+                extract_archive(path, folder)  # the archive stays, so a second call skips the download
+    except BaseException:
+        for folder in sorted(set(made), key=lambda f: len(f.parts), reverse=True):  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     return root
 

@@ -40,7 +40,7 @@ __all__ = ["BACKENDS", "Runner", "load_runner", "available_backends", "BackendTi
            "format_table"]
 
 BACKENDS = ("torch", "torch-fp32", "torch-folded", "torchscript", "onnxruntime", "openvino")
-_EXPORTED_SUFFIX = {"torchscript": ".pt", "onnxruntime": ".onnx", "openvino": ".xml"}
+EXPORTED_SUFFIX = {"torchscript": ".pt", "onnxruntime": ".onnx", "openvino": ".xml"}
 
 
 @dataclass
@@ -139,7 +139,7 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
         return _exported_runner(backend, path, 0)
     if backend in ("onnxruntime", "openvino"):
         require_package(backend, f"--backend {backend}", {"onnxruntime": "onnx", "openvino": "openvino"}[backend])
-    if path.suffix == _EXPORTED_SUFFIX[backend]:
+    if path.suffix == EXPORTED_SUFFIX[backend]:
         info_path = path.with_name(path.name + ".json")
         if not info_path.is_file():
             raise NinError(f"{path}: its sidecar {info_path.name} is missing")
@@ -147,7 +147,7 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
     if export_dir is None:
         export_dir = tempfile.mkdtemp(prefix="nin-export-")
         atexit.register(shutil.rmtree, export_dir, ignore_errors=True)  # the runner may use it until then
-    target = Path(export_dir) / f"model{_EXPORTED_SUFFIX[backend]}"
+    target = Path(export_dir) / f"model{EXPORTED_SUFFIX[backend]}"
     if backend == "torchscript":
         info = export.export_torchscript(weights, target)
     elif backend == "onnxruntime":

@@ -37,7 +37,7 @@ import torch
 from nin.classifier import Classifier
 from nin.data.datasets import LIGHT_ON_DARK
 from nin.data.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageTooLarge, NotAnImage, decode_image
-from nin.errors import DataError, NinError
+from nin.errors import DataError, NinError, require_package
 from nin.transforms import invert_ink, odd_polarity
 
 __all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "check_limits", "decode_upload",
@@ -351,10 +351,9 @@ def check_address(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ModuleNotFoundError:
-        raise NinError('nin serve needs FastAPI and uvicorn: pip install "network-in-network[serve]"') from None
+    for package in ("fastapi", "uvicorn"):
+        require_package(package, "nin serve", "serve")
+    import uvicorn
     if not 0 < args.port < 65536:
         raise NinError(f"--port {args.port}: expected 1-65535")
     if args.threads is not None:

@@ -171,7 +171,8 @@ def recipe(name: str, dataset: str) -> TrainConfig:
 def fitted_to_model(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """A recipe's setting the chosen model cannot take, turned off, and a line saying so (None when nothing was):
     progressive resizing (``small_size``, the fast recipe's CIFAR-10 default) for a fully connected head, which
-    takes one input size. Apply it before ``--set``: a ``small_size`` the user sets stays and is refused."""
+    takes one input size (the model as ``model_args`` make it). `nin train` applies it unless the user set
+    ``small_size``, which `validate` then checks."""
     if not cfg.small_size:
         return cfg, None
     try:

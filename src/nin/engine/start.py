@@ -108,6 +108,9 @@ def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_me
             cfg = dataclasses.replace(cfg, val_split=0.0)
         if data_dir is None and recorded_root(cfg.data_dir, cfg.dataset) != cfg.data_dir:
             data_dir = recorded_root(cfg.data_dir, cfg.dataset)  # the data moved; its sha256 is checked
+    else:  # a new run records its data's place as an absolute path (as `nin train` does): a resume finds it anywhere
+        cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().resolve()) for k in ("data_dir", "extra_eval")
+                                          if (v := getattr(cfg, k))})
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
                                                         ("data_dir", data_dir and str(data_dir))) if v is not None})
     cfg = _held_out_split(cfg)
@@ -215,13 +218,16 @@ def _start_from(model: NiN, source: NiN, where: str, log, *, same_classes: bool)
     Every other tensor must match by name and shape (one line naming the first that does not). Classes differ
     when their count or their names differ: a map trained for "cat" must not answer for another class.
     """
-    last_block = f"blocks.{len(model.blocks) - 1}."
-    class_map = next(name for name, module in model.named_modules() if module is model.class_map_layer)
-    head = (class_map + ".", class_map.replace(".convs.", ".norms.") + ".")  # the conv and its batch norm
+    if model.config.head == "gap":  # the class maps: the last conv and its batch norm, in the last block
+        class_map = next(name for name, module in model.named_modules() if module is model.class_map_layer)
+        head = (class_map + ".", class_map.replace(".convs.", ".norms.") + ".")
+        may_differ = f"blocks.{len(model.blocks) - 1}."
+    else:  # a fully connected head: its last layer gives the classes
+        head = may_differ = next(name for name, module in model.named_modules() if module is model.head[-1]) + "."
     target, weights = model.state_dict(), source.state_dict()
     differ = sorted(k for k in set(target) | set(weights)
                     if k not in target or k not in weights or target[k].shape != weights[k].shape)
-    blocking = [k for k in differ if not (k.startswith(last_block) and k in target and k in weights)]
+    blocking = [k for k in differ if not (k.startswith(may_differ) and k in target and k in weights)]
     if blocking:
         k = blocking[0]
         found = tuple(weights[k].shape) if k in weights else "nothing"

@@ -18,6 +18,7 @@ from pathlib import Path
 from nin.data.datasets import DATASETS
 from nin.engine.config import TrainConfig
 from nin.engine.metrics import read_metrics
+from nin.errors import require_package
 from nin.engine.schedule import lr_at, total_steps
 from nin.tools import figures
 from nin.tools.figures import FONT_PT, LINE_IN, TEXT_WIDTH_IN, figure_format, new_figure
@@ -88,6 +89,7 @@ def plot_curves(runs: Sequence, path: str | os.PathLike, *,
         reference: An error (fraction) drawn as a horizontal dotted line on the error panel, e.g. the paper's;
             or one per run (None: none), each in its run's colour.
     """
+    require_package("matplotlib", "drawing curves", "viz")
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 

@@ -24,9 +24,10 @@ from nin.classifier import Classifier
 from nin.data.datasets import LIGHT_ON_DARK
 from nin.data.folders import list_images
 from nin.data.images import read_image
-from nin.deploy.backends import load_runner
+from nin.deploy.backends import EXPORTED_SUFFIX, load_runner
 from nin.errors import NinError
 from nin.files import atomic_write_bytes, claim_output
+from nin.models import NiNConfig
 from nin.pretrained import load
 from nin.transforms import invert_ink, odd_polarity
 
@@ -59,8 +60,13 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
         skip_bad: Go on past an image that cannot be read (a damaged or non-image file) and a folder or glob
             that names none, listing each in ``problems``; without it the first one raises `NinError` naming it.
     """
-    model, preprocessing, meta = load(weights)
-    config = model.config
+    if Path(weights).suffix == EXPORTED_SUFFIX.get(backend):  # a graph `nin export` wrote: its sidecar describes it
+        runner = load_runner(backend, weights)
+        meta = json.loads(Path(f"{weights}.json").read_text())
+        config = NiNConfig.from_dict(meta["model"])
+    else:
+        model, preprocessing, meta = load(weights)
+        config = model.config
     paths, problems = list_images(items, skip_empty=skip_bad)
     report = PredictReport([], meta.get("dataset"), problems=problems)
     with tempfile.TemporaryDirectory(prefix="nin-export-") as folder:  # an exported backend's files, removed after
@@ -69,7 +75,8 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
             classes, score = classifier.classes, classifier.predict
         else:
             classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
-            runner = load_runner(backend, weights, export_dir=folder)
+            if Path(weights).suffix != EXPORTED_SUFFIX.get(backend):
+                runner = load_runner(backend, weights, export_dir=folder)
 
             def score(batch: torch.Tensor) -> torch.Tensor:
                 return torch.from_numpy(runner(batch))

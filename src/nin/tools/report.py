@@ -179,6 +179,11 @@ def _command(record: dict) -> str:
     return f"`nin reproduce {experiment}`; ran as `{ran}`" if experiment else f"`{ran}`"
 
 
+def _row_command(row: Row) -> str:
+    """The command that fills a row not recorded yet: `nin reproduce EXP`, or for imported weights their command."""
+    return f"nin reproduce {row.experiment}" if row.experiment in EXPERIMENTS else f"nin {row.experiment} --help"
+
+
 def _machines(record: dict) -> str:
     """Where a run ran: its machine, or each segment's (host and epochs) when it was resumed."""
     parts = []
@@ -208,7 +213,7 @@ def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, ref
         record = next((records[n] for n in row.results if n in records), None)
         if record is None:
             lines.append(f"| {row.table} | {row.label} | {row.paper} | {row.port} | "
-                         f"{_not_run(row, data_root, reference)} | | | | | `nin reproduce {row.experiment}` |")
+                         f"{_not_run(row, data_root, reference)} | | | | | `{_row_command(row)}` |")
             continue
         name = record["name"]
         curve = f" [curve]({curves[name]})" if name in curves and record["curve"] else ""
@@ -325,6 +330,9 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
     is replaced when it is a report this function wrote, other files only with ``force``.
     """
     results_dir, output = Path(results_dir), Path(output)
+    if not results_dir.is_dir():
+        raise NinError(f"--results-dir {results_dir}: no such folder (the results/*.json that `nin reproduce record` "
+                       "writes)")
     claim_output(output, flag="--output", force=force, ours=_is_report)
     records = _load_records(results_dir, data_dir)
     reference = _cpu_reference(list(records.values()))

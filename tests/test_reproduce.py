@@ -143,6 +143,7 @@ def test_record_run_and_report(data_root, tmp_path):
 
 
 def test_python_dash_m_reproduce_report(tmp_path):
+    (tmp_path / "none").mkdir()  # no results yet: every row says how to fill it
     done = subprocess.run([sys.executable, "-m", "nin", "reproduce", "report", "--results-dir", str(tmp_path / "none"),
                            "--output", str(tmp_path / "R.md"), "--no-curves"], capture_output=True, text=True,
                           timeout=120)

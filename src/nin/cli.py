@@ -183,8 +183,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, note = fitted_to_model(cfg)
         if note and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, once
             print(f"nin train: {note}", file=sys.stderr)
-    if cfg.extra_eval:  # absolute, as data_dir: a resume or evaluate from another folder finds it
-        cfg = dataclasses.replace(cfg, extra_eval=str(Path(cfg.extra_eval).expanduser().resolve()))
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
     if args.dry_run:

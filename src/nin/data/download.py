@@ -181,7 +181,7 @@ def download(
     root = resolve_root(root)
     resources = resources if resources is not None else RESOURCES[name]
     folders = {root, *(root / r.folder for r in resources)}
-    made = [f for f in folders for f in (f, *f.parents) if not f.exists()]  # what a failure must not leave behind
+    made = {p for folder in folders for p in (folder, *folder.parents) if not p.exists()}  # a failure removes them
     try:
         for resource in resources:
             folder = root / resource.folder
@@ -190,7 +190,7 @@ def download(
             if resource.extract:
                 extract_archive(path, folder)  # the archive stays, so a second call skips the download
     except BaseException:
-        for folder in sorted(set(made), key=lambda f: len(f.parts), reverse=True):  # deepest first
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise

@@ -60,7 +60,8 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
         skip_bad: Go on past an image that cannot be read (a damaged or non-image file) and a folder or glob
             that names none, listing each in ``problems``; without it the first one raises `NinError` naming it.
     """
-    if Path(weights).suffix == EXPORTED_SUFFIX.get(backend):  # a graph `nin export` wrote: its sidecar describes it
+    exported = Path(weights).suffix == EXPORTED_SUFFIX.get(backend)  # a graph `nin export` wrote
+    if exported:  # its sidecar describes it
         runner = load_runner(backend, weights)
         meta = json.loads(Path(f"{weights}.json").read_text())
         config = NiNConfig.from_dict(meta["model"])
@@ -75,7 +76,7 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
             classes, score = classifier.classes, classifier.predict
         else:
             classes = meta.get("classes") or [str(i) for i in range(config.num_classes)]
-            if Path(weights).suffix != EXPORTED_SUFFIX.get(backend):
+            if not exported:
                 runner = load_runner(backend, weights, export_dir=folder)
 
             def score(batch: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
 
 
+def _found(name: str) -> tuple[str, RunSpec] | tuple[None, None]:
+    """The experiment and RunSpec whose run folder / result is ``name``; (None, None) for a run recorded by hand
+    under another name."""
+    return next(((experiment, spec) for experiment, (_, specs) in EXPERIMENTS.items() for spec in specs
+                 if spec.name == name), (None, None))
+
+
 def _spec(name: str) -> RunSpec | None:
-    """The RunSpec whose run folder / result is ``name``; None for a run recorded by hand under another name."""
-    return next((spec for _, specs in EXPERIMENTS.values() for spec in specs if spec.name == name), None)
+    return _found(name)[1]
 
 
 def _not_run(row: Row, data_root: Path, reference: dict | None) -> str:
@@ -174,8 +180,7 @@ def _command(record: dict) -> str:
     `nin reproduce EXPERIMENT` for an experiment's run, which pins what the recipes have changed since
     (tests/test_reproduce.py::test_reproduce_repeats_each_recorded_run)."""
     ran = runnable(record.get("command") or "")
-    experiment = next((name for name, (_, specs) in EXPERIMENTS.items() for spec in specs
-                       if spec.name == record["name"]), None)
+    experiment = _found(record["name"])[0]
     return f"`nin reproduce {experiment}`; ran as `{ran}`" if experiment else f"`{ran}`"
 
 

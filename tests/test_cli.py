@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nin import distributed
 from nin.cli import build_parser, main
 from nin.engine import recipe, train
 
@@ -62,6 +63,15 @@ def test_fast_recipe_trains_an_fc_head_at_full_size(capsys, tmp_path):
                  "small_size=24"]) == 1
     err = capsys.readouterr().err
     assert "a 24×24 input does not fit" in err and "--set small_size=0" in err and err.count("\n") == 1
+
+
+def test_the_fc_head_note_is_printed_by_rank_0_only(capsys, monkeypatch, tmp_path):
+    """Under torchrun every rank plans the same config; the note about the FC head comes once, from rank 0."""
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert distributed.launch_rank() == int(rank)
+        main(["train", "--dataset", "cifar10", "--model", "nin_cifar10_fc", "--dry-run", "--data-dir", str(tmp_path)])
+        assert ("fully connected head takes 32×32 inputs only" in capsys.readouterr().err) == printed
 
 
 def test_dry_run_finds_the_data_files_without_reading_them(capsys, tmp_path, data_root):

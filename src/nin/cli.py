@@ -181,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = apply_overrides(cfg, args.set)
     if not any(item.split("=", 1)[0].strip() == "small_size" for item in args.set):  # the user's is validated
         cfg, note = fitted_to_model(cfg)
-        if note and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, once
+        if note and distributed.launch_rank() == 0:  # under torchrun, once
             print(f"nin train: {note}", file=sys.stderr)
     validate(cfg)
     out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "cleanup", "process_group", "launched_by_torchrun", "is_distributed", "rank", "world_size", "is_main", "main_first",
+__all__ = ["setup", "cleanup", "process_group", "launched_by_torchrun", "launch_rank", "is_distributed", "rank", "world_size", "is_main", "main_first",
            "all_reduce_sum", "all_true", "broadcast_object", "broadcast_buffers", "barrier"]
 
 
@@ -46,6 +46,14 @@ def cleanup() -> None:
 def launched_by_torchrun() -> bool:
     """True in a process that torchrun started as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 in a single process), readable before the group is joined.
+
+    For messages printed once per launch before `setup`; inside the group, `rank()` says the same.
+    """
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 @contextlib.contextmanager

@@ -49,17 +49,25 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
         raise CheckpointError(f"{path}: cannot write it ({e}); the previous file, if any, is unchanged") from None
 
 
+# What safetensors raises for a file it cannot read (damaged, truncated, another format, unreadable)
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """The JSON header of a file written by `save_state`, without reading its tensors."""
     path = Path(path)
+    return _parse_meta(path, _read_header(path))
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors metadata of ``path``; a missing or unreadable file raises CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint or weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            return f.metadata() or {}
+    except _READ_ERRORS as e:
         raise CheckpointError(_unreadable(path, e)) from None
-    return _parse_meta(path, header)
 
 
 # Files users pass where weights go: what they are, and what to pass instead (not just "header too large").
@@ -100,15 +108,11 @@ def _parse_meta(path: Path, header: dict) -> dict:
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by `save_state`; a missing, damaged or foreign file raises CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint or weights file")
+    meta = _parse_meta(path, _read_header(path))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except _READ_ERRORS as e:
         raise CheckpointError(_unreadable(path, e)) from None
-    meta = _parse_meta(path, header)
     return tensors, meta
 
 

@@ -309,3 +309,35 @@ def test_a_run_in_progress_between_evaluations_is_recorded_with_its_last_scored_
     text = write_report(tmp_path / "results", tmp_path / "RESULTS.md", curves=False).read_text()
     row = next(line for line in text.splitlines() if "MNIST, fast recipe" in line)
     assert "in progress: epoch 3 of 6, 1.44% at epoch 2, its last evaluation" in row
+
+
+def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path):
+    """experiments/plateau_trend.py: replaying PlateauRule at the runs' patience on a recorded curve finds the epoch
+    where the run divided its lr; on a made-up run it reports the slope it was built with and the plateau it has."""
+    tool = REPO / "experiments" / "plateau_trend.py"
+
+    def run(*args):
+        done = subprocess.run([sys.executable, str(tool), *map(str, args)], capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout, done.stderr
+
+    for name in ("mnist-paper", "cifar10-paper"):
+        record = json.loads((REPO / "results" / f"{name}.json").read_text())
+        code, out, err = run(REPO / "results" / f"{name}.json", "--patience", record["train_config"]["plateau_patience"])
+        assert code == 0, err
+        assert f"divides the lr after epoch {record['lr_drops_after_epochs'][0]}" in out
+
+    # 12 epochs improving by 0.5 points, then flat: patience 5 fires 5 epochs into the flat part, 10 does not
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    errors = [0.30 - 0.005 * e for e in range(1, 13)] + [0.30 - 0.005 * 12] * 6 + [0.20 - 0.002 * e for e in range(5)]
+    lrs = [0.1] * 18 + [0.01] * 5
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for epoch, (error, lr) in enumerate(zip(errors, lrs), 1):
+            f.write(json.dumps({"epoch": epoch, "lr": lr, "train_error": error, "test_error": error + 0.1}) + "\n")
+    code, out, err = run(run_dir, "--window", 5, "--patience", 5, 10)
+    assert code == 0, err
+    assert "patience   5: divides the lr after epoch 17" in out and "patience  10: no drop by epoch 18" in out
+    assert "lr 0.01: epochs 19-23" in out and "slope -0.200 points/epoch, scatter 0.000" in out
+
+    code, out, err = run(tmp_path / "missing.json")
+    assert code == 1 and "missing.json" in err and err.count("\n") == 1

@@ -32,6 +32,17 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: nin" in capsys.readouterr().out
 
 
+def test_a_flag_prefix_is_not_taken_for_the_flag(capsys):
+    """`--data-d` is not `--data-dir`, in any subcommand's parser: a prefix that names one flag today could name
+    another after a new flag lands, and silently change what a user's script does."""
+    for argv in (["evaluate", "fast-mnist", "--data-d", "x"], ["train", "--datas", "mnist", "--dry-run"],
+                 ["reproduce", "record", "runs/x", "--name", "x", "--results-d", "r"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err, argv
+    assert build_parser().parse_args(["evaluate", "fast-mnist", "--data-dir", "x"]).data_dir == "x"
+
+
 def test_python_dash_m_runs():
     out = subprocess.run([sys.executable, "-m", "nin", "models"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "nin_cifar10 " in out.stdout and "966,986" in out.stdout

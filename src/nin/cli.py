@@ -30,8 +30,17 @@ from nin.errors import path_arg, positive_int
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: `--data-d` is an unknown flag, not `--data-dir` (a prefix that names one
+    flag today can name two tomorrow). Subcommands' parsers are of this class too (add_subparsers' default)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nin", description="Network In Network: train, evaluate, predict.")
+    parser = _Parser(prog="nin", description="Network In Network: train, evaluate, predict.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"nin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -24,15 +24,19 @@ class CheckpointError(NinError):
     """A checkpoint or weights file is missing, damaged, or belongs to another model."""
 
 
+class MissingPackage(NinError):
+    """An optional dependency is not installed (`require_package`); the message names the extra that brings it."""
+
+
 def require_package(package: str, what: str, extra: str) -> None:
     """Import ``package`` (an optional dependency); when it is not installed, a one-line NinError saying which
-    extra brings it: "WHAT needs the PACKAGE package: pip install "network-in-network[EXTRA]"."""
+    extra brings it (MissingPackage): "WHAT needs the PACKAGE package: pip install "network-in-network[EXTRA]"."""
     try:
         importlib.import_module(package)
     except ModuleNotFoundError as error:
         if error.name != package.split(".")[0] and error.name != package:
             raise
-        raise NinError(f'{what} needs the {package.split(".")[0]} package: pip install "network-in-network[{extra}]"') \
+        raise MissingPackage(f'{what} needs the {package.split(".")[0]} package: pip install "network-in-network[{extra}]"') \
             from None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nin.data.datasets import DATASETS, dataset_info, resolve_root
 from nin.engine.config import recipe
-from nin.errors import NinError
+from nin.errors import MissingPackage, NinError
 from nin.files import atomic_write_bytes, claim_output
 from nin.models import get_model, multiply_adds
 from nin.runtime import machine_name
@@ -133,7 +133,7 @@ def plot_curve(record: dict, path: Path, reference: float | None = None) -> Path
     """A recorded run's curves (`nin.visualize.plot_curves`); None when matplotlib is missing."""
     try:
         return plot_curves([(record["name"], record["curve"], record.get("train_config"))], path, reference=reference)
-    except NinError:  # matplotlib is not installed
+    except MissingPackage:  # matplotlib is not installed
         return None
 
 
@@ -148,7 +148,7 @@ def plot_table5(records: dict[str, dict], rows: tuple, path: Path) -> Path | Non
     papers = [float(row.paper.rstrip("%")) / 100 if row.paper.endswith("%") else None for row, _ in found]
     try:
         return plot_curves(runs, path, reference=papers)
-    except NinError:
+    except MissingPackage:
         return None
 
 

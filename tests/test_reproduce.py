@@ -53,6 +53,20 @@ def test_table5_trains_six_heads_on_one_schedule():
     assert "--augment" in aug and "--recipe" in aug and aug[aug.index("--recipe") + 1] == "paper"
 
 
+def test_only_runs_the_named_runs_of_an_experiment(capsys, tmp_path):
+    """`--only table5-nin_cifar10`: Table 1's model under the authors' fixed schedule, alone; a name the experiment
+    lacks is refused in one line naming its runs, before anything is trained or written."""
+    assert main(["reproduce", "table5", "--only", "table5-cnn_cifar10_gap", "table5-nin_cifar10", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [shlex.split(line)[shlex.split(line).index("--out") + 1] for line in lines] == [
+        "runs/table5-nin_cifar10", "runs/table5-cnn_cifar10_gap"]  # the experiment's order
+    assert "milestones=200,230" in lines[0] and "--model nin_cifar10 " in lines[0]
+    assert main(["reproduce", "table5", "--only", "nin_cifar10", "--out-root", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "--only nin_cifar10: table5 has no such run" in err and "table5-nin_cifar10," in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
 def test_cifar10_runs_also_score_the_exact_1000_and_checkpoint_as_asked(data_root):
     argv = plan("table1", data_dir=str(data_root), checkpoint_every=200)[0].argv
     exact = data_root / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,16 +110,25 @@ class PlannedRun:
 
 def plan(experiment: str, *, out_root: str | os.PathLike = "runs", data_dir: str | None = None,
          epochs: int | None = None, train_subset: int | None = None, gpu: bool = False,
-         checkpoint_every: int = 0) -> list[PlannedRun]:
+         checkpoint_every: int = 0, only: Sequence[str] = ()) -> list[PlannedRun]:
     """The `nin train` invocations of ``experiment`` (a key of EXPERIMENTS), in the order they run.
 
     A CIFAR-10 run is also scored at each evaluation on the pixel-exact first 1,000 official test images
     (``extra_eval``) when the data folder has them; ``checkpoint_every`` (steps, 0 = each epoch) is passed on.
+    ``only`` keeps the runs of those names (``table5-nin_cifar10``, say: Table 1's model under the authors' fixed
+    schedule), in the experiment's order; a name the experiment does not have raises NinError.
     """
     if experiment not in EXPERIMENTS:
         raise NinError(f"unknown experiment {experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    specs = EXPERIMENTS[experiment][1]
+    unknown = [name for name in only if name not in {spec.name for spec in specs}]
+    if unknown:
+        raise NinError(f"--only {' '.join(unknown)}: {experiment} has no such run; its runs: "
+                       f"{', '.join(spec.name for spec in specs)}")
     runs = []
-    for spec in EXPERIMENTS[experiment][1]:
+    for spec in specs:
+        if only and spec.name not in only:
+            continue
         run_dir = Path(out_root) / spec.name
         argv = ["train", "--dataset", spec.dataset, "--recipe", spec.recipe]
         if spec.model:

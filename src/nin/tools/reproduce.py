@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--gpu", action="store_true", help="train on cuda (--device cuda)")
         p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                        help="also checkpoint every STEPS optimizer steps (default: at the end of each epoch)")
+        p.add_argument("--only", nargs="+", default=[], metavar="RUN",
+                       help="train and record only these of its runs: "
+                            + ", ".join(spec.name for spec in EXPERIMENTS[name][1]))
         _add_record_arguments(p, "OUT_ROOT")
 
     p = sub.add_parser("record", help="record a finished run: <name>.json and <name>.safetensors beside it")
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     runs = plan(args.experiment, out_root=args.out_root, data_dir=args.data_dir, epochs=args.epochs,
-                train_subset=args.train_subset, gpu=args.gpu, checkpoint_every=args.checkpoint_every)
+                train_subset=args.train_subset, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
+                only=args.only)
     if args.dry_run:
         for planned in runs:
             print(planned.command)

@@ -169,12 +169,21 @@ def test_svhn_round_trip_and_splits(tmp_path):
     assert len(rest) == 100 + 50 and len(load_dataset("svhn", "train", tmp_path)) == 4100 + 2050
 
 
-def test_svhn_without_scipy_names_the_extra(tmp_path, monkeypatch):
+def test_svhn_without_scipy_names_the_extra(tmp_path, monkeypatch, capsys):
     write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", random_images(10, 2), balanced_labels(10, 10))
+    write_svhn_mat(tmp_path / "svhn" / "train_32x32.mat", random_images(10, 1), balanced_labels(10, 10))
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # as when scipy is not installed
     with pytest.raises(NinError, match=r'reading SVHN\'s .mat files needs the scipy package: pip install '
                                        r'"network-in-network\[svhn\]"'):
         load_dataset("svhn", "test", tmp_path)
+    # the dry run finds the files, and says before the run that nothing here can read them
+    from nin.cli import main
+    from nin.data import dataset_files
+
+    with pytest.raises(NinError, match="needs the scipy package"):
+        dataset_files("svhn", tmp_path)
+    assert main(["train", "--dataset", "svhn", "--data-dir", str(tmp_path), "--dry-run"]) == 1
+    assert 'needs the scipy package: pip install "network-in-network[svhn]"' in capsys.readouterr().err
 
 
 def test_dataset_files_finds_what_a_run_reads(tmp_path):

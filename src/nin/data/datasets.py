@@ -22,6 +22,7 @@ from nin.data.readers import (
     read_class_names_text,
     read_idx_dataset,
     read_svhn_mat,
+    require_svhn_reader,
 )
 from nin.errors import DataError
 
@@ -277,6 +278,7 @@ def dataset_files(name: str, root: str | os.PathLike | None = None, splits: Sequ
 
     Raises:
         DataError: The data set is not there, or a file it needs is missing (the message names it).
+        MissingPackage: The files are there but the package that reads them is not (SVHN: scipy).
     """
     info = dataset_info(name)
     for split in splits:
@@ -309,6 +311,8 @@ def dataset_files(name: str, root: str | os.PathLike | None = None, splits: Sequ
     for file in found:
         if not file.is_file():
             raise _absent(name, file)
+    if info.name == "svhn":
+        require_svhn_reader()  # found is not enough where nothing here can read them
     return found
 
 

@@ -279,13 +279,18 @@ def read_cifar_python_names(path: Path, key: bytes) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def require_svhn_reader() -> None:
+    """SVHN's .mat files are read with scipy (the `svhn` extra); MissingPackage, naming the extra, without it."""
+    require_package("scipy.io", "reading SVHN's .mat files", "svhn")
+
+
 def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read `train_32x32.mat`, `test_32x32.mat` or `extra_32x32.mat`.
 
     Returns:
         uint8 images (N, 3, 32, 32) and int64 labels (N,), with label 10 mapped to 0.
     """
-    require_package("scipy.io", "reading SVHN's .mat files", "svhn")
+    require_svhn_reader()
     import scipy.io
 
     require_file(path)

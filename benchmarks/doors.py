@@ -30,8 +30,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DOORS = ("reference", "get_model", "Classifier", "evaluate", "predict", "serve", "bench --inference")
 
@@ -138,7 +141,7 @@ def _timed(batch_call, one_call, count: int, repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--weights", default="fast-cifar10", help="a pretrained tag (default fast-cifar10)")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)

@@ -23,7 +23,7 @@ from nin.data import load_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--weights", default=str(REPO / "weights" / "fast-cifar10.safetensors"))
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: every installed backend")
     parser.add_argument("--batch-size", type=int, default=500)

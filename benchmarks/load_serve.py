@@ -142,7 +142,7 @@ def batching_gain(weights: str, batch: int = 8, repeats: int = 20) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--weights", default=str(REPO / "weights" / "fast-cifar10.safetensors"))
     parser.add_argument("--url", help="an already running nin serve (default: start one on a free loopback port)")
     parser.add_argument("--requests", type=int, default=500)

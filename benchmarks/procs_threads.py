@@ -67,7 +67,7 @@ def _two_processes(batch: int, size: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128, help="global batch")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")

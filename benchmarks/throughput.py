@@ -11,6 +11,6 @@ import argparse
 from nin.tools import bench
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     bench.add_arguments(parser)
     raise SystemExit(bench.run(parser.parse_args()))

@@ -53,7 +53,7 @@ def pair(exact: np.ndarray, jpeg: np.ndarray, margin: float = 1.5) -> np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--data-dir", required=True, help="folder with cifar-10-batches-bin/ and "
                                                           "cifar-10-test-lossless-first1000/")
     parser.add_argument("--out", required=True, help="CIFAR binary file to write the paired JPEG records to (a new "

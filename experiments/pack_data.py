@@ -132,13 +132,13 @@ def unpack(parts_dir: Path, dest: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pack", help="folder -> parts + manifest.json")
+    p = sub.add_parser("pack", help="folder -> parts + manifest.json", allow_abbrev=False)
     p.add_argument("source", type=Path)
     p.add_argument("parts_dir", type=Path)
     p.add_argument("--part-mib", type=float, default=60, help="largest part in MiB (default 60)")
-    p = sub.add_parser("unpack", help="parts + manifest.json -> folder")
+    p = sub.add_parser("unpack", help="parts + manifest.json -> folder", allow_abbrev=False)
     p.add_argument("parts_dir", type=Path)
     p.add_argument("dest", type=Path)
     args = parser.parse_args(argv)

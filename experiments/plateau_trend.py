@@ -66,7 +66,7 @@ def replay(records: list[dict], patience: int, min_delta: float = 0.0) -> int | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("run", help="a run folder (its metrics.jsonl) or a results/<name>.json record")
     parser.add_argument("--window", type=int, default=20, help="epochs at the end of each phase to fit (default 20)")
     parser.add_argument("--patience", type=int, nargs="+", default=[5, 10, 20, 40],

@@ -43,7 +43,7 @@ def views(shifts: list[int]) -> dict[str, list[tuple[bool, int, int]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("weights")
     parser.add_argument("--data-dir")
     parser.add_argument("--shift", type=int, nargs="+", default=[2], help="one or more shifts in pixels")

@@ -43,6 +43,27 @@ def test_a_flag_prefix_is_not_taken_for_the_flag(capsys):
     assert build_parser().parse_args(["evaluate", "fast-mnist", "--data-dir", "x"]).data_dir == "x"
 
 
+def test_the_repository_scripts_take_no_flag_prefixes_either():
+    """experiments/ and benchmarks/ parse their flags as `nin` does: every parser they build says allow_abbrev=False
+    (checked in the source, as importing each would start torch), and one script refuses a prefix when run."""
+    import ast
+
+    repo = Path(__file__).resolve().parents[1]
+    scripts = sorted([*(repo / "experiments").glob("*.py"), *(repo / "benchmarks").glob("*.py")])
+    parsers = 0
+    for script in scripts:
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("ArgumentParser", "add_parser"):
+                parsers += 1
+                assert any(k.arg == "allow_abbrev" and k.value.value is False for k in node.keywords), \
+                    f"{script.name}:{node.lineno}"
+    assert parsers >= len(scripts) // 2
+    out = subprocess.run([sys.executable, str(repo / "experiments" / "plateau_trend.py"),
+                          str(repo / "results" / "mnist-paper.json"), "--wind", "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unrecognized arguments: --wind" in out.stderr
+
+
 def test_python_dash_m_runs():
     out = subprocess.run([sys.executable, "-m", "nin", "models"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "nin_cifar10 " in out.stdout and "966,986" in out.stdout

@@ -1,6 +1,6 @@
 """How a run's learning-rate phases ended: the trend under the plateau rule's noise, and other patiences replayed.
 
-    python experiments/plateau_trend.py results/cifar10-paper.json       # a recorded run's curve
+    python experiments/plateau_trend.py results/lost/cifar10-paper-run1.json   # a recorded run's curve
     python experiments/plateau_trend.py runs/cifar10-paper --window 20 --patience 5 10 20 40   # a run folder
 
 The paper's rule ("train until the accuracy on the training set stops improving, then divide the lr by 10")

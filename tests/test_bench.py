@@ -76,3 +76,20 @@ def test_fused_conv_relu_gives_the_same_numbers():
             assert not any(isinstance(m, FusedConvReLU) for m in plain.modules())
         assert torch.equal(fused(images), plain(images)), dtype
         assert torch.equal(fused.forward_features(images), plain.forward_features(images))
+
+
+def test_bf16_models_stay_unfused_where_onednn_has_no_bf16(monkeypatch):
+    """An AVX2-only CPU has no oneDNN bf16 kernels: the fused op would refuse the model, so the bf16 inference path
+    keeps conv and ReLU apart there (plain convs run bf16 outside oneDNN); fp32 still fuses."""
+    from nin import inference
+    from nin.inference import FusedConvReLU
+
+    monkeypatch.setattr(inference, "_onednn_bf16", lambda: False)
+    model = get_model("nin_cifar10", init="kaiming").eval()
+    images = torch.randn(2, 3, 32, 32)
+    bf16 = optimize_for_inference(model, amp_dtype=torch.bfloat16)
+    assert not any(isinstance(m, FusedConvReLU) for m in bf16.modules())
+    assert bf16(images).shape == (2, 10) and torch.isfinite(bf16(images)).all()
+    if inference._CONV_POINTWISE is not None and torch.backends.mkldnn.is_available():
+        fp32 = optimize_for_inference(model, amp_dtype=None)
+        assert any(isinstance(m, FusedConvReLU) for m in fp32.modules())

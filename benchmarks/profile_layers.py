@@ -4,9 +4,9 @@
     python benchmarks/profile_layers.py --recipe paper   # the paper's model (no batch norm, dropout 0.5) as trained
     python benchmarks/profile_layers.py --quick          # tiny batches (a smoke run)
 
-Inference: the model as `optimize_for_inference` leaves it (batch norm folded, bf16 weights, NHWC, eager), each
-conv timed with forward hooks (median of repeats) against the FLOPs of its shape and the bf16 matrix-product
-peak measured by the same script; what is not a conv (ReLU, pooling, casts) is the remainder. Training: one
+Inference: the model as `optimize_for_inference` leaves it (batch norm folded, bf16 weights where the CPU has
+bf16 units, else fp32; NHWC, eager), each conv timed with forward hooks (median of repeats) against the FLOPs of
+its shape and the matrix-product peak in that dtype measured by the same script; what is not a conv (ReLU, pooling, casts) is the remainder. Training: one
 `train_step` as `nin train --recipe fast` runs it, under torch.profiler, the ops grouped by input shape. This is
 the profile docs/performance.md quotes to say where the limit is.
 """
@@ -75,7 +75,7 @@ def conv_table(model: nn.Module, images: torch.Tensor, repeats: int, peak: float
     all_flops = sum(flops.values())
     lines.append(f"{'all convs':<46}{all_flops / n / 1e6:>10.1f}{conv_time * 1e3:>9.1f}"
                  f"{all_flops / conv_time / 1e9:>9.0f}{all_flops / conv_time / 1e9 / peak:>8.0%}{conv_time / total:>8.0%}")
-    lines.append(f"{'whole forward':<56}{total * 1e3:>9.1f}  = {n / total:.0f} images/s; at the bf16 matmul peak the "
+    lines.append(f"{'whole forward':<56}{total * 1e3:>9.1f}  = {n / total:.0f} images/s; at the matmul peak above the "
                  f"convs alone would take {all_flops / peak / 1e6:.1f} ms = {n / (all_flops / peak / 1e9):.0f} images/s")
     return lines
 

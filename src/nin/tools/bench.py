@@ -45,6 +45,7 @@ from nin.errors import DataError, NinError
 from nin.inference import optimize_for_inference, predict_logits
 from nin.models import get_model, multiply_adds
 from nin.runtime import (
+    cpu_has_bf16,
     keep_freed_memory,
     median_seconds,
     resolve_device,
@@ -243,8 +244,11 @@ def measure(args) -> dict:
     result: dict = {"machine": machine, "data": source, "batch_size": args.batch_size, "steps": args.steps,
                     "warmup": args.warmup, "eval_batch_size": args.eval_batch_size}
     size = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
+    # bf16 only where the hardware has it: an AVX2-only CPU emulates it at about 1 GFLOP/s (the 4096² product
+    # alone took minutes there), and nin runs fp32 on such a CPU (`select_precision`)
+    has_bf16 = device.type == "cuda" or cpu_has_bf16()
     peaks = {"fp32": matmul_peak(torch.float32, size, device=device),
-             "bf16": matmul_peak(torch.bfloat16, size, device=device)}
+             "bf16": matmul_peak(torch.bfloat16, size, device=device) if has_bf16 else None}
     result["matmul_peak_gflops"] = peaks
 
     # 1. The baseline, with everything at its defaults (malloc included): train, then infer.
@@ -354,7 +358,7 @@ def _derive(result: dict, inference: dict, peaks: dict, args, device: torch.devi
     """Images/s, GFLOP/s, fractions of the matmul peak, and the ratios against the baseline."""
     batch, n_eval = args.batch_size, args.eval_batch_size
     flops = result["forward_mflop_per_image"] * 1e6
-    nin_peak = peaks.get(result["precision"], peaks["bf16"])
+    nin_peak = peaks.get(result["precision"]) or peaks["fp32"]
     for name in ("baseline", "nin", "nin_malloc_defaults", "nin_same_model"):
         timing = result.get(f"train_{name}")
         if timing is None:
@@ -387,11 +391,13 @@ def report(result: dict) -> str:
     b, n = result["train_baseline"], result["train_nin"]
     machine = result["machine"]
     where = machine.get("gpu", f"CPU, {machine['threads']} threads")
+    peaks = result["matmul_peak_gflops"]
+    bf16 = f"bf16 {peaks['bf16']:.0f} GFLOP/s" if peaks["bf16"] is not None else \
+        "bf16 not measured (no bf16 units: nin runs fp32 here)"
     lines = [
         f"nin bench: {result['data']}, batch {result['batch_size']}, {result['steps']} timed steps after "
         f"{result['warmup']} warm-up; torch {machine['torch']}, {where}",
-        f"matmul peak: fp32 {result['matmul_peak_gflops']['fp32']:.0f} GFLOP/s, "
-        f"bf16 {result['matmul_peak_gflops']['bf16']:.0f} GFLOP/s; "
+        f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, {bf16}; "
         f"nin_cifar10 forward {result['forward_mflop_per_image']:.0f} MFLOP/image (training step ≈ 3×)",
         "",
         f"{'training':<34}{'img/s':>9}{'GFLOP/s':>9}{'of peak':>9}{'outside compute':>17}{'peak RSS':>11}",

@@ -293,6 +293,8 @@ def test_a_run_in_progress_is_recorded_with_its_segments_and_shown_as_such(data_
     text = write_report(results, tmp_path / "RESULTS.md", data_dir=str(data_root), curves=False).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| Table 4 |"))
     assert "in progress: epoch 2 of at most 3" in row and "not yet: still training" in row and "2 segments" in row
+    units = {"none": "no bf16 units (fp32)"}.get(first["host"]["bf16"], first["host"]["bf16"])
+    assert f"epoch 1: {first['host']['machine']}, {units}" in row  # what each segment computed in
     # finished: an ordinary record, the weights copied and scored again
     train(None, run, resume=True, log=lambda *_: None)
     done = record_run(run, "mnist-paper", results, tmp_path / "weights", log=lambda *_: None)

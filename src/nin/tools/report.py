@@ -189,13 +189,19 @@ def _row_command(row: Row) -> str:
     return f"nin reproduce {row.experiment}" if row.experiment in EXPERIMENTS else f"nin {row.experiment} --help"
 
 
+def _units(host: dict) -> str:
+    """", AMX", ", AVX-512 BF16" or ", no bf16 units (fp32)": what a host computed in; "" when not recorded."""
+    units = host.get("bf16")
+    return "" if units is None else ", no bf16 units (fp32)" if units == "none" else f", {units}"
+
+
 def _machines(record: dict) -> str:
     """Where a run ran: its machine, or each segment's (host and epochs) when it was resumed."""
     parts = []
     for segment in record.get("segments", []):
         host = segment.get("host") or {}
         machine = host.get("machine") or "a host before hosts were recorded"
-        units = f", {host['bf16']}" if host.get("bf16") and host["bf16"] != "none" else ""
+        units = _units(host)
         first, last = segment.get("first_epoch"), segment.get("last_epoch")
         span = (f"epochs {first}–{last}" if first is not None and last != first else
                 f"epoch {first}" if first is not None else "part of an epoch")
@@ -203,7 +209,8 @@ def _machines(record: dict) -> str:
         parts.append(f"{span}: {machine}{units}{rate}")
     if len(parts) > 1:
         return f"{len(parts)} segments: " + "; ".join(parts)
-    return f"{record['machine']}, {record['cores']} cores"
+    host = (record.get("segments") or [{}])[0].get("host") or {}
+    return f"{record['machine']}, {record['cores']} cores{_units(host)}"
 
 
 def _wall(record: dict) -> str:

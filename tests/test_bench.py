@@ -85,10 +85,10 @@ def test_fused_conv_relu_gives_the_same_numbers():
 def test_bf16_models_stay_unfused_where_onednn_has_no_bf16(monkeypatch):
     """An AVX2-only CPU has no oneDNN bf16 kernels: the fused op would refuse the model, so the bf16 inference path
     keeps conv and ReLU apart there (plain convs run bf16 outside oneDNN); fp32 still fuses."""
-    from nin import inference
+    from nin import inference, runtime
     from nin.inference import FusedConvReLU
 
-    monkeypatch.setattr(inference, "_onednn_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "onednn_has_bf16", lambda: False)
     model = get_model("nin_cifar10", init="kaiming").eval()
     images = torch.randn(2, 3, 32, 32)
     bf16 = optimize_for_inference(model, amp_dtype=torch.bfloat16)

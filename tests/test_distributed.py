@@ -30,6 +30,7 @@ from nin.models import get_model
 from nin.engine import TrainConfig, make_optimizer, recipe, train, train_step
 
 from guards import free_port
+from small_models import TINY_NIN_BLOCKS
 
 WORLD = 2
 
@@ -82,8 +83,7 @@ def test_shards_are_disjoint_equal_slices_of_one_permutation(world):
 B, STEPS = 8, 2
 STEP_CFG = TrainConfig(model="nin_mnist", precision="fp32", momentum=0.9, weight_decay=1e-4)
 N_EVAL = 333  # odd: rank 0 gets 167 images, rank 1 166; batches of 83 give them 3 and 2 batches
-TINY = [{"kernel_size": 5, "widths": [16, 16], "pool": "max"},  # a small NiN: these tests run on 2 shared cores
-        {"kernel_size": 3, "widths": [16, 10], "pool": None, "dropout": False}]
+TINY = TINY_NIN_BLOCKS  # a small NiN: these tests run on 2 shared cores
 
 
 def _global_batches():

@@ -13,6 +13,8 @@ from nin.errors import NinError, NonFiniteLoss, TrainingStalled
 from nin.engine import FAST, PAPER, PlateauRule, TrainConfig, apply_overrides, lr_at, recipe, total_steps, train
 from nin.engine.loop import _stalled, dead_class_maps
 
+from small_models import TINY_NIN_BLOCKS
+
 
 def test_paper_recipe_values():
     cfg = recipe("paper", "cifar10")
@@ -165,10 +167,8 @@ def test_short_real_run_learns_and_writes_its_files(data_root, tmp_path):
 def test_resume_mid_epoch_is_bit_identical(data_root, tmp_path):
     # a small NiN (two 16-wide MLPconv blocks) with dropout 0.5: resuming is the same for any width, and the full
     # model made this test minutes long on an AVX2-only CPU
-    small = [{"kernel_size": 5, "widths": [16, 16], "pool": "max"},
-             {"kernel_size": 3, "widths": [16, 10], "pool": None, "dropout": False}]
     cfg = _tiny(tmp_path, checkpoint_every=12,
-                model_args={**recipe("fast", "mnist").model_args, "dropout": 0.5, "blocks": small})
+                model_args={**recipe("fast", "mnist").model_args, "dropout": 0.5, "blocks": TINY_NIN_BLOCKS})
     full = tmp_path / "full"
     train(cfg, full, log=lambda *_: None)
     cut = tmp_path / "cut"

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from nin.layers import MLPConv
+from nin import runtime
 from nin.runtime import autocast, keep_freed_memory
 from nin.transforms import Preprocessing
 
@@ -61,19 +62,13 @@ class FusedConvReLU(nn.Module):
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
-def _onednn_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions on this CPU (its fused op refuses bf16 where it does not)."""
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
-
-
 def fuse_conv_relu(model: nn.Module) -> nn.Module:
     """``model`` (folded, in eval mode, on the CPU) with each MLPConv's conv + ReLU as one `FusedConvReLU`, in place;
     unchanged where this torch has no oneDNN pointwise convolution, or where the model is bf16 and this CPU has no
     oneDNN bf16 kernels (no AVX-512 or AVX-NE-CONVERT: an AVX2-only CPU runs bf16 convs only outside oneDNN)."""
     if _CONV_POINTWISE is None or not torch.backends.mkldnn.is_available():
         return model
-    if any(p.dtype == torch.bfloat16 for p in model.parameters()) and not _onednn_bf16():
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()) and not runtime.onednn_has_bf16():
         return model
     for block in model.modules():
         if isinstance(block, MLPConv):

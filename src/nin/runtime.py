@@ -78,6 +78,15 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+@functools.cache
+def onednn_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU, asked of torch: it needs AVX-512 (or AVX-NE-CONVERT), so an
+    AVX2-only CPU says no and runs bf16 convs outside oneDNN, emulated. `cpu_has_bf16` asks the faster question:
+    are there bf16 matrix units (AMX or AVX-512 BF16)."""
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
 def bf16_units() -> str:
     """Which bf16 matrix units this CPU has: "AMX", "AVX-512 BF16" or "none" (they round differently)."""
     try:

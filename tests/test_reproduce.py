@@ -327,6 +327,27 @@ def test_a_run_in_progress_between_evaluations_is_recorded_with_its_last_scored_
     assert "in progress: epoch 3 of 6, 1.44% at epoch 2, its last evaluation" in row
 
 
+def test_cpu_estimates_scale_a_run_of_this_cpu_kind_only(monkeypatch):
+    """One CPU name covers hosts with and without bf16 units, which train about 3x apart: the estimates' reference is
+    a run recorded with this host's units, else one recorded before units were, never one with other units."""
+    from nin.tools import report
+
+    def run(name, epochs, units=None, machine="AMD EPYC", **extra):
+        segments = [{"host": {"machine": machine, "bf16": units}}] if units else []
+        return {"name": name, "device": "cpu", "machine": machine, "epochs": epochs, "segments": segments, **extra}
+
+    bf16 = run("bf16-run", 55, "AVX-512 BF16")
+    fp32 = run("fp32-run", 3, "none")
+    old = run("before-units", 32)
+    records = [bf16, fp32, old, run("subset", 99, "none", train_subset=1000), run("xeon", 99, "none", machine="Xeon")]
+    monkeypatch.setattr(report, "machine_name", lambda device: "AMD EPYC")
+    for units, expected in (("none", fp32), ("AVX-512 BF16", bf16), ("AMX", old)):
+        monkeypatch.setattr(report, "bf16_units", lambda units=units: units)
+        assert report._cpu_reference(records) is expected, units
+    monkeypatch.setattr(report, "bf16_units", lambda: "AMX")
+    assert report._cpu_reference([bf16, fp32]) is None
+
+
 def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path):
     """experiments/plateau_trend.py: replaying PlateauRule at the runs' patience on a recorded curve finds the epoch
     where the run divided its lr; on a made-up run it reports the slope it was built with and the plateau it has."""

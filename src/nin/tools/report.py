@@ -19,7 +19,7 @@ from nin.engine.config import recipe
 from nin.errors import MissingPackage, NinError
 from nin.files import atomic_write_bytes, claim_output
 from nin.models import get_model, multiply_adds
-from nin.runtime import machine_name
+from nin.runtime import bf16_units, machine_name
 from nin.tools.curves import plot_curves
 from nin.tools.experiments import EXPERIMENTS, PAPER_EPOCHS, TABLE5_SMALL_MODELS, RunSpec
 from nin.tools.results import exact_1000, runnable, write_json
@@ -77,11 +77,21 @@ OUR_ROWS = tuple(Row("ours", f"{d.label}, fast recipe", "–", "–", (f"fast-{d
 
 
 def _cpu_reference(records: list[dict]) -> dict | None:
-    """A full CPU run recorded on this machine: its throughput scales to other models by multiply-adds."""
-    here = machine_name("cpu")
+    """A full CPU run recorded on this machine: its throughput scales to other models by multiply-adds.
+
+    "This machine" is the CPU's model name and its bf16 units: one name ("AMD EPYC") covers hosts with AVX-512 BF16
+    and hosts with AVX2 alone, which train nin's models about 3x apart. A run whose segments recorded other units
+    is never the reference; one that recorded these units comes before one recorded before units were."""
+    here, units = machine_name("cpu"), bf16_units()
     cpu = [r for r in records if str(r.get("device", "")).startswith("cpu") and r.get("machine") == here
-           and not r.get("train_subset")]
-    return max(cpu, key=lambda r: r["epochs"]) if cpu else None
+           and not r.get("train_subset") and _record_units(r) in (None, {units})]
+    return max(cpu, key=lambda r: (_record_units(r) is not None, r["epochs"])) if cpu else None
+
+
+def _record_units(record: dict) -> set[str] | None:
+    """The bf16 units of the hosts a run's segments ran on; None where no segment recorded them."""
+    units = {(s.get("host") or {}).get("bf16") for s in record.get("segments", [])} - {None}
+    return units or None
 
 
 def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nin.layers import MLPConv
 from nin import runtime
+from nin.layers import MLPConv
 from nin.runtime import autocast, keep_freed_memory
 from nin.transforms import Preprocessing
 

@@ -128,6 +128,25 @@ def test_map_figures_print_at_text_width_with_legible_text(tmp_path, channels, d
     assert "no ReLU" in " ".join(t.get_text() for t in drawn[0].texts)  # signed maps say so
 
 
+@pytest.mark.parametrize("names", [[str(k) for k in range(10)], CLASSES, [f"golden_retriever_{k}" for k in range(10)]])
+def test_class_names_fit_between_the_title_and_the_first_row(tmp_path, drawn, names):
+    """The 45° class names over the first row take the room they need: inside the figure, under the title and
+    clear of it, and no more than a line of air above them (digits: a short header; long names: a taller one)."""
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    figures.plot_confidence_maps(images, torch.randn(2, 10, 7, 7), torch.tensor([0, 1]), torch.tensor([0, 1]), names,
+                                 tmp_path / "maps.png")
+    figure = drawn[0]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    title = next(t for t in figure.texts if t.get_text().startswith("Confidence maps"))
+    title_bottom = title.get_window_extent(renderer).y0
+    name_boxes = [t.get_window_extent(renderer) for ax in figure.axes for t in ax.texts if t.get_text() in names]
+    assert len(name_boxes) == 10
+    top = max(box.y1 for box in name_boxes)
+    assert top < title_bottom < figure.bbox.y1
+    assert title_bottom - top < figure.dpi * (figures.LINE_IN + 0.2)  # no empty band between title and names
+
+
 def test_signed_maps_use_a_diverging_scale_centred_at_zero(tmp_path, drawn):
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     maps = torch.randn(1, 10, 8, 8) + 0.5

@@ -156,7 +156,7 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
     title = _wrap("Confidence maps of the last mlpconv block, before global average pooling. " + how +
                   " Green frame: true class; red frame: predicted class when wrong.", TEXT_WIDTH_IN - 0.2)
     title_in = (title.count("\n") + 1) * LINE_IN + 0.1
-    header_in = title_in + (0.75 if shared else 0.05)
+    header_in = title_in + (_slanted_names_in(classes) if shared else 0.05)
     row_in = cell + (0.05 if shared else LINE_IN + 0.05)
     rows = max(num_images, 1)
     height = header_in + rows * row_in + 0.1
@@ -184,6 +184,12 @@ def plot_confidence_maps(images: torch.Tensor, maps: torch.Tensor, labels: torch
         bar.ax.tick_params(labelsize=FONT_PT, length=2, pad=1)
         bar.ax.locator_params(nbins=2)
     return save_figure(figure, path)
+
+
+def _slanted_names_in(classes: Sequence[str]) -> float:
+    """The height the class names over the first row take, written at 45° (short names, a short header)."""
+    longest = max((len(name) for name in classes), default=1)
+    return 0.12 + 0.71 * (longest * 0.55 * FONT_PT / 72 + LINE_IN)
 
 
 def _class_panels(axes, maps: torch.Tensor, scores: torch.Tensor, label: int, predicted: int, classes: Sequence[str],

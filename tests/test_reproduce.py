@@ -346,6 +346,8 @@ def test_cpu_estimates_scale_a_run_of_this_cpu_kind_only(monkeypatch):
         assert report._cpu_reference(records) is expected, units
     monkeypatch.setattr(report, "bf16_units", lambda: "AMX")
     assert report._cpu_reference([bf16, fp32]) is None
+    resumed = {"images_per_s": 34.0, "segments": [{"images_per_s": 33.0}, {"images_per_s": 63.0}, {}]}
+    assert report._reference_rate(resumed) == 63.0 and report._reference_rate({"images_per_s": 50.0}) == 50.0
 
 
 def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path):

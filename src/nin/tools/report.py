@@ -94,13 +94,20 @@ def _record_units(record: dict) -> set[str] | None:
     return units or None
 
 
+def _reference_rate(reference: dict) -> float:
+    """The reference run's images/s: its fastest segment's, where it was resumed (a segment that shared the host, or
+    was paused, is slower than this CPU is), else the run's own."""
+    rates = [s["images_per_s"] for s in reference.get("segments", []) if s.get("images_per_s")]
+    return max([*rates, reference["images_per_s"]])
+
+
 def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:
     """Hours for ``spec`` on this CPU, from a recorded CPU run's images/s scaled by multiply-adds per image."""
     if reference is None:
         return None
     cfg = recipe(spec.recipe, spec.dataset)
     model = spec.model or cfg.model
-    rate = reference["images_per_s"] * multiply_adds(get_model(reference["model"])) / multiply_adds(get_model(model))
+    rate = _reference_rate(reference) * multiply_adds(get_model(reference["model"])) / multiply_adds(get_model(model))
     epochs = spec.epochs or (PAPER_EPOCHS if spec.recipe == "paper" else cfg.epochs)
     return epochs * (spec.train_subset or dataset_info(spec.dataset).train_images) / rate / 3600
 
@@ -392,7 +399,8 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
     ]
     if reference is not None:
         lines += ["", f"CPU estimates scale `{reference['name']}`'s measured training throughput "
-                      f"({reference['images_per_s']:.0f} images/s, {reference['model']}) by multiply-adds per image; "
+                      f"({_reference_rate(reference):.0f} images/s, {reference['model']}; a resumed run's fastest "
+                      f"segment) by multiply-adds per image; "
                       f"the paper recipe's plateau rule can end a run before its {PAPER_EPOCHS}-epoch cap."]
     lines += _other_runs(records)
     lines += ["", "Reproduce a row: `nin reproduce <experiment>` (see `docs/reproduce.md`); on a GPU, "

@@ -104,22 +104,28 @@ def main() -> None:
 
     groups = _autogroups()
     print(f"session autogroups: {'on' if groups else 'off (the two session rows should match the first)'}")
-    backgrounds = {"beside, same session": _background(all_threads),
-                   "beside, own session": _background(all_threads, session=True)}
-    if groups:
-        backgrounds["own session, group nice 19"] = _background(all_threads, session=True, group_nice=19)
-    pinned = _background(half, theirs)
-    sides = {"alone": (None, all_threads, set(cores)),
-             **{name: (proc, all_threads, set(cores)) for name, proc in backgrounds.items()},
-             "split cores": (pinned, half, mine)}
-    times: dict[str, list[float]] = {side: [] for side in sides}
+    started: list[subprocess.Popen] = []  # every background process, killed at the end whatever happens
+
+    def background(*args, **kwargs) -> subprocess.Popen:
+        started.append(_background(*args, **kwargs))
+        return started[-1]
+
+    times: dict[str, list[float]] = {}
     try:
+        backgrounds = {"beside, same session": background(all_threads),
+                       "beside, own session": background(all_threads, session=True)}
+        if groups:
+            backgrounds["own session, group nice 19"] = background(all_threads, session=True, group_nice=19)
+        sides = {"alone": (None, all_threads, set(cores)),
+                 **{name: (proc, all_threads, set(cores)) for name, proc in backgrounds.items()},
+                 "split cores": (background(half, theirs), half, mine)}
+        times = {side: [] for side in sides}
         for round_ in range(args.rounds + 1):  # the first round warms up
-            for side, (background, threads, affinity) in sides.items():
+            for side, (proc, threads, affinity) in sides.items():
                 torch.set_num_threads(threads)
                 os.sched_setaffinity(0, affinity)
-                if background is not None:
-                    background.send_signal(signal.SIGCONT)
+                if proc is not None:
+                    proc.send_signal(signal.SIGCONT)
                     time.sleep(0.5)
                 step()
                 start = time.perf_counter()
@@ -127,10 +133,10 @@ def main() -> None:
                     step()
                 if round_:
                     times[side].append((time.perf_counter() - start) / args.steps)
-                if background is not None:
-                    background.send_signal(signal.SIGSTOP)
+                if proc is not None:
+                    proc.send_signal(signal.SIGSTOP)
     finally:
-        for proc in (*backgrounds.values(), pinned):
+        for proc in started:
             proc.send_signal(signal.SIGCONT)
             proc.kill()
             proc.wait()

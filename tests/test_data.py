@@ -443,3 +443,28 @@ def test_loader_skip_resumes_same_batches():
     for (a_images, a_labels), (b_images, b_labels) in zip(full[3:], rest):
         assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
     assert len(list(resumed)) == 8  # skip applies to one iteration only
+
+
+def test_data_file_reads_a_damaged_idx_file_as_idx(tmp_path):
+    """`--data-file` tells IDX from CIFAR by an images header (its magic, rows and columns), not by a length that
+    fits it: a damaged MNIST file gets the IDX reader's error, not the CIFAR reader's (even where its length is a
+    whole number of CIFAR records), and an IDX file of no images is refused, not scored as 0/0."""
+    from nin.evaluate import read_data_file
+
+    images, labels = random_images(10, 0, (28, 28)), np.arange(10, dtype=np.uint8)
+    data = idx_bytes(images)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    for cut in (data[:-100], data[:3073], data[:2 * 3073]):  # the last two: whole CIFAR records of 3,073 bytes
+        path.write_bytes(cut)
+        _raises_naming(path, lambda: read_data_file(path, 10), f"{len(cut)} bytes, expected {len(data)}")
+    path.write_bytes(data)
+    assert read_data_file(path, 10).images.shape == (10, 1, 28, 28)
+    path.write_bytes(idx_bytes(images[:0]))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels[:0]))
+    _raises_naming(path, lambda: read_data_file(path, 10), "0 images")
+    cifar = tmp_path / "batch.bin"  # a CIFAR batch is still one, whatever its first record's bytes
+    record = np.zeros(3073, dtype=np.uint8)
+    record[1:4] = (0, 8, 3)  # label 0 and pixels that spell the images magic, 0x00000803
+    cifar.write_bytes(record.tobytes() * 2)
+    assert read_data_file(cifar, 10).images.shape == (2, 3, 32, 32)

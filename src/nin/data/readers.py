@@ -143,25 +143,25 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
 
 
 def idx_magic(path: Path) -> int | None:
-    """The IDX magic number a file (gzipped or not) starts with when it is an IDX file of unsigned bytes whose
-    header fits it (2051 images, 2049 labels), else None: how a file is told from a CIFAR batch by content, not
-    name. A plain file must also be exactly as long as its header says."""
+    """The IDX magic number a file (gzipped or not) starts with when it is an IDX file of unsigned bytes (2051
+    images, 2049 labels), else None: how a file is told from a CIFAR batch by content, not name. An images header
+    must also give rows and columns of 1 to 4,096, which twelve bytes of a CIFAR batch's first image all but never
+    spell; a plain labels file must be as long as its header says. An images file's header alone decides, so a
+    damaged one is read as IDX and `read_idx` says what is wrong with it (its length against its header), not the
+    CIFAR reader."""
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as stream:
             header = stream.read(16)
     except (OSError, EOFError, zlib.error):
         return None
     magic = int.from_bytes(header[:4], "big") if len(header) >= 4 else None
-    if magic not in (IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC):
+    if magic == IDX_LABEL_MAGIC and len(header) >= 8:  # four bytes of header: a plain file's length must agree too
+        count = int.from_bytes(header[4:8], "big")
+        return magic if path.suffix == ".gz" or path.stat().st_size == 8 + count else None
+    if magic != IDX_IMAGE_MAGIC or len(header) < 16:
         return None
-    dims = header[4 : 4 + 4 * header[3]]
-    if len(dims) < 4 * header[3]:
-        return None
-    if path.suffix != ".gz":
-        size = math.prod(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(header[3]))
-        if path.stat().st_size != 4 + len(dims) + size:
-            return None
-    return magic
+    rows, cols = int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big")
+    return magic if 1 <= rows <= 4096 and 1 <= cols <= 4096 else None
 
 
 def read_idx_dataset(images_path: Path, labels_path: Path, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +172,8 @@ def read_idx_dataset(images_path: Path, labels_path: Path, num_classes: int = 10
     """
     images = read_idx(images_path, IDX_IMAGE_MAGIC)
     labels = read_idx(labels_path, IDX_LABEL_MAGIC)
+    if len(images) == 0:
+        raise DataError(f"{images_path}: an IDX images file of 0 images, expected at least one")
     if len(images) != len(labels):
         raise DataError(f"{labels_path}: {len(labels)} labels, expected {len(images)} to match {images_path.name}")
     return torch.from_numpy(images.copy()).unsqueeze(1), _check_labels(labels, num_classes, labels_path)

@@ -321,6 +321,14 @@ def test_command_on_a_tiny_run(tiny_run, tmp_path, capsys, monkeypatch):
     # the report is written still lists the earlier figures, so the next call removes them
     assert main(["visualize", str(tiny_run), "--out", str(out), "--images", str(tmp_path / "absent.png")]) == 1
     assert "--images" in capsys.readouterr().err and (out / "overlays.png").is_file()
+    # a damaged photo, or a folder that is no run, is said before any figure is drawn: a new folder is not left
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(odd.read_bytes()[:60])
+    for flags, named in ((["--images", str(damaged)], "damaged.png"), (["--runs", str(tmp_path)], "metrics.jsonl")):
+        fresh = tmp_path / "fresh"
+        assert main(["visualize", str(tiny_run), "--out", str(fresh), "--limit", "50", *flags]) == 1
+        assert named in capsys.readouterr().err and not fresh.exists(), flags
+
     def broken(*args, **kwargs):
         raise NinError("broken")
 

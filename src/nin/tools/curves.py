@@ -23,11 +23,15 @@ from nin.engine.schedule import lr_at, total_steps
 from nin.tools import figures
 from nin.tools.figures import FONT_PT, LINE_IN, TEXT_WIDTH_IN, figure_format, new_figure
 
-__all__ = ["lr_per_step", "plot_curves"]
+__all__ = ["lr_per_step", "plot_curves", "run_records"]
 
 
-def _run_records(run) -> tuple[str, list[dict], dict | None]:
-    """(name, per-epoch records, train_config or None) of a run folder or a (name, records[, train_config])."""
+def run_records(run) -> tuple[str, list[dict], dict | None]:
+    """(name, per-epoch records, train_config or None) of a run folder or a (name, records[, train_config]).
+
+    Raises:
+        NinError: A run folder without metrics.jsonl.
+    """
     if isinstance(run, tuple):
         return run[0], list(run[1]), (run[2] if len(run) > 2 else None)
     folder = Path(run)
@@ -95,7 +99,7 @@ def plot_curves(runs: Sequence, path: str | os.PathLike, *,
 
     assert runs, "plot_curves needs at least one run"
     figure_format(path)
-    runs = [_run_records(run) for run in runs]
+    runs = [run_records(run) for run in runs]
     references = ([reference] + [None] * (len(runs) - 1) if isinstance(reference, (int, float))
                   else list(reference or [None] * len(runs)))
     assert len(references) == len(runs), f"{len(references)} references for {len(runs)} runs"

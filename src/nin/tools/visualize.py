@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from nin.data import TensorLoader
-from nin.data.datasets import first_per_class
+from nin.data.datasets import DATA_DIR_OF_MODEL_HELP, first_per_class
 from nin.data.images import read_image, read_photo
 from nin.errors import NinError, path_arg
 from nin.evaluate import evaluate, load_matching_dataset
@@ -35,7 +35,7 @@ from nin.files import atomic_write_bytes, claim_output, folder_lock, read_json_o
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import autocast, resolve_device, select_precision
-from nin.tools.curves import plot_curves
+from nin.tools.curves import plot_curves, run_records
 from nin.tools.figures import (
     FORMATS,
     new_figure,
@@ -149,15 +149,15 @@ def map_statistics(peaks: torch.Tensor, logits: torch.Tensor, labels: torch.Tens
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Figure 4 (confidence maps), class-activation overlays, training curves, the confusion "
                           "matrix, and maps.json: how often the map with the largest activation is the true class.")
-    parser.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
+    parser.add_argument("weights", type=path_arg, metavar="RUN_DIR_OR_WEIGHTS")
+    parser.add_argument("--data-dir", help=DATA_DIR_OF_MODEL_HELP)
     parser.add_argument("--out", type=path_arg, help="output folder (default: RUN_DIR/figures, or WEIGHTS_STEM-figures)")
-    parser.add_argument("--images", nargs="+", default=[], metavar="FILE", help="also overlay these image files")
+    parser.add_argument("--images", nargs="+", type=path_arg, default=[], metavar="FILE", help="also overlay these image files")
     parser.add_argument("--invert", action="store_true",
                         help="read --images as `nin predict --invert` does (dark ink on paper, MNIST-style weights)")
     parser.add_argument("--per-class", type=int, default=1, metavar="K",
                         help="test images per class in the figures (default 1)")
-    parser.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
+    parser.add_argument("--runs", nargs="+", type=path_arg, default=[], metavar="RUN_DIR",
                         help="training curves of these runs on one plot (default: RUN_DIR itself)")
     parser.add_argument("--limit", type=int, metavar="N", help="use only the first N test images")
     parser.add_argument("--batch-size", type=int, default=500)
@@ -205,16 +205,22 @@ def _write_report(out: Path, report: dict, files: list[str]) -> None:
     atomic_write_bytes(out / REPORT, (json.dumps({**report, "files": files}, indent=2) + "\n").encode())
 
 
-def _user_overlays(served, preprocessing, images: Sequence[str], classes: Sequence[str], path: Path,
-                   amp_dtype: torch.dtype | None, meta: dict, invert: bool = False) -> Path:
-    """The user's own photos, each at its own resolution under its predicted class's map. The prediction is
-    `nin predict`'s: the same conversion (`read_image`, and `invert_ink` with ``invert``), model (``served``, an
-    `InferenceModel`) and test-time flips; the photos are drawn as given."""
-    model = served.model
-    config = model.config
-    device = next(model.parameters()).device
+def _read_user_images(images: Sequence[str], config) -> tuple[list, torch.Tensor | None]:
+    """The user's photos as drawn (`read_photo`) and as the model reads them (`read_image`: (N, C, H, W) uint8)."""
+    if not images:
+        return [], None
     photos = [read_photo(Path(p), config.in_channels) for p in images]
-    pixels = torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in images])
+    return photos, torch.stack([read_image(Path(p), config.input_size, config.in_channels) for p in images])
+
+
+def _user_overlays(served, preprocessing, images: Sequence[str], read: tuple[list, torch.Tensor],
+                   classes: Sequence[str], path: Path, amp_dtype: torch.dtype | None, meta: dict,
+                   invert: bool = False) -> Path:
+    """The user's own photos (``images``, ``read`` by `_read_user_images`), each at its own resolution under its
+    predicted class's map. The prediction is `nin predict`'s: the same conversion (`read_image`, and `invert_ink`
+    with ``invert``), model (``served``, an `InferenceModel`) and test-time flips; the photos are drawn as given."""
+    device = next(served.model.parameters()).device
+    photos, pixels = read
     dataset = meta.get("dataset")  # photos the other way round from what the weights expect: said as predict says it
     odd = [Path(p) for p, flag in zip(images, odd_polarity(pixels, dataset, invert)) if flag]
     for line in polarity_hint(PredictReport([], dataset, odd=odd), len(images), invert, command="nin visualize"):
@@ -248,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     weights = Path(args.weights)
     out = _output_folder(weights, args.out)
     runs = [Path(r) for r in args.runs] or ([weights] if (weights / "metrics.jsonl").is_file() else [])
+    runs = [run_records(r) for r in runs]  # read now: a folder that is no run is said before any work
     names = _output_names(args, fmt, runs)
     _claim_outputs(out, names, getattr(args, "force", False))  # before any work
     with _figures_folder(out):  # one writer at a time: two calls would mix their figures
@@ -268,12 +275,13 @@ def _figures_folder(out: Path):
         yield
 
 
-def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[Path], names: list[str], fmt: str) -> int:
-    """The figures and maps.json of `run`, into the held folder ``out``."""
+def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[tuple], names: list[str], fmt: str) -> int:
+    """The figures and maps.json of `run`, into the held folder ``out``; ``runs`` as `run_records` reads them."""
     earlier = _earlier_files(out)
     device = resolve_device(args.device)
     model, preprocessing, meta = load(weights, device)
     config = model.config
+    user_images = _read_user_images(args.images, config)  # before any figure: a damaged photo writes nothing
     dataset, data = load_matching_dataset(weights, config, meta, None, "test", args.data_dir)
     images, labels = data.images[: args.limit], data.labels[: args.limit]
     classes = list(meta.get("classes") or data.classes or [str(k) for k in range(config.num_classes)])
@@ -310,8 +318,8 @@ def _draw(args: argparse.Namespace, weights: Path, out: Path, runs: list[Path], 
                                  labels=labels[chosen]))
 
     if args.images:
-        written.append(_user_overlays(served, preprocessing, args.images, classes, out / f"overlays_images.{fmt}",
-                                      amp_dtype, meta, invert=args.invert))
+        written.append(_user_overlays(served, preprocessing, args.images, user_images, classes,
+                                      out / f"overlays_images.{fmt}", amp_dtype, meta, invert=args.invert))
 
     if runs:
         written.append(plot_curves(runs, out / f"curves.{fmt}"))

@@ -177,6 +177,9 @@ def test_pooling_must_match_the_arch(tmp_path, capsys):
                  "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pool4 is AVE pooling" in err and not out.exists()
+    assert main(["import-caffe", str(path), "--arch", "nin_cifar10_caffe", "--preprocessing", "scale",
+                 "--out", str(tmp_path / "w.txt")]) == 1  # a weights file is .safetensors, or nothing reads it as one
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "w.txt").exists()
     path.write_bytes(v1_cifar_model(random_state("nin_cifar10"), pools=(0, 0)))
     assert main(["import-caffe", str(path), "--arch", "nin_cifar10", "--preprocessing", "scale",
                  "--out", str(out)]) == 0

@@ -322,6 +322,12 @@ def test_weights_of_another_model_or_config(capsys, tmp_path, weights, image, co
     path = _rewrite(weights, tmp_path / "missing-tensor.safetensors", tensors=missing)
     assert main([command, str(path), *extra]) == 1
     _one_line_error(capsys, command, str(path), "does not match")
+    tensors, meta = load_state(weights)
+    for key in ("model_config", "preprocessing"):  # a safetensors file nin did not write: says what it lacks
+        path = tmp_path / f"no-{key}.safetensors"
+        save_state(path, tensors, {k: v for k, v in meta.items() if k not in ("format", key)})
+        assert main([command, str(path), *extra]) == 1
+        _one_line_error(capsys, command, str(path), f"its metadata has no {key}; expected a weights file written by nin")
 
 
 class _Evil:
@@ -427,7 +433,9 @@ def test_resume_damaged_or_foreign_checkpoints(capsys, tmp_path, baseline, weigh
         assert _digest([run / "checkpoint.safetensors"]) == before, name
         assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors"], name  # nothing written
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 1
-    _one_line_error(capsys, "train", "no such run folder")
+    _one_line_error(capsys, "train", "no such folder, expected a run folder")
+    assert main(["train", "--resume", str(cases[next(iter(cases))])]) == 1  # a file, not its folder
+    _one_line_error(capsys, "train", "a file, expected a run folder")
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 1
     _one_line_error(capsys, "train", "no checkpoint.safetensors")
@@ -641,3 +649,25 @@ def test_damaged_checkpoint_bytes_give_checkpoint_error_or_load(tmp_path_factory
             load_weights(path)
         except CheckpointError as error:
             assert "\n" not in str(error) and str(path) in str(error)
+
+
+def test_atomic_write_failure_names_the_target_not_its_temporary(tmp_path):
+    """A write that fails (a full disk, a parent that is a file) is one NinError naming the flag and the file the
+    user gave, never the hidden temporary; no temporary is left."""
+    import errno
+
+    from nin.errors import NinError
+    from nin.files import atomic_write
+
+    def full_disk(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = tmp_path / "scores.csv"
+    with pytest.raises(NinError, match=r"^--output .*scores\.csv: cannot write it \(No space left on device\)$"):
+        atomic_write(target, full_disk, flag="--output")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(NinError, match=r"^--out .*file/x\.csv: cannot write it"):
+        atomic_write(tmp_path / "file" / "x.csv", lambda tmp: Path(tmp).write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "mine"

@@ -146,6 +146,10 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu"):
     broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken is not None:
         raise CheckpointError(f"{path}: tensor {broken} holds NaN or infinite values; these weights cannot predict")
+    missing = next((key for key in ("model_config", "preprocessing") if key not in meta), None)
+    if missing is not None:
+        raise CheckpointError(f"{path}: its metadata has no {missing}; expected a weights file written by nin (nin "
+                              "train, nin reproduce record, nin import-caffe)")
     try:
         config = NiNConfig.from_dict(meta["model_config"])
         weights = _unprefixed("ema", tensors) or _unprefixed("model", tensors)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from nin.__about__ import __version__
-from nin.data.datasets import DATASET_NAMES
+from nin.data.datasets import DATA_DIR_OF_MODEL_HELP, DATASET_NAMES
 from nin.data.download import RESOURCES
 from nin.errors import path_arg, positive_int
 
@@ -96,8 +96,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    p.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
+    p.add_argument("weights", type=path_arg, metavar="RUN_DIR_OR_WEIGHTS")
+    p.add_argument("--data-dir", help=DATA_DIR_OF_MODEL_HELP)
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the model's)")
     p.add_argument("--data-file", type=path_arg, metavar="FILE",
@@ -109,8 +109,8 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
+    p.add_argument("weights", type=path_arg, metavar="RUN_DIR_OR_WEIGHTS")
+    p.add_argument("images", nargs="+", type=path_arg, metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=256, help="images decoded and scored at a time")
     p.add_argument("--output", type=path_arg, metavar="FILE", help="write one row per image to FILE.csv or FILE.jsonl")
@@ -211,7 +211,8 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
 
     run = Path(args.resume)
     if not run.is_dir():
-        raise NinError(f"--resume {run}: no such run folder")
+        raise NinError(f"--resume {run}: {'a file' if run.exists() else 'no such folder'}, expected a run folder "
+                       "(the --out of `nin train`)")
     if not (run / "checkpoint.safetensors").is_file():
         raise NinError(f"--resume {run}: no checkpoint.safetensors there (a run stopped before its first "
                        "checkpoint has nothing to continue: start it again with the command that started it)")

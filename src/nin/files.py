@@ -114,14 +114,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], flag: st
     """Call ``write(temporary_path)``, fsync the result, then rename it over ``path``.
 
     The temporary file lives in ``path``'s folder (``.<name>.<random>.tmp``); when ``write`` fails it is removed,
-    and so are the folders made for it. Refuses a ``path`` that is a symbolic link.
+    and so are the folders made for it. Refuses a ``path`` that is a symbolic link. An OSError (a folder that
+    cannot be made or written, a full disk) becomes one NinError naming ``flag`` and ``path``, not the temporary.
     """
     given, path = path, output_path(path)
     if path.is_symlink():
         refuse_symlink(given, flag)
-    made = _make_parents(path.parent)
-    tmp = None
+    made, tmp = [], None
     try:
+        made = _make_parents(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
@@ -132,12 +133,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], flag: st
             refuse_symlink(given, flag)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         for folder in made:  # deepest first; a folder something else wrote into meanwhile stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(error, OSError):
+            raise NinError(f"{flag} {given}: cannot write it ({error.strerror or error})") from None
         raise
 
 

@@ -144,6 +144,11 @@ class ImageDataset:
         return f"ImageDataset({self.name!r}, {len(self)} images of {shape} {self.images.dtype}, classes: {classes})"
 
 
+# --data-dir's help where a model's own test set is read (`recorded_root`)
+DATA_DIR_OF_MODEL_HELP = ("data root (default: the folder the model was trained from, while it is there; else "
+                          "$NIN_DATA, else ~/.cache/nin)")
+
+
 def recorded_root(recorded: str | None, dataset: str | None = None) -> str | None:
     """Where a run's own data is when a command names no folder: the folder its run recorded, while it exists;
     else $NIN_DATA, else the per-user cache, where that folder exists (the data moved, or weights trained on

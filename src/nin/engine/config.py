@@ -21,7 +21,7 @@ import torch
 from nin.checkpoint import load_state, weights_architecture
 from nin.data.datasets import DATASET_NAMES, SPLITS, dataset_info
 from nin.errors import NinError
-from nin.models import NiN, NiNConfig, model_config
+from nin.models import NiN, NiNConfig, list_models, model_config
 from nin.pretrained import PRETRAINED, resolve
 from nin.transforms import PREPROCESSING_KINDS
 
@@ -316,6 +316,8 @@ def validate(cfg: TrainConfig) -> None:
 def _check_shapes(cfg: TrainConfig) -> None:
     """The model builds (on the meta device: no weight allocated), within the size limit, with a class map for
     each class, and every input size the run feeds it fits through its layers."""
+    if cfg.model not in list_models():  # the name alone is wrong: its fields would be noise
+        raise NinError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
     where = f"model {cfg.model} {cfg.model_args}"
     try:
         config = model_config(cfg.model, **cfg.model_args)

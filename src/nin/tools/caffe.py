@@ -216,6 +216,8 @@ def import_caffe(caffemodel: str | os.PathLike, arch: str, out: str | os.PathLik
     if isinstance(preprocessing, str) and preprocessing not in PREPROCESSING_KINDS:
         raise NinError(f"--preprocessing {preprocessing!r}: choose one of {', '.join(PREPROCESSING_KINDS)}")
     claim_output(out, flag="--out", force=force, ours=_earlier_import)
+    if out.suffix != ".safetensors":  # what nin evaluate / predict / visualize read as a weights file
+        raise NinError(f"--out {out}: expected a .safetensors file name")
     model = get_model(arch)
     config = model.config
     net = read_caffemodel(caffemodel)
@@ -271,8 +273,8 @@ def _fitted_preprocessing(preprocessing, config, arch: str, data_dir: str | os.P
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Import a trained Caffe model (the authors' Caffe Model Zoo NIN) into a nin weights file "
                           "that nin evaluate / predict / visualize read.")
-    parser.add_argument("caffemodel", metavar="MODEL.caffemodel")
-    parser.add_argument("--prototxt", metavar="FILE",
+    parser.add_argument("caffemodel", type=path_arg, metavar="MODEL.caffemodel")
+    parser.add_argument("--prototxt", type=path_arg, metavar="FILE",
                         help="the net definition: also check its layer names and pooling")
     parser.add_argument("--arch", required=True, choices=ARCHS, help="the nin model the weights go into")
     parser.add_argument("--preprocessing", default="gcn_zca", choices=PREPROCESSING_KINDS,

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nin.errors import NinError, positive_int
+from nin.errors import NinError, path_arg, positive_int
 from nin.tools.experiments import EXPERIMENTS, PlannedRun, RunSpec, plan
 from nin.tools.report import PAPER_ROWS, TABLE5_SMALL_ROWS, write_report
 from nin.tools.results import claim_record, record_run, reevaluate
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _add_record_arguments(p, "OUT_ROOT")
 
     p = sub.add_parser("record", help="record a finished run: <name>.json and <name>.safetensors beside it")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
     p.add_argument("--name", required=True, help="result name, e.g. fast-mnist")
     p.add_argument("--data-dir", help="data root for the re-evaluation (default: the run's, else $NIN_DATA)")
     p.add_argument("--data-label",

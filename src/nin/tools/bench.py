@@ -35,15 +35,17 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from nin.checkpoint import read_meta
 from nin.data import TensorLoader, load_dataset
 from nin.deploy.backends import format_table, time_backends
 from nin.engine.config import recipe
 from nin.engine.loop import train_step
 from nin.engine.optim import make_optimizer
 from nin.engine.schedule import lr_at
-from nin.errors import DataError, NinError
+from nin.errors import DataError, NinError, non_negative_int, path_arg, positive_int
 from nin.inference import optimize_for_inference, predict_logits
 from nin.models import get_model, multiply_adds
+from nin.pretrained import resolve
 from nin.runtime import (
     cpu_has_bf16,
     keep_freed_memory,
@@ -53,19 +55,23 @@ from nin.runtime import (
 )
 from nin.transforms import Augment, fit_preprocessing
 
-__all__ = ["add_arguments", "run", "forward_flops", "matmul_peak", "PerImageCifar"]
+__all__ = ["add_arguments", "check_arguments", "run", "forward_flops", "matmul_peak", "PerImageCifar"]
 
 BASELINE_PADDING = 4  # the usual port: RandomCrop(32, padding=4) + RandomHorizontalFlip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch (default 128, the paper's)")
-    parser.add_argument("--eval-batch-size", type=int, default=500, help="inference batch (default 500, as train())")
-    parser.add_argument("--eval-repeats", type=int, default=5, help="timed inference batches per variant")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers (default 0)")
+    # counts are checked here, by argparse, before anything is loaded or timed: a bad one is one line, exit 2
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed training steps per side (default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default 3; 0: none)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="training batch (default 128, the paper's)")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=500,
+                        help="inference batch (default 500, as train())")
+    parser.add_argument("--eval-repeats", type=positive_int, default=5, help="timed inference batches per variant")
+    parser.add_argument("--threads", type=positive_int, help="torch threads, 1 or more (default: torch's choice)")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="baseline DataLoader workers (default 0: in the main process)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd inference (slow to build)")
     parser.add_argument("--compile-train", action="store_true",
                         help="torch.compile nin's training model (`--set compile=on`); off by default: it did not "
@@ -75,11 +81,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data root (default: $NIN_DATA, else ~/.cache/nin)")
     parser.add_argument("--quick", action="store_true", help="tiny run for tests: 2 steps, small batches")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--inference", nargs="?", const="fast-cifar10", metavar="WEIGHTS",
+    parser.add_argument("--inference", nargs="?", const="fast-cifar10", type=path_arg, metavar="WEIGHTS",
                         help="instead: time every inference backend (nin's path, torch fp32, folded, TorchScript, ONNX "
                              "Runtime, OpenVINO) on WEIGHTS (a weights file or a pretrained tag; default fast-cifar10, "
                              "the packaged weights) in one run, throughput at --eval-batch-size and one-image latency "
                              "p50/p99")
+
+
+def check_arguments(args) -> None:
+    """What argparse cannot check, checked before anything is loaded or timed (and before the CIFAR-10 data is
+    looked for): the device, and --inference's weights (they exist and take CIFAR-10's 3×32×32 images; read from
+    the file's header alone).
+
+    Raises:
+        NinError: one line naming the flag and what it expected.
+    """
+    if not args.inference:
+        resolve_device(args.device or "cpu")
+        return
+    try:
+        config = read_meta(resolve(args.inference)).get("model_config") or {}
+    except NinError as e:
+        raise NinError(f"--inference {e}") from None
+    shape = (config.get("in_channels", 3), config.get("input_size", 32))
+    if shape != (3, 32):
+        raise NinError(f"--inference {args.inference}: weights for {shape[0]}×{shape[1]}×{shape[1]} images; nin bench "
+                       "times them on CIFAR-10's 3×32×32 images (expected CIFAR weights, e.g. fast-cifar10)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,17 +240,24 @@ def _baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: t
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def _images(args, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """``count`` CIFAR-10 training images (uint8) and labels; a synthetic batch under --quick without data."""
+def _images(args, count: int, batches: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``count`` CIFAR-10 training images (uint8) and labels; a synthetic batch under --quick without data.
+    ``batches`` ({flag: size}) must each fit in the copy's training images: a training batch larger than them
+    gives a loader with no batch (a wait forever), an inference batch a smaller batch than the one reported."""
     try:
         train = load_dataset("cifar10", "train", args.data_dir)
-        return train.images[:count], train.labels[:count], "cifar10 train"
     except (DataError, NinError, OSError) as e:
         if not args.quick:
             raise NinError(f"nin bench needs CIFAR-10 ({e}); set NIN_DATA or --data-dir, or use --quick") from None
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        return images, torch.randint(0, 10, (count,), generator=generator), "synthetic"
+    else:
+        for flag, size in batches.items():
+            if size > len(train.images):
+                raise NinError(f"{flag} {size}: this CIFAR-10 copy has {len(train.images):,} training images; "
+                               f"expected at most that many")
+        return train.images[:count], train.labels[:count], "cifar10 train"
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return images, torch.randint(0, 10, (count,), generator=generator), "synthetic"
 
 
 def measure(args) -> dict:
@@ -236,7 +270,8 @@ def measure(args) -> dict:
     device = resolve_device(args.device or "cpu")
     torch.manual_seed(0)
     count = max(args.batch_size * (args.steps + args.warmup), args.eval_batch_size)
-    images, labels, source = _images(args, count)
+    images, labels, source = _images(args, count, {"--batch-size": args.batch_size,
+                                                   "--eval-batch-size": args.eval_batch_size})
     machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                "device": str(device)}
     if device.type == "cuda":
@@ -428,6 +463,7 @@ def report(result: dict) -> str:
 
 
 def run(args) -> int:
+    check_arguments(args)  # before the data is looked for: a wrong flag is named even where there is no data
     if args.inference:
         return run_inference(args)
     result = measure(args)
@@ -440,7 +476,7 @@ def run_inference(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = 16 if args.quick else args.eval_batch_size
-    images, _, source = _images(args, batch)
+    images, _, source = _images(args, batch, {"--eval-batch-size": batch})
     rows = time_backends(args.inference, images, batch_size=batch, repeats=2 if args.quick else args.eval_repeats,
                          latency_calls=5 if args.quick else 100, log=None if args.json else print)
     if args.json:

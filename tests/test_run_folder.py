@@ -212,7 +212,11 @@ def test_empty_path_flags_are_refused(capsys):
     for argv in (["train", "--resume", ""], ["train", "--dataset", "mnist", "--init-from", "", "--dry-run"],
                  ["train", "--dataset", "mnist", "--out", " ", "--dry-run"], ["export", "w", "--out", ""],
                  ["visualize", "w", "--out", ""], ["predict", "w", "x.png", "--output", ""],
-                 ["evaluate", "w", "--data-file", ""], ["import-caffe", "m.caffemodel", "--out", ""]):
+                 ["evaluate", "w", "--data-file", ""], ["import-caffe", "m.caffemodel", "--out", ""],
+                 # the positional ones: `nin predict W ""` had scored every image under the current folder
+                 ["predict", "paper-mnist", ""], ["predict", "", "x.png"], ["evaluate", ""], ["visualize", " "],
+                 ["export", ""], ["serve", ""], ["reproduce", "record", "", "--name", "x"],
+                 ["import-caffe", "", "--arch", "nin_cifar10_caffe", "--out", "w.safetensors"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2, argv

@@ -16,7 +16,8 @@ Every backend gets torch's thread count (``torch.set_num_threads``), so rows com
 from __future__ import annotations
 
 import atexit
-import json
+import contextlib
+import re
 import shutil
 import statistics
 import tempfile
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 
 from nin.classifier import Classifier
+from nin.data.readers import require_file
 from nin.deploy import export
 from nin.deploy.export import INPUT_NAME, OUTPUT_NAMES, build_exported
 from nin.errors import NinError, require_package
 from nin.inference import predict_logits
+from nin.models import NiNConfig
 from nin.pretrained import load
 from nin.runtime import timings
 
@@ -81,7 +84,9 @@ def _torch_runner(name: str, weights: str | Path) -> Runner:
     return Runner(name, predict, model.config.num_classes)
 
 
-def _exported_runner(name: str, path: Path, num_classes: int) -> Runner:
+def _exported_runner(name: str, path: Path, num_classes: int, sidecar: dict | None = None) -> Runner:
+    """A runner on an exported file; with the ``sidecar`` read beside a file the user gave, the graph is checked
+    against it before the runner is returned (`_check_against_sidecar`)."""
     if name == "torch-folded":
         module, _ = build_exported(path)
         num_classes = module.model.config.num_classes
@@ -89,8 +94,11 @@ def _exported_runner(name: str, path: Path, num_classes: int) -> Runner:
         @torch.no_grad()
         def predict(images: np.ndarray) -> np.ndarray:
             return module(torch.from_numpy(images))[0].numpy()
-    elif name == "torchscript":
-        with warnings.catch_warnings():
+
+        return Runner(name, predict, num_classes)
+    declared = None  # the graph's (inputs, outputs): {name: shape}, where the format declares them
+    if name == "torchscript":
+        with _reading(path, "TorchScript file"), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path))
 
@@ -102,22 +110,84 @@ def _exported_runner(name: str, path: Path, num_classes: int) -> Runner:
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch's rows
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with _reading(path, "ONNX model"):
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        declared = tuple({port.name: port.shape for port in ports} for ports in (session.get_inputs(),
+                                                                                   session.get_outputs()))
 
         def predict(images: np.ndarray) -> np.ndarray:
             return session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images})[0]
     else:
         import openvino
 
+        weights = path.with_suffix(".bin")
+        require_file(weights)
+        core = openvino.Core()
         # f32: OpenVINO's CPU default on bf16-capable processors is bf16 (|Δp| up to 7e-3 on CIFAR-10)
-        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-        output = compiled.output(OUTPUT_NAMES[0])
+        settings = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        with _reading(path, "OpenVINO model"):  # read as IR with its .bin: no other frontend tries (and logs)
+            compiled = core.compile_model(core.read_model(str(path), str(weights)), "CPU", settings)
+        declared = tuple({key: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+                          for port in ports for key in port.get_names()}
+                         for ports in (compiled.inputs, compiled.outputs))
+        output = next((port for port in compiled.outputs if OUTPUT_NAMES[0] in port.get_names()), None)
 
         def predict(images: np.ndarray) -> np.ndarray:
             return compiled(images)[output]
 
-    return Runner(name, predict, num_classes)
+    runner = Runner(name, predict, num_classes)
+    if sidecar is not None:
+        _check_against_sidecar(runner, path, sidecar, declared)
+    return runner
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str):
+    """A runtime's failure to load ``path`` as one line naming the file, with the runtime's reason in brief."""
+    try:
+        yield
+    except Exception as error:  # onnxruntime's InvalidProtobuf, torch's PytorchStreamReader, OpenVINO's RuntimeError
+        raise NinError(f"{path}: unreadable {what} (damaged or truncated?): {_reason(error)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """A runtime's message in brief: its first line that is not a source location (OpenVINO's "Exception from
+    src/...cpp:84:"), to its first full stop."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not re.search(r"\.(cpp|cc|h|hpp):\d+:$", line.strip())]
+    return (lines[0].split(". ")[0] if lines else type(error).__name__)[:160]
+
+
+def _check_against_sidecar(runner: Runner, path: Path, sidecar: dict, declared: tuple[dict, dict] | None) -> None:
+    """Refuse in one line, at load, a graph that does not fit the sidecar beside it (another model's, say), where
+    the runtime would fail at the first batch or name the wrong classes: the input and output shapes the graph
+    declares (ONNX, OpenVINO), or else what one image of the sidecar's shape gives (TorchScript declares none)."""
+    config = NiNConfig.from_dict(sidecar["model"])  # `export.read_sidecar` has checked that it is one
+    image, classes = [config.in_channels, config.input_size, config.input_size], len(sidecar["classes"])
+    beside = f"its sidecar {path.name}.json"
+    if declared is None:
+        try:
+            gives = list(runner(np.zeros((1, *image), np.uint8)).shape[1:])
+        except Exception as error:
+            raise NinError(f"{path}: does not take the {_shape(image)} images {beside} describes (is it another "
+                           f"model's?): {_reason(error)}") from None
+    else:
+        inputs, outputs = declared
+        if INPUT_NAME not in inputs or OUTPUT_NAMES[0] not in outputs:
+            raise NinError(f"{path}: no input {INPUT_NAME!r} or no output {OUTPUT_NAMES[0]!r}; not a graph that "
+                           "nin export wrote")
+        takes, gives = list(inputs[INPUT_NAME])[1:], list(outputs[OUTPUT_NAMES[0]])[1:]
+        if len(takes) != 3 or any(isinstance(t, int) and t != want for t, want in zip(takes, image)):
+            raise NinError(f"{path}: takes {_shape(takes)} images, but {beside} describes {_shape(image)} images "
+                           "(is it another model's?)")
+    if len(gives) != 1 or (isinstance(gives[0], int) and gives[0] != classes):
+        raise NinError(f"{path}: gives {_shape(gives)} class probabilities per image, but {beside} names {classes} "
+                       "classes (is it another model's?)")
+
+
+def _shape(dims: list) -> str:
+    """(C, H, W) as 3×32×32; a dimension the graph leaves open as ?."""
+    return "×".join(str(d) if isinstance(d, int) else "?" for d in dims) or "no"
 
 
 def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | None = None) -> Runner:
@@ -129,6 +199,10 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
             exported file (.pt, .onnx, .xml) with its sidecar .json beside it.
         export_dir: Where to export nin weights for the exported backends (default: a temporary folder,
             removed when the process exits).
+
+    Raises:
+        NinError: An exported file that is missing or unreadable, whose sidecar is missing or not a nin export
+            description (`nin.deploy.export.read_sidecar`), or whose graph does not fit its sidecar.
     """
     if backend not in BACKENDS:
         raise NinError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -140,10 +214,9 @@ def load_runner(backend: str, weights: str | Path, *, export_dir: str | Path | N
     if backend in ("onnxruntime", "openvino"):
         require_package(backend, f"--backend {backend}", {"onnxruntime": "onnx", "openvino": "openvino"}[backend])
     if path.suffix == EXPORTED_SUFFIX[backend]:
-        info_path = path.with_name(path.name + ".json")
-        if not info_path.is_file():
-            raise NinError(f"{path}: its sidecar {info_path.name} is missing")
-        return _exported_runner(backend, path, len(json.loads(info_path.read_text())["classes"]))
+        require_file(path)
+        sidecar = export.read_sidecar(path)
+        return _exported_runner(backend, path, len(sidecar["classes"]), sidecar)
     if export_dir is None:
         export_dir = tempfile.mkdtemp(prefix="nin-export-")
         atexit.register(shutil.rmtree, export_dir, ignore_errors=True)  # the runner may use it until then

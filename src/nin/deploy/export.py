@@ -36,11 +36,13 @@ from nin.data.readers import file_digest
 from nin.errors import NinError, path_arg, require_package
 from nin.files import atomic_write, atomic_write_bytes, claim_output, output_path, read_json_object
 from nin.inference import InferencePipeline, optimize_for_inference
+from nin.models import NiNConfig
 from nin.pretrained import PRETRAINED, load, resolve
 from nin.transforms import Preprocessing
 
 __all__ = ["ExportedNiN", "build_exported", "export_onnx", "export_torchscript", "export_openvino", "sidecar",
-           "claim_outputs", "check_opset", "default_out", "FORMATS", "OPSET", "OPSETS", "INPUT_NAME", "OUTPUT_NAMES"]
+           "read_sidecar", "claim_outputs", "check_opset", "default_out", "FORMATS", "OPSET", "OPSETS", "INPUT_NAME",
+           "OUTPUT_NAMES"]
 
 OPSET = 17  # ONNX opset of the exported graph; onnxruntime >= 1.14 and OpenVINO read it
 # The opsets an export may ask for: from 10 (the first with Flip, which test-time flips need) to 20, the last one
@@ -141,6 +143,47 @@ def _sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def read_sidecar(path: str | Path) -> dict:
+    """The sidecar of the exported graph ``path`` (``path``.json), checked to be what `sidecar` writes as far as
+    a reader needs it: a JSON object whose 'model' is a NiN config and whose 'classes' are its K class names.
+
+    Raises:
+        NinError: The sidecar is missing, or is not such an object (the message names it and says what it is).
+    """
+    path = Path(path)
+    info_path = _sidecar_path(path)
+    if not info_path.is_file():
+        raise NinError(f"{path}: its sidecar {info_path.name} is missing")
+    try:
+        info = json.loads(info_path.read_bytes())
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, or nested past Python's limit
+        problem = f"not JSON: {_first_line(error)}"
+    else:
+        problem = _sidecar_problem(info)
+    if problem:
+        raise NinError(f"{info_path}: not a nin export description ({problem}); expected the JSON object that "
+                       f"nin export writes beside {path.name}, with its 'model' and 'classes'")
+    return info
+
+
+def _sidecar_problem(info) -> str | None:
+    """What keeps ``info`` (parsed JSON) from being a sidecar a reader can use; None when nothing does."""
+    if not isinstance(info, dict):
+        return f"a JSON {type(info).__name__}, not an object"
+    missing = [key for key in ("model", "classes") if key not in info]
+    if missing:
+        return ", ".join(f"no {key!r}" for key in missing)
+    try:
+        config = NiNConfig.from_dict(info["model"])
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as error:
+        return f"'model' is not a NiN config: {_first_line(error)}"
+    classes = info["classes"]
+    if not (isinstance(classes, list) and len(classes) == config.num_classes
+            and all(isinstance(name, str) for name in classes)):
+        return f"'classes' is not a list of the model's {config.num_classes} class names"
+    return None
+
+
 def check_opset(opset: int) -> None:
     """Refuse an opset outside `OPSETS` in one line (torch's exporter would fail with a traceback, or write a graph
     that no runtime reads)."""
@@ -161,9 +204,12 @@ def claim_outputs(weights: str | Path, path: str | Path, format: str, *, force: 
     checked with `nin.files.claim_output` before any work: ``--out`` may not be the weights themselves.
 
     Raises:
-        NinError: One of them is the weights file, a symbolic link, a folder, or an existing file that is not an
-            earlier export of this format (unless ``force``).
+        NinError: ``path`` names a folder; one of them is the weights file, a symbolic link, a folder, or an
+            existing file that is not an earlier export of this format (unless ``force``).
     """
+    if Path(path).is_dir() or Path(path).name in ("", ".", "..") or str(path).endswith(("/", os.sep)):
+        example = os.path.join(str(path), default_out(weights, format).name)
+        raise NinError(f"--out {path}: names a folder; expected a file path such as {example}")
     path = Path(path)
     outputs = [path, *([path.with_suffix(".bin")] if format == "openvino" else []), _sidecar_path(path)]
     source = resolve(weights)
@@ -293,8 +339,8 @@ def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, ch
     """
     check_opset(opset)
     require_package("onnx", "ONNX export", "onnx")  # torch's exporter writes through it
+    claim_outputs(weights, path, "onnx", force=force)  # as given: "out/" names a folder
     path = Path(path)
-    claim_outputs(weights, path, "onnx", force=force)
     module, meta = build_exported(weights)
 
     def write(temporary: str) -> None:
@@ -320,8 +366,8 @@ def export_torchscript(weights: str | Path, path: str | Path, *, check: bool = T
     Returns:
         The sidecar dict.
     """
+    claim_outputs(weights, path, "torchscript", force=force)  # as given: "out/" names a folder
     path = Path(path)
-    claim_outputs(weights, path, "torchscript", force=force)
     module, meta = build_exported(weights)
 
     def write(temporary: str) -> None:
@@ -345,8 +391,8 @@ def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET
     require_package("openvino", "--format openvino", "openvino")
     import openvino
     check_opset(opset)
+    claim_outputs(weights, path, "openvino", force=force)  # as given: "out/" names a folder
     path = Path(path)
-    claim_outputs(weights, path, "openvino", force=force)
     module, meta = build_exported(weights)
     with tempfile.TemporaryDirectory(prefix="nin-openvino-") as folder:
         onnx_path, ir_path = Path(folder) / "model.onnx", Path(folder) / "model.xml"
@@ -368,7 +414,7 @@ def export_openvino(weights: str | Path, path: str | Path, *, opset: int = OPSET
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Export a trained model with its preprocessing inside: uint8 images (N, C, H, W) in, "
                           "probabilities and class maps out. Writes FILE and its description FILE.json.")
-    parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
+    parser.add_argument("weights", type=path_arg, metavar="WEIGHTS", help="weights file or run folder")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="default: onnx")
     parser.add_argument("--out", type=path_arg, metavar="FILE",
                         help="output file (.onnx, .pt, .xml for openvino); default: NAME.onnx (.pt, .xml) in the "

@@ -7,12 +7,13 @@ The model is loaded once as `nin.classifier.Classifier` loads it, and /predict r
 (`nin.inference.InferencePipeline`: the fitted preprocessing, batch norm folded, bf16 where the CPU runs it fast,
 test-time flips), the very module `nin predict` runs, so /predict gives what `nin predict` gives. An upload is
 decoded in memory by `nin.data.images.decode_image`, the decoder `nin predict` reads files with (the format
-sniffed from the bytes: PNG, JPEG, BMP, GIF, WebP only; EXIF orientation, alpha over white, 16-bit; the centre
-square). Nothing is written to disk and no file path comes from a request. Every refusal is a JSON
-``{"error": ...}`` with a 4xx status: 413 for too many bytes or pixels (decompression bombs), 415 for a type
-that is not an allowed image, 400 for an empty, damaged or malformed upload, 404 / 405 for a route or method
-that does not exist, 422 for a bad query parameter (and a 500, should one happen, is JSON too). HEAD is answered
-wherever GET is. /docs is a page of nin's own that reads /openapi.json: no CDN, so it works offline.
+sniffed from the bytes, only those of the image files `nin predict` takes from a folder: PNG, JPEG, BMP, GIF,
+WebP, TIFF, PPM/PGM/PBM; EXIF orientation, alpha over white, 16-bit; the centre square). Nothing is written to
+disk and no file path comes from a request. Every refusal is a JSON ``{"error": ...}`` with a 4xx status: 413 for
+too many bytes or pixels (decompression bombs), 415 for a type that is not an allowed image, 400 for an empty,
+damaged or malformed upload, 404 / 405 for a route or method that does not exist, 422 for a bad query parameter
+(and a 500, should one happen, is JSON too). HEAD is answered wherever GET is. /docs is a page of nin's own that
+reads /openapi.json: no CDN, so it works offline.
 
 One upload is decoded at a time, always on one thread of its own (memory stays bounded by one image, whatever
 the number of concurrent uploads: docs/reliability.md has the measured peaks), and one request at a time runs
@@ -33,24 +34,28 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from nin.classifier import Classifier
 from nin.data.datasets import LIGHT_ON_DARK
+from nin.data.folders import IMAGE_SUFFIXES
 from nin.data.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageTooLarge, NotAnImage, decode_image
-from nin.errors import DataError, NinError, require_package
+from nin.errors import DataError, NinError, path_arg, require_package
 from nin.transforms import invert_ink, odd_polarity
 
 __all__ = ["ALLOWED_FORMATS", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "RequestError", "check_limits", "decode_upload",
            "create_app"]
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # Pillow's names; nothing else is even tried
+# Pillow's names for the image files `nin predict` takes from a folder (`IMAGE_SUFFIXES`: PNG, JPEG, BMP, GIF,
+# WebP, TIFF, PPM/PGM/PBM); no other format is even tried on an upload
+ALLOWED_FORMATS = tuple(sorted({Image.registered_extensions().get(suffix) for suffix in IMAGE_SUFFIXES} - {None}))
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MiB per upload
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB of RGB; a PNG bomb of 1 MB can claim far more
 # The largest limits a server may be started with: 1 GiB of upload, and Pillow's own refusal threshold (twice its
 # default MAX_IMAGE_PIXELS) in pixels, which decodes in at most about 2.9 GB (docs/reliability.md: 16 B a pixel).
 UPLOAD_BYTES_CEILING = 2**30
 PIXELS_CEILING = 2 * DEFAULT_MAX_PIXELS
-MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file in a multipart body
+MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file in a multipart body (never reported)
 STATIC_FILES = {"app.js": "text/javascript", "docs.js": "text/javascript", "style.css": "text/css"}  # a fixed list
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -89,15 +94,16 @@ def decode_upload(data: bytes, image_size: int, channels: int, max_pixels: int =
         raise RequestError(400, str(error)) from None
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+async def _read_body(request, limit: int, overhead: int = 0) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` + ``overhead`` bytes (declared or
+    streamed); the message names ``limit``, the one the server was started with (and /health says)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > limit + overhead:
         raise RequestError(413, f"upload of {int(declared):,} bytes exceeds the {limit:,}-byte limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
+        if size > limit + overhead:
             raise RequestError(413, f"upload exceeds the {limit:,}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
@@ -111,7 +117,7 @@ async def _read_upload(request, max_bytes: int) -> bytes:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         return await _read_body(request, max_bytes)
-    body = await _read_body(request, max_bytes + MULTIPART_OVERHEAD)
+    body = await _read_body(request, max_bytes, MULTIPART_OVERHEAD)
 
     async def stream():
         yield body
@@ -307,7 +313,7 @@ def _prediction(probabilities: torch.Tensor, maps: torch.Tensor, classes: list[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Serve a model over HTTP: POST /predict, GET /health, /docs, and a web page at /."
-    parser.add_argument("weights", metavar="WEIGHTS", help="weights file or run folder")
+    parser.add_argument("weights", type=path_arg, metavar="WEIGHTS", help="weights file or run folder")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000")
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,

@@ -25,6 +25,7 @@ from nin.data.datasets import LIGHT_ON_DARK
 from nin.data.folders import list_images
 from nin.data.images import read_image
 from nin.deploy.backends import EXPORTED_SUFFIX, load_runner
+from nin.deploy.export import read_sidecar
 from nin.errors import NinError
 from nin.files import atomic_write_bytes, claim_output
 from nin.models import NiNConfig
@@ -63,7 +64,7 @@ def predict_files(weights: str | os.PathLike, items: list[str], *, top_k: int = 
     exported = Path(weights).suffix == EXPORTED_SUFFIX.get(backend)  # a graph `nin export` wrote
     if exported:  # its sidecar describes it
         runner = load_runner(backend, weights)
-        meta = json.loads(Path(f"{weights}.json").read_text())
+        meta = read_sidecar(weights)  # checked by load_runner too: a cheap second read of a small file
         config = NiNConfig.from_dict(meta["model"])
     else:
         model, preprocessing, meta = load(weights)

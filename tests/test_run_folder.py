@@ -223,7 +223,11 @@ def test_empty_path_flags_are_refused(capsys):
         assert "an empty path" in capsys.readouterr().err, argv
 
 
-def test_disk_full_while_checkpointing_keeps_the_old_checkpoint(data_root, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("raised", ["safetensors", "os"])
+def test_disk_full_while_checkpointing_keeps_the_old_checkpoint(data_root, tmp_path, capsys, monkeypatch, raised):
+    """A full disk as safetensors reports it, or as the OS does (from the write, its fsync or its rename)."""
+    import errno
+
     from safetensors import SafetensorError
 
     import nin.checkpoint
@@ -234,6 +238,8 @@ def test_disk_full_while_checkpointing_keeps_the_old_checkpoint(data_root, tmp_p
 
     def save_file(tensors, path, metadata=None):
         calls["n"] += 1
+        if calls["n"] == 2 and raised == "os":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         if calls["n"] == 2:  # the second checkpoint: as safetensors reports a full disk
             raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
                                   "\"No space left on device\" })")

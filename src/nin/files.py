@@ -115,7 +115,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], flag: st
 
     The temporary file lives in ``path``'s folder (``.<name>.<random>.tmp``); when ``write`` fails it is removed,
     and so are the folders made for it. Refuses a ``path`` that is a symbolic link. An OSError (a folder that
-    cannot be made or written, a full disk) becomes one NinError naming ``flag`` and ``path``, not the temporary.
+    cannot be made or written, a full disk) is raised again naming ``path`` as given, not the temporary (the
+    same errno, so the same OSError subclass: a caller's `except OSError` still sees a full disk as one).
     """
     given, path = path, output_path(path)
     if path.is_symlink():
@@ -139,8 +140,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], flag: st
         for folder in made:  # deepest first; a folder something else wrote into meanwhile stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        if isinstance(error, OSError):
-            raise NinError(f"{flag} {given}: cannot write it ({error.strerror or error})") from None
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(given)) from None
         raise
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import re
 import shutil
 import statistics
 import tempfile
@@ -131,6 +130,8 @@ def _exported_runner(name: str, path: Path, num_classes: int, sidecar: dict | No
                           for port in ports for key in port.get_names()}
                          for ports in (compiled.inputs, compiled.outputs))
         output = next((port for port in compiled.outputs if OUTPUT_NAMES[0] in port.get_names()), None)
+        if output is None:
+            raise NinError(f"{path}: no output {OUTPUT_NAMES[0]!r}; not a graph that nin export wrote")
 
         def predict(images: np.ndarray) -> np.ndarray:
             return compiled(images)[output]
@@ -147,15 +148,7 @@ def _reading(path: Path, what: str):
     try:
         yield
     except Exception as error:  # onnxruntime's InvalidProtobuf, torch's PytorchStreamReader, OpenVINO's RuntimeError
-        raise NinError(f"{path}: unreadable {what} (damaged or truncated?): {_reason(error)}") from None
-
-
-def _reason(error: BaseException) -> str:
-    """A runtime's message in brief: its first line that is not a source location (OpenVINO's "Exception from
-    src/...cpp:84:"), to its first full stop."""
-    lines = [line.strip() for line in str(error).splitlines()
-             if line.strip() and not re.search(r"\.(cpp|cc|h|hpp):\d+:$", line.strip())]
-    return (lines[0].split(". ")[0] if lines else type(error).__name__)[:160]
+        raise NinError(f"{path}: unreadable {what} (damaged or truncated?): {export.first_line(error)}") from None
 
 
 def _check_against_sidecar(runner: Runner, path: Path, sidecar: dict, declared: tuple[dict, dict] | None) -> None:
@@ -170,7 +163,7 @@ def _check_against_sidecar(runner: Runner, path: Path, sidecar: dict, declared: 
             gives = list(runner(np.zeros((1, *image), np.uint8)).shape[1:])
         except Exception as error:
             raise NinError(f"{path}: does not take the {_shape(image)} images {beside} describes (is it another "
-                           f"model's?): {_reason(error)}") from None
+                           f"model's?): {export.first_line(error)}") from None
     else:
         inputs, outputs = declared
         if INPUT_NAME not in inputs or OUTPUT_NAMES[0] not in outputs:

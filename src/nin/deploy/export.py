@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -41,8 +42,8 @@ from nin.pretrained import PRETRAINED, load, resolve
 from nin.transforms import Preprocessing
 
 __all__ = ["ExportedNiN", "build_exported", "export_onnx", "export_torchscript", "export_openvino", "sidecar",
-           "read_sidecar", "claim_outputs", "check_opset", "default_out", "FORMATS", "OPSET", "OPSETS", "INPUT_NAME",
-           "OUTPUT_NAMES"]
+           "read_sidecar", "first_line", "claim_outputs", "check_opset", "default_out", "FORMATS", "OPSET", "OPSETS",
+           "INPUT_NAME", "OUTPUT_NAMES"]
 
 OPSET = 17  # ONNX opset of the exported graph; onnxruntime >= 1.14 and OpenVINO read it
 # The opsets an export may ask for: from 10 (the first with Flip, which test-time flips need) to 20, the last one
@@ -157,7 +158,7 @@ def read_sidecar(path: str | Path) -> dict:
     try:
         info = json.loads(info_path.read_bytes())
     except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, or nested past Python's limit
-        problem = f"not JSON: {_first_line(error)}"
+        problem = f"not JSON: {first_line(error)}"
     else:
         problem = _sidecar_problem(info)
     if problem:
@@ -176,7 +177,7 @@ def _sidecar_problem(info) -> str | None:
     try:
         config = NiNConfig.from_dict(info["model"])
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as error:
-        return f"'model' is not a NiN config: {_first_line(error)}"
+        return f"'model' is not a NiN config: {first_line(error)}"
     classes = info["classes"]
     if not (isinstance(classes, list) and len(classes) == config.num_classes
             and all(isinstance(name, str) for name in classes)):
@@ -291,7 +292,7 @@ def _check_onnx(module: ExportedNiN, path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as error:
-        raise NinError(f"the exported ONNX graph is not valid ({_first_line(error)})") from None
+        raise NinError(f"the exported ONNX graph is not valid ({first_line(error)})") from None
     try:
         import onnxruntime
     except ModuleNotFoundError:
@@ -306,8 +307,11 @@ def _check_onnx(module: ExportedNiN, path: Path) -> None:
         raise NinError(f"onnxruntime differs from torch by {difference:.2e} in probability; nothing written")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+def first_line(error: BaseException) -> str:
+    """A library's message in one line: its first line that is not a source location (OpenVINO's "Exception from
+    src/...cpp:84:"), at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not re.search(r"\.(cpp|cc|h|hpp):\d+:$", line.strip())]
     return lines[0][:300] if lines else type(error).__name__
 
 
@@ -319,7 +323,7 @@ def _exporting(what: str):
     except NinError:
         raise
     except Exception as error:  # torch.onnx / torch.jit errors: an operator or opset they cannot write
-        raise NinError(f"{what} failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise NinError(f"{what} failed ({type(error).__name__}: {first_line(error)})") from None
 
 
 def export_onnx(weights: str | Path, path: str | Path, *, opset: int = OPSET, check: bool = True,

@@ -29,7 +29,6 @@ from nin.evaluate import evaluate
 from nin.models import get_model
 from nin.engine import TrainConfig, make_optimizer, recipe, train, train_step
 
-from guards import free_port
 from small_models import TINY_NIN_BLOCKS
 
 WORLD = 2
@@ -37,8 +36,10 @@ WORLD = 2
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
     # what torchrun sets; distributed.setup() then joins a gloo group (no CUDA here, or forced to the CPU)
+    # and, as under torchrun, the rendezvous store is the launcher's (`_spawn`): rank 0 joins it, not opens it
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"})
     torch.set_num_threads(1)
     device = distributed.setup(torch.device("cpu"))
     assert device.type == "cpu" and dist.get_backend() == "gloo"
@@ -50,7 +51,11 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def _spawn(fn, *args, world: int = WORLD) -> None:
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    # The rendezvous store lives here, as torchrun's agent holds it, on a port bound before any worker starts: a
+    # port only found free (and opened later by rank 0) could be taken meanwhile by a test's server, and rank 1
+    # then talked to that server and aborted ("terminate called without an active exception", a CI run under load).
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_entry, args=(world, store.port, fn, args), nprocs=world, join=True)
 
 
 def _quiet(*_args) -> None:

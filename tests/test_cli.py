@@ -260,7 +260,8 @@ def test_resume_refuses_flags_that_would_change_the_run(data_root, tmp_path, cap
     cfg = dataclasses.replace(recipe("fast", "mnist"), train_subset=256, eval_subset=100, epochs=1, batch_size=64)
     train(cfg, run, log=lambda *_: None)
     before = (run / "metrics.jsonl").read_text()
-    for flags in (["--set", "lr=1"], ["--seed", "3"], ["--dataset", "cifar10"], ["--batch-size", "32"]):
+    for flags in (["--set", "lr=1"], ["--seed", "3"], ["--dataset", "cifar10"], ["--batch-size", "32"],
+                  ["--recipe", "paper"], ["--recipe", "fast"]):  # even the default, typed: it was ignored
         assert main(["train", "--resume", str(run), *flags]) == 1, flags
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and flags[0].split("=")[0] in err, err

@@ -468,3 +468,12 @@ def test_data_file_reads_a_damaged_idx_file_as_idx(tmp_path):
     record[1:4] = (0, 8, 3)  # label 0 and pixels that spell the images magic, 0x00000803
     cifar.write_bytes(record.tobytes() * 2)
     assert read_data_file(cifar, 10).images.shape == (2, 3, 32, 32)
+
+
+def test_a_bad_image_size_is_named_not_blamed_on_an_image(tmp_path):
+    """image_size=-3 was reported as a damaged first image; 0 quietly meant the default 32."""
+    write_image_folder(tmp_path, {"a": 2, "b": 2})
+    for size in (-3, 0, 2.5):
+        with pytest.raises(DataError, match=f"image_size={size!r}: expected a positive number of pixels"):
+            load_dataset("folder", "train", tmp_path, image_size=size)
+    assert load_dataset("folder", "train", tmp_path, image_size=8).images.shape[-2:] == (8, 8)

@@ -289,6 +289,17 @@ def test_a_folder_with_one_class_is_refused_in_one_line(folder, tmp_path, capsys
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_class_maps_other_than_the_folders_classes_are_refused(folder, tmp_path, capsys):
+    """`--set model.num_classes` above the folder's class count had trained a run whose weights no command could
+    load (K maps, fewer class names); below it, labels past the last map. Refused before the run folder is made."""
+    for count in (2, 5):
+        out = tmp_path / f"run{count}"
+        assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--out", str(out),
+                     "--device", "cpu", "--set", f"model.num_classes={count}"]) == 1
+        err = capsys.readouterr().err
+        assert f"model.num_classes={count}" in err and "expected 3 class maps" in err and not out.exists()
+
+
 def test_evaluate_pretrained_weights_on_a_folder_labels_by_class_name(folder, data_root, tmp_path, capsys):
     """`nin evaluate fast-cifar10 --dataset folder --data-dir my_images` with {airplane, cat, ship}: each image is
     labelled with the model's index of its class name (cat = 3), not the folder's sorted position (cat = 1, which
@@ -350,3 +361,20 @@ def test_numbered_classes_label_a_complete_folder_of_other_names_in_sorted_order
     for named in (["cat", "dog", "ship"], ["0", "1", "2"]):  # named classes (MNIST's are digits): refused as before
         with pytest.raises(DataError, match="class 'n01' is not in the class list"):
             list_image_folder(tmp_path, named)
+
+
+def test_a_folders_subsets_are_drawn_from_every_class():
+    """A folder is read class by class, so its first N images were one class (`--train-subset 10` had trained on
+    airplanes alone); a named data set's files are in no class order and keep their first N."""
+    from nin.engine.start import _subset
+
+    labels = torch.arange(3).repeat_interleave(20)  # as a folder of 3 classes × 20 reads
+    images = labels.view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
+    _, first = _subset(images, labels, 10, False, 0)
+    assert first.tolist() == [0] * 10
+    drawn_images, drawn = _subset(images, labels, 10, True, 0)
+    assert len(drawn) == 10 and set(drawn.tolist()) == {0, 1, 2} and drawn.tolist() == sorted(drawn.tolist())
+    assert torch.equal(drawn_images[:, 0, 0, 0], drawn)  # images and labels drawn together
+    assert torch.equal(_subset(images, labels, 10, True, 0)[1], drawn)  # seeded: a resumed run draws the same
+    assert not torch.equal(_subset(images, labels, 10, True, 1)[1], drawn)
+    assert _subset(images, labels, 0, True, 0)[1] is labels and _subset(images, labels, 99, True, 0)[1] is labels

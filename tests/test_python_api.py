@@ -52,6 +52,29 @@ def test_weights_meta_says_categories_input_flips_host_and_tolerance():
 # Fine-tuning and inspecting from Python
 # ---------------------------------------------------------------------------------------------
 
+def test_arguments_that_were_quietly_taken_for_something_else_are_refused():
+    """weights="" had loaded the DEFAULT weights, an unknown precision ran as "auto", a negative subset scored the
+    last images, and a smaller num_classes than the model's gave a confusion matrix counted past its rows."""
+    from nin.evaluate import evaluate, evaluate_weights
+
+    for weights in ("", " ", 123):
+        with pytest.raises(NinError, match="expected a pretrained tag"):
+            get_model("nin_mnist", weights=weights)
+    with pytest.raises(NinError, match='pass model='):
+        get_weights("DEFAULT")
+    for call in (lambda: Classifier.load("paper-mnist", precision="fp16"),
+                 lambda: evaluate_weights("paper-mnist", precision="fp8", subset=10)):
+        with pytest.raises(NinError, match="precision 'fp\\d+': expected one of auto, fp32, bf16"):
+            call()
+    with pytest.raises(NinError, match="subset=-5"):
+        evaluate_weights("paper-mnist", subset=-5)
+    model = get_model("nin_mnist").eval()
+    batches = [(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.int64))]
+    with pytest.raises(NinError, match="num_classes=3, but the model has 10 class maps"):
+        evaluate(model, batches, num_classes=3)
+    assert evaluate(model, batches, num_classes=10).n == 2
+
+
 def test_unknown_model_names_are_nin_errors():
     with pytest.raises(NinError, match="unknown model 'nin_cifar11'"):
         get_model("nin_cifar11")

@@ -470,6 +470,7 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(capsys, monkeypatch):
     ("model.pool_kernel=1000", "a 28×28 input does not fit through its layers"),
     ("model.num_classes=100000000", "parameters, more than the"),
     ("model.num_classes=5", "5 class maps for mnist's 10 classes"),
+    ("model.num_classes=12", "12 class maps for mnist's 10 classes, expected 10"),  # its weights could not load
     ("small_size=64", "small_size must be at most the 28-pixel input"),
     ("model.input_size=40", "the model expects 1×40×40 images; mnist has 1×28×28"),
     ("model.in_channels=3", "the model expects 3×28×28 images; mnist has 1×28×28"),

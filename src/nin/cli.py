@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASET_NAMES, help="data set (required unless --resume)")
     p.add_argument("--model", help="model name (see `nin models`); default: the data set's paper model")
-    p.add_argument("--recipe", choices=["paper", "caffe", "fast"], default="fast",
+    p.add_argument("--recipe", choices=["paper", "caffe", "fast"],  # None until given: --resume refuses it
                    help="training recipe (default: fast; `paper` is the paper's own recipe, GCN + ZCA and the plateau rule)")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per step per process (default 128)")
@@ -74,7 +74,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=path_arg, help="run folder (default: runs/<dataset>-<recipe>)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--train-subset", type=positive_int, metavar="N",
-                   help="train on the first N training images (leave it out for all of them)")
+                   help="train on the first N training images (an image folder: N drawn at random, seeded, so "
+                        "every class is in them; leave it out for all of them)")
     p.add_argument("--val-split", type=float, metavar="FRACTION",
                    help="image folders: hold out FRACTION of each class of the training images as the test split "
                         "(stratified, seeded by --seed; default 0.1 when the folder has no test/ sub-folder)")
@@ -171,7 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _resume(args, command)
     if not args.dataset:
         raise NinError("train: --dataset is required (or --resume RUN_DIR)")
-    cfg = recipe(args.recipe, args.dataset)
+    recipe_name = args.recipe or "fast"
+    cfg = recipe(recipe_name, args.dataset)
     changes = {
         "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
         # the data folder as an absolute path (--data-dir, else $NIN_DATA): a resume or evaluate from elsewhere finds it
@@ -193,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if note and distributed.launch_rank() == 0:  # under torchrun, once
             print(f"nin train: {note}", file=sys.stderr)
     validate(cfg)
-    out = Path(args.out or f"runs/{args.dataset}-{args.recipe}")
+    out = Path(args.out or f"runs/{args.dataset}-{recipe_name}")
     if args.dry_run:
         return _dry_run({"out": str(out)}, planned_config(cfg, out)[0])
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
@@ -216,8 +218,8 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     if not (run / "checkpoint.safetensors").is_file():
         raise NinError(f"--resume {run}: no checkpoint.safetensors there (a run stopped before its first "
                        "checkpoint has nothing to continue: start it again with the command that started it)")
-    fixed = {"--dataset": args.dataset, "--model": args.model, "--batch-size": args.batch_size,
-             "--out": args.out, "--seed": args.seed, "--val-split": args.val_split,
+    fixed = {"--dataset": args.dataset, "--recipe": args.recipe, "--model": args.model,
+             "--batch-size": args.batch_size, "--out": args.out, "--seed": args.seed, "--val-split": args.val_split,
              "--image-size": args.image_size,
              "--train-subset": args.train_subset, "--augment/--no-augment": args.augment,
              "--init-from": args.init_from,

@@ -76,6 +76,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     the path `nin evaluate`, `nin predict`, `nin visualize`, `Classifier` and the per-epoch evaluation of
     `train()` all take, so one set of weights gives one number everywhere.
     """
+    classes = getattr(getattr(model, "config", None), "num_classes", num_classes)
+    if classes != num_classes:  # a smaller confusion matrix would count past its rows, silently
+        raise NinError(f"evaluate: num_classes={num_classes}, but the model has {classes} class maps")
     runner = inference_model(model, amp_dtype)  # a frozen, folded copy: ``model`` itself is left as it is
     device = next(runner.parameters()).device
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
@@ -209,6 +212,8 @@ def evaluate_weights(weights: str | os.PathLike, *, dataset: str | None = None, 
     device = resolve_device(device)
     model, preprocessing, meta = load(weights, device)
     name, data = load_matching_dataset(weights, model.config, meta, dataset, split, data_dir, data_file)
+    if subset < 0:
+        raise NinError(f"subset={subset}: expected 0 (all images) or a positive count")
     images, labels = (data.images[:subset], data.labels[:subset]) if subset else (data.images, data.labels)
     images = preprocessing(images).to(device).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)

@@ -167,6 +167,9 @@ def list_pretrained(model: str | None = None) -> list[str]:
 def get_weights(tag: str, model: str | None = None) -> Weights:
     """The entry of ``tag``; "DEFAULT" means ``model``'s default weights."""
     if tag == "DEFAULT":
+        if model is None:
+            raise NinError('"DEFAULT" names a model\'s default weights: pass model=, e.g. get_weights("DEFAULT", '
+                           'model="nin_cifar10")')
         if model not in DEFAULTS:
             raise NinError(f"{model}: no pretrained weights; these models have some: {', '.join(sorted(DEFAULTS))}")
         tag = DEFAULTS[model]
@@ -183,8 +186,11 @@ def resolve(source: str | os.PathLike) -> Path:
     run folder's ``model.safetensors`` (its ``checkpoint.safetensors`` while the run is still going).
 
     Raises:
-        CheckpointError: Nothing of that name, or a folder holding neither file.
+        CheckpointError: Nothing of that name, or a folder holding neither file; an empty name (not the current
+            folder) or one that is no path at all.
     """
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise CheckpointError(f"weights {source!r}: expected a pretrained tag, a weights file or a run folder")
     path = Path(source).expanduser()
     if not path.exists() and str(source) in PRETRAINED:
         return PRETRAINED[str(source)].path
@@ -228,7 +234,9 @@ def get_model(name: str, *, weights: str | os.PathLike | None = None, pretrained
     if overrides:
         raise NinError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
                        "weights fix the architecture (num_classes= may change, for fine-tuning)")
-    source = weights or "DEFAULT"
+    source = "DEFAULT" if weights is None else weights
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():  # "" is not the current folder
+        raise NinError(f"weights={weights!r}: expected a pretrained tag, \"DEFAULT\", a weights file or a run folder")
     if source == "DEFAULT" or (str(source) in PRETRAINED and not Path(source).exists()):
         model, _, _ = get_weights(str(source), model=name).load()
     else:

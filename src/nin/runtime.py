@@ -116,11 +116,19 @@ def host(device: str | torch.device = "cpu") -> dict:
             "threads": torch.get_num_threads(), "device": str(device)}
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def select_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` ("auto", "fp32", "bf16"): None means fp32.
 
     "auto" picks bf16 where the hardware runs it fast (AMX / AVX512-BF16 CPUs, bf16 GPUs).
+
+    Raises:
+        NinError: Another ``precision`` (an "fp16" asked for is not quietly run as something else).
     """
+    if precision not in PRECISIONS:
+        raise NinError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16":

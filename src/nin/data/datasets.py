@@ -494,6 +494,8 @@ def load_dataset(
     """
     if split not in SPLITS:  # a user's typo (nin evaluate --split): one line, not an assertion
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):  # 0 is not "the default"
+        raise DataError(f"image_size={image_size!r}: expected a positive number of pixels, or None")
     root = resolve_root(root)
     if name == "folder":
         images, labels, classes = _load_folder(root, split, image_size or 32, channels or 3, classes, val_split, seed)

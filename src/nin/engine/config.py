@@ -23,6 +23,7 @@ from nin.data.datasets import DATASET_NAMES, SPLITS, dataset_info
 from nin.errors import NinError
 from nin.models import NiN, NiNConfig, list_models, model_config
 from nin.pretrained import PRETRAINED, resolve
+from nin.runtime import PRECISIONS
 from nin.transforms import PREPROCESSING_KINDS
 
 __all__ = ["TrainConfig", "PAPER", "CAFFE", "FAST", "RECIPES", "recipe", "apply_overrides", "validate",
@@ -46,8 +47,8 @@ class TrainConfig:
     eval_split: str = "test"  # "val" evaluates on the paper's validation split instead
     val_split: float | None = None  # image folders: the fraction of each class of the training images held out as
     # the test split (stratified, seeded by `seed`); None = 0.1 for a folder without a test/ sub-folder, else 0
-    train_subset: int = 0  # images; 0 = the whole split, N = its first N (quick experiments)
-    eval_subset: int = 0  # images; 0 = the whole evaluation split, N = its first N
+    train_subset: int = 0  # images; 0 = the whole split, N = its first N (quick experiments; a folder: N drawn)
+    eval_subset: int = 0  # images; 0 = the whole evaluation split, N = its first N (a folder: N drawn)
     preprocessing: str = "gcn_zca"  # nin.transforms kind; NiN paper section 4.2: GCN + ZCA for CIFAR
     epochs: int = 260  # the authors' CIFAR-10 run: 200 + 30 + 30 epochs
     batch_size: int = 128  # images per step on each rank (global batch = batch_size × world size); NiN paper: 128
@@ -273,7 +274,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.schedule in ("plateau", "multistep", "onecycle", "constant"),
          f"schedule must be plateau, multistep, onecycle or constant, got {cfg.schedule!r}"),
         (cfg.milestone_unit in ("epoch", "step"), f"milestone_unit must be epoch or step, got {cfg.milestone_unit!r}"),
-        (cfg.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {cfg.precision!r}"),
+        (cfg.precision in PRECISIONS, f"precision must be auto, fp32 or bf16, got {cfg.precision!r}"),
         (isinstance(cfg.compile, bool), f"compile must be true or false, got {cfg.compile!r}"),
         (0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}"),
@@ -331,8 +332,9 @@ def _check_shapes(cfg: TrainConfig) -> None:
                        f"(model.num_classes {config.num_classes}, widths {[b.widths for b in config.blocks]})")
     info = dataset_info(cfg.dataset)
     classes = info.num_classes  # 0: an image folder, whose sub-folders decide
-    if classes and config.num_classes < classes:
-        raise NinError(f"{where}: {config.num_classes} class maps for {cfg.dataset}'s {classes} classes")
+    if classes and config.num_classes != classes:  # one map a class: the weights name each map's class
+        raise NinError(f"{where}: {config.num_classes} class maps for {cfg.dataset}'s {classes} classes, expected "
+                       f"{classes}")
     named = (info.in_channels, info.image_size, info.image_size)  # a named data set's images have one shape
     if classes and (config.in_channels, config.input_size, config.input_size) != named:
         raise NinError(f"model {cfg.model}: the model expects {config.in_channels}×{config.input_size}×"

@@ -181,7 +181,10 @@ def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
         else:
             log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder and --val-split is 0: the {cfg.eval_split} "
                 f"error is measured on the training images (add a {cfg.eval_split}/ sub-folder, or --val-split 0.1)")
-    if "num_classes" in cfg.model_args:
+    if "num_classes" in cfg.model_args:  # one map a class, or the weights could not name each map's class
+        if cfg.model_args["num_classes"] != len(classes):
+            raise NinError(f"--set model.num_classes={cfg.model_args['num_classes']}: {root} has {len(classes)} "
+                           f"classes, expected {len(classes)} class maps (leave it out: the folder decides)")
         return cfg
     return dataclasses.replace(cfg, model_args={**cfg.model_args, "num_classes": len(classes)})
 
@@ -291,8 +294,9 @@ def _prepare_data(cfg: TrainConfig, device: torch.device, preprocess_state: dict
         train_set = load_dataset(cfg.dataset, cfg.train_split, cfg.data_dir, **size_args)
         eval_set = load_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir, **size_args)
     check_image_shape(train_set.images, model_cfg, f"model {cfg.model}", f"{cfg.dataset} {cfg.train_split}")
-    train_images, train_labels = _first(train_set.images, train_set.labels, cfg.train_subset)
-    eval_images, eval_labels = _first(eval_set.images, eval_set.labels, cfg.eval_subset)
+    drawn = cfg.dataset == "folder"
+    train_images, train_labels = _subset(train_set.images, train_set.labels, cfg.train_subset, drawn, cfg.seed)
+    eval_images, eval_labels = _subset(eval_set.images, eval_set.labels, cfg.eval_subset, drawn, cfg.seed)
     if preprocess_state is None:
         fitted = fit_preprocessing(cfg.preprocessing, train_images).state_dict() if distributed.is_main() else None
         preprocess_state = distributed.broadcast_object(fitted)  # rank 0 fits; every rank applies the same
@@ -309,8 +313,17 @@ def _data_identity(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _first(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (images[:count], labels[:count]) if count else (images, labels)
+def _subset(images: torch.Tensor, labels: torch.Tensor, count: int, drawn: bool,
+            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images of a split (0: all): a named data set's first ones (its files are in no class order), or
+    with ``drawn`` (a folder, read class by class, whose first ones would be one class) ``count`` drawn with
+    ``seed``, in the split's order."""
+    if not count or count >= len(labels):
+        return images, labels
+    if not drawn:
+        return images[:count], labels[:count]
+    chosen = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return images[chosen], labels[chosen]
 
 
 def _checkpoint_config(path: Path, saved: dict, meta: dict) -> TrainConfig:

@@ -209,11 +209,11 @@ def evaluate_weights(weights: str | os.PathLike, *, dataset: str | None = None, 
     """
     if batch_size < 1:
         raise NinError(f"--batch-size must be at least 1, got {batch_size}")
+    if subset < 0:
+        raise NinError(f"subset={subset}: expected 0 (all images) or a positive count")
     device = resolve_device(device)
     model, preprocessing, meta = load(weights, device)
     name, data = load_matching_dataset(weights, model.config, meta, dataset, split, data_dir, data_file)
-    if subset < 0:
-        raise NinError(f"subset={subset}: expected 0 (all images) or a positive count")
     images, labels = (data.images[:subset], data.labels[:subset]) if subset else (data.images, data.labels)
     images = preprocessing(images).to(device).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)

@@ -48,24 +48,23 @@ def path_arg(text: str) -> str:
     return text
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a count of 1 or more, refused by argparse in one line otherwise."""
+def _count_at_least(text: str, minimum: int, expected: str) -> int:
+    """``text`` as an int of at least ``minimum``, or argparse's one-line refusal saying ``expected``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of 1 or more, refused by argparse in one line otherwise."""
+    return _count_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type for a count where 0 means "none" (`nin bench --warmup`, `--workers`): 0 or more, refused by
     argparse in one line otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value}")
-    return value
+    return _count_at_least(text, 0, "0 or a positive integer")

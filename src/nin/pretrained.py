@@ -234,9 +234,7 @@ def get_model(name: str, *, weights: str | os.PathLike | None = None, pretrained
     if overrides:
         raise NinError(f"get_model({name!r}, weights=...) takes no overrides ({', '.join(overrides)}): the "
                        "weights fix the architecture (num_classes= may change, for fine-tuning)")
-    source = "DEFAULT" if weights is None else weights
-    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():  # "" is not the current folder
-        raise NinError(f"weights={weights!r}: expected a pretrained tag, \"DEFAULT\", a weights file or a run folder")
+    source = "DEFAULT" if weights is None else weights  # "" or 123: refused by `resolve`, not taken as DEFAULT
     if source == "DEFAULT" or (str(source) in PRETRAINED and not Path(source).exists()):
         model, _, _ = get_weights(str(source), model=name).load()
     else:

@@ -171,6 +171,12 @@ def test_bench_device_is_checked_before_the_data(capsys, no_data_no_timing):
     assert err.count("\n") == 1 and "--device 'gpu': expected cpu, cuda or cuda:N" in err
 
 
+def test_bench_inference_refuses_a_device_it_would_not_use(capsys, no_data_no_timing):
+    assert main(["bench", "--inference", "--device", "cuda"]) == 1  # had timed the CPU backends, silently
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: --inference times the deployment backends on the CPU" in err
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--batch-size", "64", "--steps", "1", "--warmup", "0"], "--batch-size"),  # had waited forever: no batch
     (["--batch-size", "8", "--eval-batch-size", "64"], "--eval-batch-size"),  # had timed a smaller batch than the one reported

@@ -329,6 +329,23 @@ def test_empty_class_folder(tmp_path):
     _raises_naming(tmp_path / "b", lambda: load_dataset("folder", "train", tmp_path), "empty class folder")
 
 
+def test_class_folder_with_its_images_one_level_down_says_so(tmp_path):
+    write_image_folder(tmp_path, {"a": 1})
+    write_image_folder(tmp_path / "b", {"2019": 2})  # b/2019/*.png: not read
+    _raises_naming(tmp_path / "b", lambda: load_dataset("folder", "train", tmp_path),
+                   r"its sub-folders 2019/ are not read")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_split_folders_beside_class_folders_are_refused(tmp_path, split):
+    # a flat tree whose class is called train/test: read as a split folder, the other classes went unread
+    write_image_folder(tmp_path, {"cat": 2, "dog": 2})
+    write_image_folder(tmp_path / split, {"x": 1, "y": 1})
+    (tmp_path / "notes").mkdir()  # a folder without images beside the splits is fine
+    with pytest.raises(DataError, match=rf"holds split folders \({split}/\) and image folders beside them \(cat/, dog/\)"):
+        load_dataset("folder", "train", tmp_path)
+
+
 def test_unsupported_image(tmp_path):
     write_image_folder(tmp_path, {"a": 1})
     (tmp_path / "a" / "notes.jpg").write_text("not an image")

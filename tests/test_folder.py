@@ -344,6 +344,28 @@ def test_evaluate_a_held_out_run_on_another_folder_scores_all_of_it(flat, tmp_pa
     assert json.loads(capsys.readouterr().out)["n"] == 18
 
 
+def test_evaluate_refuses_a_held_out_part_its_folder_no_longer_gives(flat, tmp_path, capsys):
+    """`nin evaluate RUN` drew the held-out part again from the folder as it is now: an image added since training
+    moved others (trained ones among them) into it, and the score looked like a held-out score."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(flat, mine)
+    out = tmp_path / "held"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(mine), "--epochs", "1", "--batch-size", "64",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    (mine / "notes.txt").write_text("not an image")  # not an image: the same held-out part
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 18
+    cat = mine / "cat"
+    shutil.copy(next(cat.iterdir()), cat / "0-new.png")
+    assert main(["evaluate", str(out), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "changed since training (images added, removed or renamed)" in err
+    assert main(["evaluate", str(out), "--split", "train", "--json"]) == 0  # its training part is not checked
+
+
 def test_numbered_classes_label_a_complete_folder_of_other_names_in_sorted_order(tmp_path):
     """A model imported without class names (classes "0".."n-1", as `nin import-caffe --arch nin_imagenet` stores)
     scores a folder of synset-named sub-folders in sorted order, as Caffe labels them; only a complete one."""

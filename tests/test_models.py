@@ -1,5 +1,8 @@
 """Every registered model: shapes, parameter counts, gradients, and the MLPConv block's semantics."""
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin.layers import GlobalAvgPool, MLPConv, patch_whitening_
-from nin.models import NiNConfig, get_model, list_models, model_config, original_layer_names
+from nin.models import MLPConvSpec, NiNConfig, get_model, list_models, model_config, original_layer_names
 
 EXPECT = Path(__file__).parent / "expect"
 
@@ -211,3 +214,35 @@ def test_patch_whitening_refuses_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call(conv)
     assert torch.equal(conv.weight, before)  # nothing written
+
+
+_CIFAR = model_config("nin_cifar10")
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: dataclasses.replace(_CIFAR, batch_norm="no"), "batch_norm must be true or false, got 'no'"),
+    (lambda: dataclasses.replace(_CIFAR, class_map_relu=1), "class_map_relu must be true or false"),
+    (lambda: dataclasses.replace(_CIFAR, num_classes=7), "one map per class"),
+    (lambda: dataclasses.replace(_CIFAR, dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (lambda: dataclasses.replace(_CIFAR, head="mlp"), "head must be 'gap' or 'fc'"),
+    (lambda: dataclasses.replace(_CIFAR, blocks=()), "at least one block"),
+    (lambda: dataclasses.replace(_CIFAR, init_std=(0.05, 0.05)), "2 stds for 9 convolutions"),
+    (lambda: MLPConvSpec(3, (8,), pool="median"), "pool must be"),
+    (lambda: MLPConvSpec(3, (8,), dropout="yes"), "dropout must be true or false"),
+    (lambda: MLPConv(0, (8,)), "in_channels must be positive"),
+    (lambda: MLPConv(3, ()), "widths must be"),
+    (lambda: MLPConv(3, (8, 0)), "widths must be"),
+    (lambda: MLPConv(3, (8,), kernel_size=0), "kernel_size and stride must be positive"),
+    (lambda: get_model("nin_cifar10").reset_classifier(0), "num_classes must be at least 1"),
+])
+def test_bad_architectures_are_refused_with_a_value_error(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_architecture_checks_hold_under_python_O():
+    # asserts vanish under `python -O`; these checks must not
+    code = ("from nin.models import model_config\nimport dataclasses\n"
+            "dataclasses.replace(model_config('nin_cifar10'), num_classes=7)")
+    result = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and "ValueError: with global average pooling" in result.stderr

@@ -176,6 +176,9 @@ def test_resume_mid_epoch_is_bit_identical(data_root, tmp_path):
         train(cfg, cut, log=lambda *_: None, interrupt_after=37)  # a checkpoint at step 36, mid-epoch 2
     _, meta = load_state(cut / "checkpoint.safetensors")
     assert (meta["epoch"], meta["batches_done"], meta["step"]) == (1, 4, 36)
+    with pytest.raises(NinError, match="inside epoch 2 .*--epochs 2 or more"):  # no model from a half epoch
+        train(None, cut, resume=True, epochs=1, log=lambda *_: None)
+    assert not (cut / "model.safetensors").exists()
     train(None, cut, resume=True, log=lambda *_: None)
     a, _ = load_state(full / "checkpoint.safetensors")
     b, _ = load_state(cut / "checkpoint.safetensors")

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nin import distributed
-from nin.data import ImageDataset, TensorLoader, load_dataset, recorded_root, resolve_root
+from nin.data import ImageDataset, TensorLoader, folder_split_digest, load_dataset, recorded_root, resolve_root
 from nin.data.folders import NumberedClasses
 from nin.data.readers import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, idx_magic, read_cifar_binary, read_idx_dataset
 from nin.errors import NinError
@@ -151,6 +151,17 @@ def _first(names, count: int = 3) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
+def _check_held_out(weights, meta: dict, data_dir, split: str, size_args: dict) -> None:
+    """The held-out part of a run's own folder is the one it held out: no image added, removed or renamed since
+    (runs from before the record was kept are not checked)."""
+    recorded = meta.get("held_out_sha256")
+    if recorded and folder_split_digest(data_dir, split, val_split=size_args["val_split"], seed=size_args["seed"],
+                                        classes=size_args["classes"]) != recorded:
+        raise NinError(f"{weights}: {resolve_root(data_dir)} changed since training (images added, removed or renamed), "
+                       f"so its held-out {size_args['val_split']:.0%} is no longer the part the run held out and "
+                       "could hold trained images; score a folder of new images with --data-dir")
+
+
 def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None,
                           data_file: str | os.PathLike | None = None):
     """The images a model can be evaluated on: its own data set (or ``dataset``, or one ``data_file``: a CIFAR batch
@@ -181,6 +192,8 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
                          "classes": _model_classes(meta),
                          "val_split": (train.get("val_split") or 0.0) if own_folder else 0.0,
                          "seed": train.get("seed", 0)}
+        if size_args.get("val_split") and split != "train":
+            _check_held_out(weights, meta, data_dir, split, size_args)
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     theirs = meta.get("classes")

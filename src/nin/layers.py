@@ -60,9 +60,13 @@ class MLPConv(nn.Module):
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
-        assert in_channels > 0, f"in_channels must be positive, got {in_channels}"
-        assert len(widths) >= 1 and all(w > 0 for w in widths), f"widths must be positive, got {widths}"
-        assert kernel_size > 0 and stride > 0, f"bad kernel_size={kernel_size} or stride={stride}"
+        # ValueErrors, not asserts: the checks hold under `python -O` too
+        if in_channels <= 0:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        if not widths or any(w <= 0 for w in widths):
+            raise ValueError(f"widths must be one or more positive numbers, got {widths}")
+        if kernel_size <= 0 or stride <= 0:
+            raise ValueError(f"kernel_size and stride must be positive, got kernel_size={kernel_size}, stride={stride}")
         if padding is None:
             padding = kernel_size // 2
         self.widths = widths

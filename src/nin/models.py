@@ -50,6 +50,17 @@ __all__ = [
 ]
 
 
+def _check(condition: bool, message: str) -> None:
+    # a ValueError, not an assert: the checks hold under `python -O` too
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_bool(name: str, value: object) -> None:
+    # "no" or 0 is truthy or falsy by accident; a config field that switches something is a bool
+    _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class MLPConvSpec:
     """One mlpconv block and what follows it."""
@@ -63,7 +74,8 @@ class MLPConvSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        assert self.pool in ("max", "avg", None), f"pool must be 'max', 'avg' or None, got {self.pool!r}"
+        _check(self.pool in ("max", "avg", None), f"pool must be 'max', 'avg' or None, got {self.pool!r}")
+        _check_bool("dropout", self.dropout)
 
 
 @dataclass(frozen=True)
@@ -94,29 +106,30 @@ class NiNConfig:
         object.__setattr__(self, "head_hidden", tuple(int(w) for w in self.head_hidden))
         if isinstance(self.init_std, list):
             object.__setattr__(self, "init_std", tuple(float(s) for s in self.init_std))
-        assert blocks, "NiNConfig needs at least one block"
-        assert blocks[-1].pool is None, "the last block feeds the head directly: its pool must be None"
-        assert self.head in ("gap", "fc"), f"head must be 'gap' or 'fc', got {self.head!r}"
-        assert self.init in ("paper", "kaiming"), f"init must be 'paper' or 'kaiming', got {self.init!r}"
-        assert 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"
-        assert 0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}"
-        assert self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"
-        assert self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"
-        assert 1 <= self.input_size <= 4096, f"input_size must be in [1, 4096], got {self.input_size}"
-        assert self.pool_kernel >= 1 and self.pool_stride >= 1, (
-            f"pool_kernel and pool_stride must be at least 1, got {self.pool_kernel} and {self.pool_stride}")
+        _check(bool(blocks), "NiNConfig needs at least one block")
+        _check_bool("batch_norm", self.batch_norm)
+        _check_bool("class_map_relu", self.class_map_relu)
+        _check(blocks[-1].pool is None, "the last block feeds the head directly: its pool must be None")
+        _check(self.head in ("gap", "fc"), f"head must be 'gap' or 'fc', got {self.head!r}")
+        _check(self.init in ("paper", "kaiming"), f"init must be 'paper' or 'kaiming', got {self.init!r}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        _check(self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}")
+        _check(self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}")
+        _check(1 <= self.input_size <= 4096, f"input_size must be in [1, 4096], got {self.input_size}")
+        _check(self.pool_kernel >= 1 and self.pool_stride >= 1, (
+            f"pool_kernel and pool_stride must be at least 1, got {self.pool_kernel} and {self.pool_stride}"))
         stds = self.init_std if isinstance(self.init_std, tuple) else (self.init_std,)
-        assert all(s > 0 for s in stds), f"init_std must be positive, got {self.init_std}"
-        assert all(w >= 1 for w in self.head_hidden), f"head_hidden widths must be positive, got {self.head_hidden}"
+        _check(all(s > 0 for s in stds), f"init_std must be positive, got {self.init_std}")
+        _check(all(w >= 1 for w in self.head_hidden), f"head_hidden widths must be positive, got {self.head_hidden}")
         if self.head == "gap":
-            assert blocks[-1].widths[-1] == self.num_classes, (
+            _check(blocks[-1].widths[-1] == self.num_classes, (
                 f"with global average pooling the last block must emit one map per class: "
                 f"last width {blocks[-1].widths[-1]} != num_classes {self.num_classes}"
-            )
+            ))
         if isinstance(self.init_std, tuple):
-            assert len(self.init_std) == self.num_convs, (
-                f"init_std gives {len(self.init_std)} stds for {self.num_convs} convolutions"
-            )
+            _check(len(self.init_std) == self.num_convs,
+                   f"init_std gives {len(self.init_std)} stds for {self.num_convs} convolutions")
 
     @property
     def num_convs(self) -> int:
@@ -211,7 +224,7 @@ class NiN(nn.Module):
         FC head's last layer) is rebuilt at the new width and initialised as ``config.init`` says; every other
         weight is kept, so trained features can be fine-tuned on new classes. ``config`` follows; ``classes``
         (names) replaces the model's class names (None when not given)."""
-        assert num_classes >= 1, f"num_classes must be at least 1, got {num_classes}"
+        _check(num_classes >= 1, f"num_classes must be at least 1, got {num_classes}")
         config = self.config
         if config.head == "gap":
             last = config.blocks[-1]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nin.data.folders import check_class_count, list_image_classes, list_image_folder
+from nin.data.folders import check_class_count, image_files, list_image_classes, list_image_folder
 from nin.data.images import read_image
 from nin.data.readers import (
     read_cifar_binary,
@@ -410,6 +411,31 @@ def _load_folder(root: Path, split: str, image_size: int, channels: int, classes
     return images, torch.tensor([label for _, label in samples], dtype=torch.int64), classes
 
 
+def folder_split_digest(root: str | os.PathLike, split: str, *, val_split: float = 0.0, seed: int = 0,
+                        classes: list[str] | None = None) -> str:
+    """sha256 of which files make an image folder's ``split`` (names relative to the folder, and labels), listed
+    but not read: what a run records of its held-out part, so that scoring it later can tell whether images were
+    added, removed or renamed since (a moved folder keeps its digest)."""
+    root = resolve_root(root)
+    samples, _ = _folder_samples(root, split, classes, val_split, seed)
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f"{path.relative_to(root).as_posix()}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_not_mixed(root: Path) -> None:
+    """A folder with split folders (train/, test/) holds no class folders beside them: in a flat tree a class named
+    "train" or "test" would be read as a split and the others dropped without a word."""
+    beside = [p.name for p in sorted(root.iterdir())
+              if p.is_dir() and not p.name.startswith(".") and p.name not in SPLITS and image_files(p)]
+    if beside:
+        splits = ", ".join(f"{name}/" for name in SPLITS if (root / name).is_dir())
+        raise DataError(f"{root}: holds split folders ({splits}) and image folders beside them "
+                        f"({', '.join(n + '/' for n in beside[:3])}); expected <root>/train/<class>/<image> or "
+                        "<root>/<class>/<image>, not both (a class named train or test: rename it)")
+
+
 def _folder_samples(root: Path, split: str, classes: list[str] | None, val_split: float = 0.0,
                     seed: int = 0) -> tuple[list[tuple[Path, int]], list[str]]:
     """The (file, label) pairs of an image folder's `split`, listed but not read, and the class list:
@@ -422,6 +448,8 @@ def _folder_samples(root: Path, split: str, classes: list[str] | None, val_split
     other split is that held-out part.
     """
     split_folders = (root / "train").is_dir() or (root / "test").is_dir()
+    if split_folders:
+        _check_not_mixed(root)
     from_train = classes is None and (root / "train").is_dir()  # train/'s sub-folders are the class list
     if from_train:
         classes = list_image_classes(root / "train")

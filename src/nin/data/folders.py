@@ -17,7 +17,7 @@ import torch
 from nin.data.images import DEFAULT_MAX_PIXELS, read_image
 from nin.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "check_class_count", "list_images", "list_image_classes", "list_image_folder",
+__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "check_class_count", "image_files", "list_images", "list_image_classes", "list_image_folder",
            "read_image_folder"]
 
 # What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
@@ -127,6 +127,12 @@ class NumberedClasses(list):
     nin_imagenet` stores it): a folder of other names is labelled in sorted order (see `list_image_folder`)."""
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted: hidden files and other suffixes (`IMAGE_SUFFIXES`) left out."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """List (file, label) pairs of a class-per-sub-folder tree.
 
@@ -155,10 +161,12 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
     for name in found:
         if name not in classes:
             raise DataError(f"{root / name}: class {name!r} is not in the class list ({', '.join(classes)})")
-        files = sorted(p for p in (root / name).iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(root / name)
         if not files:
-            raise DataError(f"{root / name}: empty class folder, expected at least one image")
+            nested = [p.name for p in sorted((root / name).iterdir()) if p.is_dir() and image_files(p)]
+            raise DataError(f"{root / name}: empty class folder, expected at least one image" + (
+                f" in it (its sub-folders {', '.join(n + '/' for n in nested[:3])} are not read: "
+                "<root>/<class>/<image>, one level)" if nested else ""))
         samples.extend((path, classes.index(name)) for path in files)
     return samples, classes
 

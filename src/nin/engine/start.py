@@ -20,7 +20,7 @@ from torch import nn
 
 from nin import distributed
 from nin.checkpoint import git_revision, load_checkpoint
-from nin.data import TensorLoader, dataset_files, load_dataset, recorded_root, resolve_root
+from nin.data import TensorLoader, dataset_files, folder_split_digest, load_dataset, recorded_root, resolve_root
 from nin.data.folders import check_class_count
 from nin.engine.config import TrainConfig, validate
 from nin.engine.metrics import MetricsLog
@@ -80,11 +80,17 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
             raise CheckpointError(f"{out / 'checkpoint.safetensors'}: does not match its own config "
                                   f"({' '.join(str(e).split())[:300]})") from None
         _reshard(state, saved_meta.get("world_size", 1), len(loader), cfg, log)
+        if epochs is not None and state.batches_done and epochs <= state.epoch:  # a mid-epoch model is no result
+            raise NinError(f"--epochs {epochs}: {out} is inside epoch {state.epoch + 1} (its checkpoint is from "
+                           f"step {state.step}); pass --epochs {state.epoch + 1} or more to finish that epoch")
 
     history = _run_history(command, resume, saved_meta, device)
     world = distributed.world_size()
     meta = {"train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "dataset": cfg.dataset,
             "data_sha256": identity, "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
+    if cfg.dataset == "folder" and cfg.val_split:  # which images it held out, for `nin evaluate` to find again
+        meta["held_out_sha256"] = folder_split_digest(cfg.data_dir, cfg.eval_split, val_split=cfg.val_split,
+                                                      seed=cfg.seed)
     run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
               _wrap(model, cfg, device), history, MetricsLog(out, keep_epochs=state.epoch) if main else None, log,
               memory_format, meta)

@@ -99,6 +99,9 @@ def check_arguments(args) -> None:
     if not args.inference:
         resolve_device(args.device or "cpu")
         return
+    if args.device not in (None, "cpu"):
+        raise NinError(f"--device {args.device}: --inference times the deployment backends on the CPU (ONNX Runtime, "
+                       "OpenVINO, TorchScript); leave --device out, or drop --inference to time training there")
     try:
         config = read_meta(resolve(args.inference)).get("model_config") or {}
     except NinError as e:

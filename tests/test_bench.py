@@ -175,6 +175,7 @@ def test_bench_inference_refuses_a_device_it_would_not_use(capsys, no_data_no_ti
     assert main(["bench", "--inference", "--device", "cuda"]) == 1  # had timed the CPU backends, silently
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device cuda: --inference times the deployment backends on the CPU" in err
+    bench.check_arguments(SimpleNamespace(inference="fast-cifar10", device="cpu:0"))  # the CPU, named otherwise
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -346,6 +346,21 @@ def test_split_folders_beside_class_folders_are_refused(tmp_path, split):
         load_dataset("folder", "train", tmp_path)
 
 
+def test_an_unreadable_folder_beside_the_splits_is_not_read(tmp_path, monkeypatch):
+    # a data disk's lost+found (mode 700): the split folders load as before, no PermissionError
+    write_image_folder(tmp_path / "train", {"cat": 2, "dog": 2})
+    (tmp_path / "lost+found").mkdir()
+    from nin.data import datasets
+
+    real = datasets.image_files
+    def image_files(folder):
+        if folder.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(folder)
+    monkeypatch.setattr(datasets, "image_files", image_files)
+    assert len(load_dataset("folder", "train", tmp_path)) == 4
+
+
 def test_unsupported_image(tmp_path):
     write_image_folder(tmp_path, {"a": 1})
     (tmp_path / "a" / "notes.jpg").write_text("not an image")

@@ -323,24 +323,28 @@ def test_evaluate_pretrained_weights_on_a_folder_labels_by_class_name(folder, da
     assert err.count("\n") == 1 and "T-shirt/top" in err and "mnist" in err and "Traceback" not in err
 
 
-def test_evaluate_a_held_out_run_on_another_folder_scores_all_of_it(flat, tmp_path, capsys):
+def test_evaluate_a_held_out_run_on_another_folder_scores_all_of_it(folder, flat, tmp_path, capsys):
     """A run trained on a folder without test/ is scored on its 10% held out; `nin evaluate RUN --data-dir OTHER`
-    held out the same 10% of OTHER too, silently scoring 18 of its 180 images. Its own folder keeps the 18."""
+    held out the same 10% of OTHER too, silently scoring 18 of its 180 images. Its own folder keeps the 18, also
+    moved or copied (scored whole, it would hold the 162 trained images)."""
     import shutil
 
     out = tmp_path / "held"
     assert main(["train", "--dataset", "folder", "--data-dir", str(flat), "--epochs", "1", "--batch-size", "64",
                  "--out", str(out), "--device", "cpu"]) == 0
     capsys.readouterr()
-    other = tmp_path / "other"
-    shutil.copytree(flat, other)
+    other = folder / "test"  # other images of the same classes: 20 of each
     assert main(["evaluate", str(out), "--data-dir", str(other), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 180
+    assert json.loads(capsys.readouterr().out)["n"] == 60
     assert main(["evaluate", str(out), "--dataset", "folder", "--data-dir", str(other), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 180
+    assert json.loads(capsys.readouterr().out)["n"] == 60
     assert main(["evaluate", str(out), "--data-dir", str(flat), "--json"]) == 0  # its own folder, named
     assert json.loads(capsys.readouterr().out)["n"] == 18
     assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 18
+    copy = tmp_path / "copy"
+    shutil.copytree(flat, copy)
+    assert main(["evaluate", str(out), "--data-dir", str(copy), "--json"]) == 0  # the same files: its held-out part
     assert json.loads(capsys.readouterr().out)["n"] == 18
 
 
@@ -358,6 +362,14 @@ def test_evaluate_refuses_a_held_out_part_its_folder_no_longer_gives(flat, tmp_p
     (mine / "notes.txt").write_text("not an image")  # not an image: the same held-out part
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 18
+    from nin.data.datasets import _folder_samples
+
+    held = _folder_samples(mine, "test", None, 0.1, 0)[0][0][0]
+    renamed = held.with_name(held.stem + "x" + held.suffix)  # the same place in the sorted list: the same split
+    held.rename(renamed)
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 1  # had recorded the new part
+    assert "its held-out images are not the ones this run held out" in capsys.readouterr().err
+    renamed.rename(held)
     cat = mine / "cat"
     shutil.copy(next(cat.iterdir()), cat / "0-new.png")
     assert main(["evaluate", str(out), "--json"]) == 1

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -229,6 +230,8 @@ _CIFAR = model_config("nin_cifar10")
     (lambda: dataclasses.replace(_CIFAR, init_std=(0.05, 0.05)), "2 stds for 9 convolutions"),
     (lambda: MLPConvSpec(3, (8,), pool="median"), "pool must be"),
     (lambda: MLPConvSpec(3, (8,), dropout="yes"), "dropout must be true or false"),
+    (lambda: MLPConvSpec(3, (), pool=None), "widths must be one or more positive numbers"),  # had an IndexError
+    (lambda: MLPConvSpec(0, (8,)), "kernel_size and stride must be at least 1"),
     (lambda: MLPConv(0, (8,)), "in_channels must be positive"),
     (lambda: MLPConv(3, ()), "widths must be"),
     (lambda: MLPConv(3, (8, 0)), "widths must be"),
@@ -238,6 +241,12 @@ _CIFAR = model_config("nin_cifar10")
 def test_bad_architectures_are_refused_with_a_value_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_numpy_bools_are_bools():
+    config = dataclasses.replace(_CIFAR, batch_norm=np.True_, class_map_relu=np.False_)
+    assert config.batch_norm is True and config.class_map_relu is False  # stored as Python bools: JSON takes them
+    assert MLPConvSpec(3, (8,), dropout=np.False_).dropout is False
 
 
 def test_architecture_checks_hold_under_python_O():

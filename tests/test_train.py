@@ -179,6 +179,10 @@ def test_resume_mid_epoch_is_bit_identical(data_root, tmp_path):
     with pytest.raises(NinError, match="inside epoch 2 .*--epochs 2 or more"):  # no model from a half epoch
         train(None, cut, resume=True, epochs=1, log=lambda *_: None)
     assert not (cut / "model.safetensors").exists()
+    from nin.engine.start import planned_config
+
+    with pytest.raises(NinError, match="inside epoch 2"):  # `--dry-run` says so too
+        planned_config(None, cut, resume=True, epochs=1)
     train(None, cut, resume=True, log=lambda *_: None)
     a, _ = load_state(full / "checkpoint.safetensors")
     b, _ = load_state(cut / "checkpoint.safetensors")

@@ -22,7 +22,7 @@ from nin import distributed
 from nin.data import ImageDataset, TensorLoader, folder_split_digest, load_dataset, recorded_root, resolve_root
 from nin.data.folders import NumberedClasses
 from nin.data.readers import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, idx_magic, read_cifar_binary, read_idx_dataset
-from nin.errors import NinError
+from nin.errors import DataError, NinError
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import resolve_device, select_precision
@@ -151,6 +151,20 @@ def _first(names, count: int = 3) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
+def _holds_the_held_out_part(meta: dict, data_dir, split: str) -> bool:
+    """``data_dir``, another folder than the one a folder run recorded, gives the held-out part the run held out
+    (the same files, by name and label): the run's folder moved or copied, whose whole would hold trained images."""
+    train = meta.get("train_config") or {}
+    if meta.get("dataset") != "folder" or not train.get("val_split") or not meta.get("held_out_sha256") \
+            or split == "train":
+        return False
+    try:
+        return folder_split_digest(data_dir, split, val_split=train["val_split"], seed=train.get("seed", 0),
+                                   classes=_model_classes(meta)) == meta["held_out_sha256"]
+    except (DataError, OSError):  # not a folder of the run's layout: another folder
+        return False
+
+
 def _check_held_out(weights, meta: dict, data_dir, split: str, size_args: dict) -> None:
     """The held-out part of a run's own folder is the one it held out: no image added, removed or renamed since
     (runs from before the record was kept are not checked)."""
@@ -179,7 +193,8 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
             raise NinError(f"{weights}: names no data set; pass --dataset")
         recorded = (meta.get("train_config") or {}).get("data_dir")
         # the run's held-out part (--val-split) is of its own folder; another folder is scored whole
-        own_folder = own and (data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve())
+        own_folder = own and (data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve()
+                              or _holds_the_held_out_part(meta, data_dir, split))  # moved or copied whole
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
             data_dir = recorded_root(recorded, dataset)
         size_args = {}

@@ -56,9 +56,12 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_bool(name: str, value: object) -> None:
-    # "no" or 0 is truthy or falsy by accident; a config field that switches something is a bool
+def _as_bool(name: str, value: object) -> bool:
+    # "no" or 0 is truthy or falsy by accident: a field that switches something is a bool (numpy's bool too)
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        value = bool(value)
     _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,11 @@ class MLPConvSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        _check(bool(self.widths) and min(self.widths) >= 1, f"widths must be one or more positive numbers, got {self.widths}")
+        _check(self.kernel_size >= 1 and self.stride >= 1,
+               f"kernel_size and stride must be at least 1, got {self.kernel_size} and {self.stride}")
         _check(self.pool in ("max", "avg", None), f"pool must be 'max', 'avg' or None, got {self.pool!r}")
-        _check_bool("dropout", self.dropout)
+        object.__setattr__(self, "dropout", _as_bool("dropout", self.dropout))
 
 
 @dataclass(frozen=True)
@@ -107,8 +113,8 @@ class NiNConfig:
         if isinstance(self.init_std, list):
             object.__setattr__(self, "init_std", tuple(float(s) for s in self.init_std))
         _check(bool(blocks), "NiNConfig needs at least one block")
-        _check_bool("batch_norm", self.batch_norm)
-        _check_bool("class_map_relu", self.class_map_relu)
+        object.__setattr__(self, "batch_norm", _as_bool("batch_norm", self.batch_norm))
+        object.__setattr__(self, "class_map_relu", _as_bool("class_map_relu", self.class_map_relu))
         _check(blocks[-1].pool is None, "the last block feeds the head directly: its pool must be None")
         _check(self.head in ("gap", "fc"), f"head must be 'gap' or 'fc', got {self.head!r}")
         _check(self.init in ("paper", "kaiming"), f"init must be 'paper' or 'kaiming', got {self.init!r}")

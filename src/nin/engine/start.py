@@ -80,9 +80,6 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
             raise CheckpointError(f"{out / 'checkpoint.safetensors'}: does not match its own config "
                                   f"({' '.join(str(e).split())[:300]})") from None
         _reshard(state, saved_meta.get("world_size", 1), len(loader), cfg, log)
-        if epochs is not None and state.batches_done and epochs <= state.epoch:  # a mid-epoch model is no result
-            raise NinError(f"--epochs {epochs}: {out} is inside epoch {state.epoch + 1} (its checkpoint is from "
-                           f"step {state.step}); pass --epochs {state.epoch + 1} or more to finish that epoch")
 
     history = _run_history(command, resume, saved_meta, device)
     world = distributed.world_size()
@@ -91,6 +88,9 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     if cfg.dataset == "folder" and cfg.val_split:  # which images it held out, for `nin evaluate` to find again
         meta["held_out_sha256"] = folder_split_digest(cfg.data_dir, cfg.eval_split, val_split=cfg.val_split,
                                                       seed=cfg.seed)
+        if saved_meta.get("held_out_sha256") not in (None, meta["held_out_sha256"]):
+            raise NinError(f"{cfg.data_dir}: its held-out images are not the ones this run held out (added, removed "
+                           "or renamed since it began); point --data-dir at the run's own data")
     run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
               _wrap(model, cfg, device), history, MetricsLog(out, keep_epochs=state.epoch) if main else None, log,
               memory_format, meta)
@@ -110,6 +110,10 @@ def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_me
     out), with what may change on a resume (epochs, checkpoint interval, the data's new place), validated."""
     if saved is not None:
         cfg = _checkpoint_config(out / "checkpoint.safetensors", saved, saved_meta)
+        done, inside = saved_meta["epoch"], saved_meta["batches_done"]
+        if epochs is not None and inside and epochs <= done:  # a model from half an epoch is no result
+            raise NinError(f"--epochs {epochs}: {out} is inside epoch {done + 1} (its checkpoint is from step "
+                           f"{saved_meta['step']}); pass --epochs {done + 1} or more to finish that epoch")
         if "val_split" not in saved_meta["train_config"]:
             cfg = dataclasses.replace(cfg, val_split=0.0)
         if data_dir is None and recorded_root(cfg.data_dir, cfg.dataset) != cfg.data_dir:

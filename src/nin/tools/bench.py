@@ -88,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "p50/p99")
 
 
+def _device_type(name: str) -> str:
+    try:
+        return torch.device(name).type
+    except RuntimeError:  # not a device name: resolve_device's one line says what it expected
+        return resolve_device(name).type
+
+
 def check_arguments(args) -> None:
     """What argparse cannot check, checked before anything is loaded or timed (and before the CIFAR-10 data is
     looked for): the device, and --inference's weights (they exist and take CIFAR-10's 3×32×32 images; read from
@@ -99,7 +106,7 @@ def check_arguments(args) -> None:
     if not args.inference:
         resolve_device(args.device or "cpu")
         return
-    if args.device not in (None, "cpu"):
+    if args.device is not None and _device_type(args.device) != "cpu":
         raise NinError(f"--device {args.device}: --inference times the deployment backends on the CPU (ONNX Runtime, "
                        "OpenVINO, TorchScript); leave --device out, or drop --inference to time training there")
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nin import distributed
@@ -274,3 +275,15 @@ def test_resume_refuses_flags_that_would_change_the_run(data_root, tmp_path, cap
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert main(["train", "--resume", str(run), "--checkpoint-every", "-1"]) == 1
     assert "checkpoint_every" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset, noted", [("mnist", True), ("folder", False)])
+def test_the_val_split_note_is_for_named_data_sets_only(capsys, monkeypatch, dataset, noted):
+    """A named data set's val split is part of its training images; an image folder's val/ (or held-out part) is not."""
+    import nin.evaluate
+    from nin.evaluate import EvalResult
+
+    result = EvalResult(confusion=torch.eye(2, dtype=torch.int64), loss=0.1)
+    monkeypatch.setattr(nin.evaluate, "evaluate_weights", lambda *args, **kwargs: (result, dataset, ["a", "b"]))
+    assert main(["evaluate", "paper-mnist", "--split", "val", "--json"]) == 0
+    assert ("is made of training images" in capsys.readouterr().err) == noted

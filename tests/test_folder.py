@@ -362,6 +362,9 @@ def test_evaluate_refuses_a_held_out_part_its_folder_no_longer_gives(flat, tmp_p
     (mine / "notes.txt").write_text("not an image")  # not an image: the same held-out part
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 18
+    assert main(["evaluate", str(out), "--split", "val", "--json"]) == 0  # the held-out part too
+    said = capsys.readouterr()
+    assert json.loads(said.out)["n"] == 18 and "made of training images" not in said.err  # had said so
     from nin.data.datasets import _folder_samples
 
     held = _folder_samples(mine, "test", None, 0.1, 0)[0][0][0]

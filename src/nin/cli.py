@@ -293,7 +293,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result, dataset, classes = evaluate_weights(args.weights, dataset=args.dataset, split=args.split,
                                                 data_dir=args.data_dir, data_file=args.data_file,
                                                 batch_size=args.batch_size, device=args.device)
-    if args.split in ("val", "train_minus_val") and not args.data_file:
+    if args.split in ("val", "train_minus_val") and not args.data_file and dataset != "folder":  # a folder's val is its own
         print(f"nin evaluate: note: split {args.split!r} is made of training images (the paper's held-out "
               "validation split); a model trained on split 'train' has seen them", file=sys.stderr)
     if args.json:

@@ -207,6 +207,12 @@ def test_resume_removes_temp_files_of_killed_writes(data_root, tmp_path):
     train(None, run, resume=True, epochs=2, log=said.append)
     assert not any(path.exists() for path in torn) and keep.read_text() == "mine"
     assert sum("left by a write that was killed" in line for line in said) == 2
+    # finished: resuming it again writes nothing (it had rewritten model.safetensors and added a resume to config.json)
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
+    said.clear()
+    train(None, run, resume=True, log=said.append)
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == before
+    assert any("is already finished (epoch 2" in line for line in said)
 
 
 def test_refuses_to_overwrite_a_run(data_root, tmp_path):

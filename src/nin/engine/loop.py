@@ -31,9 +31,10 @@ from tqdm import tqdm
 from nin import distributed
 from nin.checkpoint import save_checkpoint, save_weights
 from nin.engine.config import TrainConfig, small_phase_epochs, validate
+from nin.engine.metrics import MetricsLog
 from nin.engine.run_folder import run_folder_lock
 from nin.engine.schedule import lr_at
-from nin.engine.start import start_run
+from nin.engine.start import start_run, write_config_json
 from nin.engine.state import Run, RunState
 from nin.errors import CheckpointError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
@@ -237,13 +238,19 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                                command=command, device=device, log=log, data_dir=data_dir)
         run.stop = stop
         record: dict = {}
-        if done(run, state) and distributed.is_main():
-            log(f"nin: {run.out} is already finished (epoch {state.epoch}, step {state.step}); nothing to do. "
-                f"`--epochs N` with N > {state.epoch} trains further")
-        while not done(run, state):
-            train_one_epoch(run, state, interrupt_after)
-            record = end_epoch(run, state)
-        _finish(run, state, record)
+        main = distributed.is_main()
+        if done(run, state) and resume and (run.out / "model.safetensors").is_file():  # nothing to do, nothing written
+            if main:
+                log(f"nin: {run.out} is already finished (epoch {state.epoch}, step {state.step}); nothing to do. "
+                    f"`--epochs N` with N > {state.epoch} trains further")
+        else:
+            if main:  # the run's files: config.json, and its metrics so far (a resumed run's first epochs)
+                run.metrics = MetricsLog(run.out, keep_epochs=state.epoch)  # first: it refuses a log it cannot read
+                write_config_json(run, resume)
+            while not done(run, state):
+                train_one_epoch(run, state, interrupt_after)
+                record = end_epoch(run, state)
+            _finish(run, state, record)
     distributed.barrier()
     return record
 

@@ -23,7 +23,6 @@ from nin.checkpoint import git_revision, load_checkpoint
 from nin.data import TensorLoader, dataset_files, folder_split_digest, load_dataset, recorded_root, resolve_root
 from nin.data.folders import check_class_count
 from nin.engine.config import TrainConfig, validate
-from nin.engine.metrics import MetricsLog
 from nin.engine.optim import Ema, make_optimizer
 from nin.engine.run_folder import RUN_FILES, RUN_MARKER
 from nin.engine.schedule import PlateauRule
@@ -92,10 +91,9 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
             raise NinError(f"{cfg.data_dir}: its held-out images are not the ones this run held out (added, removed "
                            "or renamed since it began); point --data-dir at the run's own data")
     run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
-              _wrap(model, cfg, device), history, MetricsLog(out, keep_epochs=state.epoch) if main else None, log,
+              _wrap(model, cfg, device), history, None, log,
               memory_format, meta)
     if main:
-        _write_config_json(run, resume)
         if not resume:
             log(f"nin: training {cfg.model} on {cfg.dataset} ({len(train_data[1])} images, {len(loader)} steps/epoch"
                 f"{f' per rank × {world} ranks' if world > 1 else ''}) on {device}, "
@@ -374,7 +372,8 @@ def _run_history(command: str | None, resume: bool, saved_meta: dict, device: to
             "resumes": resumes}
 
 
-def _write_config_json(run: Run, resume: bool) -> None:
+def write_config_json(run: Run, resume: bool) -> None:
+    """The run's config.json: its config, model, command history and host (`train` writes it as the run starts)."""
     config = {RUN_MARKER: True, "train_config": run.cfg.to_dict(), "model_config": run.meta["model_config"],
               **run.history,
               "device": str(run.device), "autocast": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",

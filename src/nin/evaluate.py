@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from nin import distributed
 from nin.data import ImageDataset, TensorLoader, folder_split_digest, load_dataset, recorded_root, resolve_root
-from nin.data.folders import NumberedClasses
+from nin.data.folders import NumberedClasses, first_names
 from nin.data.readers import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, idx_magic, read_cifar_binary, read_idx_dataset
 from nin.errors import DataError, NinError
 from nin.inference import inference_model, predict_logits
@@ -145,12 +145,6 @@ def _model_classes(meta: dict) -> list[str] | None:
     return classes
 
 
-def _first(names, count: int = 3) -> str:
-    """A class list for a one-line message: its first names."""
-    names = list(names)
-    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
-
-
 def _holds_the_held_out_part(meta: dict, data_dir, split: str) -> bool:
     """``data_dir``, another folder than the one a folder run recorded, gives the held-out part the run held out
     (the same files, by name and label): the run's folder moved or copied, whose whole would hold trained images."""
@@ -214,7 +208,7 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
     theirs = meta.get("classes")
     if data_file is None and dataset not in ("folder", meta.get("dataset")) and theirs \
             and list(theirs) != list(data.classes):  # a Fashion-MNIST model scored on MNIST digits: refused
-        raise NinError(f"{weights}: its classes ({_first(theirs)}) are not {dataset}'s ({_first(data.classes)}); "
+        raise NinError(f"{weights}: its classes ({first_names(theirs)}) are not {dataset}'s ({first_names(data.classes)}); "
                        "--dataset takes a data set with the model's own classes")
     if len(data.labels) and int(data.labels.max()) >= config.num_classes:
         raise NinError(f"{weights}: the model has {config.num_classes} classes; {dataset} {split} has "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nin.data.folders import check_class_count, folder_names, image_files, list_image_classes, list_image_folder
+from nin.data.folders import check_class_count, first_names, image_files, list_image_classes, list_image_folder
 from nin.data.images import read_image
 from nin.data.readers import (
     read_cifar_binary,
@@ -432,7 +432,7 @@ def _check_not_mixed(root: Path) -> None:
     if beside:
         splits = ", ".join(f"{name}/" for name in SPLITS if (root / name).is_dir())
         raise DataError(f"{root}: holds split folders ({splits}) and image folders beside them "
-                        f"({folder_names(beside)}); expected <root>/train/<class>/<image> or <root>/<class>/<image>, "
+                        f"({first_names(n + '/' for n in beside)}); expected <root>/train/<class>/<image> or <root>/<class>/<image>, "
                         "not both: move those out (or, a class named train or test, rename it)")
 
 

@@ -84,12 +84,7 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     world = distributed.world_size()
     meta = {"train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "dataset": cfg.dataset,
             "data_sha256": identity, "classes": classes, "tta_flip": cfg.tta_flip, "world_size": world, **history}
-    if cfg.dataset == "folder" and cfg.val_split:  # which images it held out, for `nin evaluate` to find again
-        meta["held_out_sha256"] = folder_split_digest(cfg.data_dir, cfg.eval_split, val_split=cfg.val_split,
-                                                      seed=cfg.seed)
-        if saved_meta.get("held_out_sha256") not in (None, meta["held_out_sha256"]):
-            raise NinError(f"{cfg.data_dir}: its held-out images are not the ones this run held out (added, removed "
-                           "or renamed since it began); point --data-dir at the run's own data")
+    meta.update(_held_out_record(cfg, saved_meta))
     run = Run(cfg, out, device, amp_dtype, preprocessing, classes, loader, eval_loader, extra_loader,
               _wrap(model, cfg, device), history, None, log,
               memory_format, meta)
@@ -100,6 +95,18 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
                 f"{'bf16 autocast' if amp_dtype else 'fp32'}; run folder {out}")
             _note_missing_svhn_extra(cfg, log)
     return run, state
+
+
+def _held_out_record(cfg: TrainConfig, saved_meta: dict) -> dict:
+    """An image folder's held-out part, as files (`folder_split_digest`), for `nin evaluate` to find again; on a
+    resume, the one the run began with."""
+    if cfg.dataset != "folder" or not cfg.val_split:
+        return {}
+    digest = folder_split_digest(cfg.data_dir, cfg.eval_split, val_split=cfg.val_split, seed=cfg.seed)
+    if saved_meta.get("held_out_sha256") not in (None, digest):
+        raise NinError(f"{cfg.data_dir}: its held-out images are not the ones this run held out (added, removed "
+                       "or renamed since it began); point --data-dir at the run's own data")
+    return {"held_out_sha256": digest}
 
 
 def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_meta: dict, *, epochs: int | None,

@@ -126,7 +126,7 @@ class Run:
     extra_loader: TensorLoader | None  # cfg.extra_eval's images, or None
     train_model: nn.Module  # the model as trained: itself, compiled, or wrapped in DDP
     history: dict  # command, git_revision (of the start), resumes
-    metrics: MetricsLog | None  # main rank only
+    metrics: MetricsLog | None = None  # main rank only; train() opens it once the run has work to do
     log: object = print
     memory_format: torch.memory_format = torch.channels_last
     meta: dict = field(default_factory=dict)  # what every checkpoint's header says about the run

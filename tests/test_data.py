@@ -350,14 +350,14 @@ def test_an_unreadable_folder_beside_the_splits_is_not_read(tmp_path, monkeypatc
     # a data disk's lost+found (mode 700): the split folders load as before, no PermissionError
     write_image_folder(tmp_path / "train", {"cat": 2, "dog": 2})
     (tmp_path / "lost+found").mkdir()
-    from nin.data import datasets
+    from nin.data import folders
 
-    real = datasets.image_files
+    real = folders.image_files
     def image_files(folder):
         if folder.name == "lost+found":
             raise PermissionError(13, "Permission denied", str(folder))
         return real(folder)
-    monkeypatch.setattr(datasets, "image_files", image_files)
+    monkeypatch.setattr(folders, "image_files", image_files)
     assert len(load_dataset("folder", "train", tmp_path)) == 4
 
 

@@ -187,8 +187,9 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
             raise NinError(f"{weights}: names no data set; pass --dataset")
         recorded = (meta.get("train_config") or {}).get("data_dir")
         # the run's held-out part (--val-split) is of its own folder; another folder is scored whole
-        own_folder = own and (data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve()
-                              or _holds_the_held_out_part(meta, data_dir, split))  # moved or copied whole
+        same_place = data_dir is None or resolve_root(data_dir).resolve() == resolve_root(recorded).resolve()
+        by_record = own and not same_place and _holds_the_held_out_part(meta, data_dir, split)  # moved or copied
+        own_folder = own and (same_place or by_record)
         if own and data_dir is None:  # the data folder the model was trained on, as its run recorded it
             data_dir = recorded_root(recorded, dataset)
         size_args = {}
@@ -201,7 +202,7 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
                          "classes": _model_classes(meta),
                          "val_split": (train.get("val_split") or 0.0) if own_folder else 0.0,
                          "seed": train.get("seed", 0)}
-        if size_args.get("val_split") and split != "train":
+        if size_args.get("val_split") and split != "train" and not by_record:  # by_record: checked already
             _check_held_out(weights, meta, data_dir, split, size_args)
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nin.data.folders import check_class_count, first_names, image_files, list_image_classes, list_image_folder
+from nin.data.folders import check_class_count, first_names, holds_images, list_image_classes, list_image_folder
 from nin.data.images import read_image
 from nin.data.readers import (
     read_cifar_binary,
@@ -428,19 +428,13 @@ def _check_not_mixed(root: Path) -> None:
     """A folder with split folders (train/, test/) holds no class folders beside them: in a flat tree a class named
     "train" or "test" would be read as a split and the others dropped without a word."""
     beside = [p.name for p in sorted(root.iterdir())
-              if p.is_dir() and not p.name.startswith(".") and p.name not in SPLITS and _holds_images(p)]
+              if p.is_dir() and not p.name.startswith(".") and p.name not in SPLITS and holds_images(p)]
     if beside:
         splits = ", ".join(f"{name}/" for name in SPLITS if (root / name).is_dir())
         raise DataError(f"{root}: holds split folders ({splits}) and image folders beside them "
                         f"({first_names(n + '/' for n in beside)}); expected <root>/train/<class>/<image> or <root>/<class>/<image>, "
                         "not both: move those out (or, a class named train or test, rename it)")
 
-
-def _holds_images(folder: Path) -> bool:
-    try:
-        return bool(image_files(folder))
-    except OSError:  # unreadable (lost+found): not read, as before
-        return False
 
 
 def _folder_samples(root: Path, split: str, classes: list[str] | None, val_split: float = 0.0,

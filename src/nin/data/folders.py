@@ -17,7 +17,7 @@ import torch
 from nin.data.images import DEFAULT_MAX_PIXELS, read_image
 from nin.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "check_class_count", "first_names", "image_files", "list_images", "list_image_classes", "list_image_folder",
+__all__ = ["IMAGE_SUFFIXES", "NumberedClasses", "check_class_count", "first_names", "holds_images", "image_files", "list_images", "list_image_classes", "list_image_folder",
            "read_image_folder"]
 
 # What a folder's images are named; other files there (a README, Thumbs.db) are not images of the class.
@@ -133,6 +133,14 @@ def image_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def holds_images(folder: Path) -> bool:
+    """``folder`` has image files directly in it; an unreadable folder (a disk's lost+found) has none we read."""
+    try:
+        return bool(image_files(folder))
+    except OSError:
+        return False
+
+
 def first_names(names, count: int = 3) -> str:
     """``a, b, c, ...``: the first ``count`` names of a message."""
     names = list(names)
@@ -170,7 +178,7 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
         files = image_files(root / name)
         if not files:
             nested = [p.name for p in sorted((root / name).iterdir())
-                      if p.is_dir() and not p.name.startswith(".") and image_files(p)]
+                      if p.is_dir() and not p.name.startswith(".") and holds_images(p)]
             raise DataError(f"{root / name}: empty class folder, expected at least one image" + (
                 f" in it (its sub-folders {first_names(n + '/' for n in nested)} are not read: <root>/<class>/<image>, one level)"
                 if nested else ""))

@@ -58,11 +58,11 @@ def measure(name: str, recipe_name: str, args) -> list[str]:
     models = {layout: get_model(cfg.model, **cfg.model_args).to(memory_format=fmt) for layout, fmt in LAYOUTS.items()}
     for model in models.values():
         model.load_state_dict(models["channels_last"].state_dict())
-    training = {layout: (model.train(), make_optimizer(model, cfg)) for layout, model in models.items()}
-    images, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     evaluation = {layout: optimize_for_inference(model.eval(), amp_dtype=select_precision("auto", cpu),
                                                  channels_last=layout == "channels_last")
-                  for layout, model in models.items()}
+                  for layout, model in models.items()}  # frozen copies: the models themselves train below
+    training = {layout: (model.train(), make_optimizer(model, cfg)) for layout, model in models.items()}
+    images, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     batch = torch.randn(500, 3, 32, 32)
     training_round(training, images, labels, cfg, amp_dtype, 2)  # warm-up
     inference_round(evaluation, batch, 1)

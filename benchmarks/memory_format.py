@@ -19,24 +19,22 @@ import time
 
 import torch
 
-from nin.engine import make_optimizer, recipe, train_step
+from nin.engine import make_optimizer, recipe
 from nin.inference import optimize_for_inference
 from nin.models import get_model
 from nin.runtime import keep_freed_memory, select_precision
+
+from _steps import seconds_for_steps
 
 LAYOUTS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}
 
 
 def training_round(sides: dict, images: torch.Tensor, labels: torch.Tensor, cfg, amp_dtype, steps: int) -> dict:
     """Images/s of ``steps`` training steps for each layout's (model, optimizer), one after the other."""
-    speeds = {}
-    for layout, (model, optimizer) in sides.items():
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step(model, optimizer, images, labels, lr=0.01, cfg=cfg, amp_dtype=amp_dtype,
-                       memory_format=LAYOUTS[layout])
-        speeds[layout] = len(images) * steps / (time.perf_counter() - start)
-    return speeds
+    return {layout: len(images) * steps / seconds_for_steps(model, optimizer, images, labels, cfg=cfg,
+                                                           amp_dtype=amp_dtype, steps=steps, warmup=0,
+                                                           memory_format=LAYOUTS[layout])
+            for layout, (model, optimizer) in sides.items()}
 
 
 def inference_round(sides: dict, images: torch.Tensor, passes: int) -> dict:

@@ -436,7 +436,6 @@ def _check_not_mixed(root: Path) -> None:
                         "not both: move those out (or, a class named train or test, rename it)")
 
 
-
 def _folder_samples(root: Path, split: str, classes: list[str] | None, val_split: float = 0.0,
                     seed: int = 0) -> tuple[list[tuple[Path, int]], list[str]]:
     """The (file, label) pairs of an image folder's `split`, listed but not read, and the class list:

@@ -44,7 +44,7 @@ class DatasetInfo:
     in_channels: int
     image_size: int
     paper_model: str  # the paper's model for this data set (nin.models)
-    paper_preprocessing: str  # NiN paper section 4: GCN + ZCA (CIFAR), GCN + LCN (SVHN), [0, 1] scaling (MNIST)
+    paper_preprocessing: str  # NiN paper section 4: GCN + ZCA (CIFAR), GCN + LCN (SVHN), [0, 1] scaling (MNIST; nin: standardized)
     flip: bool  # horizontal flips make sense (not for digits)
     fast_epochs: int  # the fast recipe's default length
     fast_preprocessing: str = "standardize"  # the fast recipe's input normalisation

@@ -31,7 +31,7 @@ class RunSpec:
 
     name: str  # run folder under --out-root, and results/<name>.json
     dataset: str
-    recipe: str  # paper | caffe | fast (nin.train.RECIPES)
+    recipe: str  # paper | caffe | fast (nin.engine.config.RECIPES)
     model: str | None = None  # None = the data set's paper model
     augment: bool | None = None  # None = the recipe's default (paper: off, fast: on)
     fixed_schedule: bool = False  # Table 5: the authors' 200 + 30 + 30 epochs as a fixed schedule (below)

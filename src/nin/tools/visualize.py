@@ -79,7 +79,7 @@ def confidence_maps(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dty
     Args:
         model: A NiN (anything with ``forward_features``), or the `nin.inference.InferenceModel` of one.
         images: Preprocessed float (N, C, H, W), on the model's device.
-        amp_dtype: Autocast dtype (bf16 where `nin.train.select_precision` picks it); None runs fp32.
+        amp_dtype: Autocast dtype (bf16 where `nin.runtime.select_precision` picks it); None runs fp32.
 
     Returns:
         fp32 (N, K, h, w), one confidence map per class; the model's training mode is left as it was.

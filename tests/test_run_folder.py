@@ -59,7 +59,8 @@ def test_two_writers_one_folder_one_is_refused(data_root, tmp_path):
     codes = [p.wait(timeout=600) for p in processes]
     assert sorted(codes) == [0, 1], (codes, [log.read_text()[-1500:] for log in logs])
     loser = logs[codes.index(1)].read_text()
-    assert "another nin process (PID" in loser or "already holds a run" in loser, loser
+    # the lock's line while the winner writes; once it has finished (a loser started late), what it left
+    assert any(why in loser for why in ("another nin process (PID", "already holds a run", "not a run this program")), loser
     winner_seed = (1, 2)[codes.index(0)]
     config = json.loads((out / "config.json").read_text())
     assert config["train_config"]["seed"] == winner_seed
@@ -78,6 +79,10 @@ def test_resume_while_the_run_is_training_is_refused(data_root, tmp_path, capsys
         assert process.poll() is None, "the run ended before the test could race it"
         assert main(["train", "--resume", str(out), "--device", "cpu"]) == 1
         _one_line(capsys, "another nin process (PID", str(process.pid))
+        # a new run into it: the same line, not what the running one has written so far ("already holds a run")
+        assert main(_train(out)[3:]) == 1
+        _one_line(capsys, "another nin process (PID", str(process.pid))
+        assert process.poll() is None, "the run ended before the test could race it"
     finally:
         process.kill()
         process.wait()

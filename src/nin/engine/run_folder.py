@@ -26,6 +26,7 @@ RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "me
 RUN_FOLDERS = ("tensorboard",)  # written by TensorBoard's SummaryWriter when it is installed
 PROBE_PREFIX = ".write-test"  # the writability probe: a new file (mkstemp, .write-testXXXX), removed at once
 RUN_MARKER = "nin_run"  # a key of config.json: this folder was made by `nin train`
+WRITING = "is writing this run folder"  # what the lock holder is doing, in the refusal
 
 
 @contextlib.contextmanager
@@ -36,12 +37,23 @@ def run_folder_lock(out: Path, *, resume: bool):
     Checks first that the folder may be written (`check_output_dir`); a second writer gets one line naming
     the holder's PID. A folder this call made is removed again when the run fails before writing into it.
     """
+    flag = "--resume" if resume else "--out"
     created = not out.exists()
-    check_output_dir(out, resume=resume)
-    with removed_if_unused(out, created), folder_lock(out, flag="--resume" if resume else "--out",
-                                                      doing="is writing this run folder"):
+    try:
+        check_output_dir(out, resume=resume)
+    except NinError:
+        _refuse_if_held(out, flag)  # a run another process is writing: name that process, not what it wrote so far
+        raise
+    with removed_if_unused(out, created), folder_lock(out, flag=flag, doing=WRITING):
         check_output_dir(out, resume=resume)  # what the holder before us may have left
         yield
+
+
+def _refuse_if_held(out: Path, flag: str) -> None:
+    """`folder_lock`'s one line, naming the holder's PID, when another process is writing ``out`` now."""
+    if out.is_dir():
+        with contextlib.suppress(OSError), folder_lock(out, flag=flag, doing=WRITING):
+            pass
 
 
 def check_output_dir(out: Path, *, resume: bool) -> None:

@@ -415,3 +415,32 @@ def test_a_folders_subsets_are_drawn_from_every_class():
     assert torch.equal(_subset(images, labels, 10, True, 0)[1], drawn)  # seeded: a resumed run draws the same
     assert not torch.equal(_subset(images, labels, 10, True, 1)[1], drawn)
     assert _subset(images, labels, 0, True, 0)[1] is labels and _subset(images, labels, 99, True, 0)[1] is labels
+
+
+def test_a_test_folder_added_after_training_is_named_not_scored_in_the_held_out_parts_place(folder, tmp_path, capsys):
+    """A run on my_images/train/ (no test/) holds out 10% of it. A test/ added since: `--resume` was refused for a
+    --val-split nobody passed, and `nin evaluate RUN` scored the held-out part without a word of test/."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(folder / "train", mine / "train")
+    out = tmp_path / "held"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(mine), "--epochs", "1", "--batch-size", "64",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    shutil.copytree(folder / "test", mine / "test")  # 20 new images of each class
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_config"]["val_split"] == 0.1
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 0
+    said = capsys.readouterr()
+    assert f"{mine / 'test'} was added since this run began" in said.out and not said.err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["evaluate", str(out), "--json"]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out)["n"] == 18  # what the run held out, as it recorded
+    assert said.err.count("\n") == 1 and said.err.startswith("nin evaluate: note: ")
+    assert f"--data-dir {mine / 'test'} scores it" in said.err
+    assert main(["evaluate", str(out), "--split", "train", "--json"]) == 0
+    assert not capsys.readouterr().err  # its training part: test/ is not in its place
+    assert main(["evaluate", str(out), "--data-dir", str(mine / "test"), "--json"]) == 0  # as the note says
+    assert json.loads(capsys.readouterr().out)["n"] == 60

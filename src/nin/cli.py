@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from nin.__about__ import __version__
@@ -382,6 +383,27 @@ def main(argv: list[str] | None = None) -> int:
         from nin.runtime import keep_freed_memory
 
         keep_freed_memory()
+    with warnings.catch_warnings():  # a library's NinNote: one line of its own, as the errors are
+        from nin.errors import NinNote
+
+        warnings.simplefilter("always", NinNote)
+        warnings.showwarning = _note_or_warning(args.command, warnings.showwarning)
+        return _run_command(args)
+
+
+def _note_or_warning(command: str, show):
+    """A `warnings.showwarning` that prints a NinNote as "nin COMMAND: note: ..." and passes on any other."""
+    from nin.errors import NinNote
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, NinNote):
+            print(f"nin {command}: note: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.debug:
         return COMMANDS[args.command](args)
     from nin.errors import NinError

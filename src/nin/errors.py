@@ -24,6 +24,11 @@ class CheckpointError(NinError):
     """A checkpoint or weights file is missing, damaged, or belongs to another model."""
 
 
+class NinNote(UserWarning):
+    """Something the user should know about a result that is still right (`warnings.warn`); the command line
+    prints it as one line, "nin COMMAND: note: ...", to stderr."""
+
+
 class MissingPackage(NinError):
     """An optional dependency is not installed (`require_package`); the message names the extra that brings it."""
 

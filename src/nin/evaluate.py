@@ -10,6 +10,7 @@ summed over ranks, so the numbers equal a single process's.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from nin import distributed
 from nin.data import ImageDataset, TensorLoader, folder_split_digest, load_dataset, recorded_root, resolve_root
 from nin.data.folders import NumberedClasses, first_names
 from nin.data.readers import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, idx_magic, read_cifar_binary, read_idx_dataset
-from nin.errors import DataError, NinError
+from nin.errors import DataError, NinError, NinNote
 from nin.inference import inference_model, predict_logits
 from nin.pretrained import load
 from nin.runtime import resolve_device, select_precision
@@ -202,8 +203,13 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
                          "classes": _model_classes(meta),
                          "val_split": (train.get("val_split") or 0.0) if own_folder else 0.0,
                          "seed": train.get("seed", 0)}
-        if size_args.get("val_split") and split != "train" and not by_record:  # by_record: checked already
-            _check_held_out(weights, meta, data_dir, split, size_args)
+        if size_args.get("val_split") and split != "train":
+            if not by_record:  # by_record: checked already
+                _check_held_out(weights, meta, data_dir, split, size_args)
+            if (resolve_root(data_dir) / split).is_dir():  # added since the run began: not what is scored
+                warnings.warn(NinNote(f"scoring the {size_args['val_split']:.0%} of each class {weights} held out "
+                                      f"from training; {resolve_root(data_dir) / split} came since: "
+                                      f"--data-dir {resolve_root(data_dir) / split} scores it"), stacklevel=2)
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     theirs = meta.get("classes")
@@ -229,6 +235,10 @@ def evaluate_weights(weights: str | os.PathLike, *, dataset: str | None = None, 
             CIFAR binary batch file.
         subset: Score only the first ``subset`` images (0: all).
         precision: "auto" (bf16 where the hardware runs it fast), "fp32" or "bf16".
+
+    Warns:
+        NinNote: A folder run is scored on the part it held out while its folder now has a sub-folder for
+            ``split`` (added since training), which is not what is scored.
     """
     if batch_size < 1:
         raise NinError(f"--batch-size must be at least 1, got {batch_size}")

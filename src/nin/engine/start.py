@@ -128,16 +128,18 @@ def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_me
                                           if (v := getattr(cfg, k))})
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", epochs), ("checkpoint_every", checkpoint_every),
                                                         ("data_dir", data_dir and str(data_dir))) if v is not None})
-    cfg = _held_out_split(cfg)
+    cfg = _held_out_split(cfg, new_run=saved is None)
     validate(cfg)
     return cfg
 
 
-def _held_out_split(cfg: TrainConfig) -> TrainConfig:
+def _held_out_split(cfg: TrainConfig, *, new_run: bool = True) -> TrainConfig:
     """An image folder without a sub-folder for the evaluation split holds out 10% of each class of its training
-    images for it (``val_split`` None: decided here, once, and recorded); every other data set, none."""
+    images for it (``val_split`` None: decided here, once, and recorded); every other data set, none. A new run
+    given --val-split where the folder has that sub-folder is refused; a resumed run keeps the part it held out,
+    also where the sub-folder was added since (`_fit_to_data` says so)."""
     if cfg.val_split is not None:
-        if cfg.val_split and cfg.dataset == "folder" and (resolve_root(cfg.data_dir) / cfg.eval_split).is_dir():
+        if new_run and cfg.val_split and cfg.dataset == "folder" and (resolve_root(cfg.data_dir) / cfg.eval_split).is_dir():
             raise NinError(f"--val-split {cfg.val_split}: {resolve_root(cfg.data_dir)} has a {cfg.eval_split}/ "
                            "sub-folder already, which is the test split; leave --val-split out")
         return cfg
@@ -157,7 +159,7 @@ def data_files(cfg: TrainConfig) -> list[Path]:
         DataError: A file the run needs is missing (the message names it), or an image folder the run would
             refuse.
     """
-    cfg = _held_out_split(cfg)
+    cfg = _held_out_split(cfg, new_run=False)  # a new run's --val-split was checked where it was planned
     files = dataset_files(cfg.dataset, cfg.data_dir, (cfg.train_split, cfg.eval_split), val_split=cfg.val_split or 0.0,
                           seed=cfg.seed)
     return files + ([Path(cfg.extra_eval).expanduser()] if cfg.extra_eval else [])  # `validate` found it
@@ -189,7 +191,11 @@ def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
         return cfg
     root = resolve_root(cfg.data_dir)
     check_class_count(classes, root / cfg.train_split if (root / cfg.train_split).is_dir() else root)
-    if distributed.is_main() and not (root / cfg.eval_split).is_dir():
+    if distributed.is_main() and cfg.val_split and (root / cfg.eval_split).is_dir():  # added since the run began
+        log(f"nin: note: {root / cfg.eval_split} was added since this run began: the run goes on measuring its "
+            f"{cfg.eval_split} error on the {cfg.val_split:.0%} of each class it held out, one curve to its end; "
+            f"`nin evaluate RUN --data-dir {root / cfg.eval_split}` scores those images")
+    elif distributed.is_main() and not (root / cfg.eval_split).is_dir():
         if cfg.val_split:
             log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on "
                 f"{cfg.val_split:.0%} of each class held out from training (--val-split, seed {cfg.seed})")

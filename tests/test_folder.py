@@ -260,6 +260,14 @@ def test_val_split_is_refused_where_it_cannot_apply(folder, tmp_path, capsys):
     assert "own test split" in capsys.readouterr().err
     assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--val-split", "1.5", "--dry-run"]) == 1
     assert "--val-split must be in [0, 1)" in capsys.readouterr().err
+    import dataclasses
+
+    from nin.engine import data_files, recipe
+    from nin.errors import NinError
+
+    cfg = dataclasses.replace(recipe("fast", "folder"), data_dir=str(folder), val_split=0.2)
+    with pytest.raises(NinError, match="has a test/ sub-folder already"):  # the library's check, as the CLI's
+        data_files(cfg)
 
 
 def test_image_size_trains_and_predicts_at_that_size(folder, tmp_path, capsys):
@@ -434,12 +442,13 @@ def test_a_test_folder_added_after_training_is_named_not_scored_in_the_held_out_
     assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 0
     said = capsys.readouterr()
     assert f"{mine / 'test'} was added since this run began" in said.out and not said.err
+    assert f"`nin evaluate {out} --data-dir {mine / 'test'}` scores test/" in said.out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(["evaluate", str(out), "--json"]) == 0
     said = capsys.readouterr()
     assert json.loads(said.out)["n"] == 18  # what the run held out, as it recorded
     assert said.err.count("\n") == 1 and said.err.startswith("nin evaluate: note: ")
-    assert f"--data-dir {mine / 'test'} scores it" in said.err
+    assert f"not on the images in {mine / 'test'}/ (--data-dir {mine / 'test'} scores those)" in said.err
     assert main(["evaluate", str(out), "--split", "train", "--json"]) == 0
     assert not capsys.readouterr().err  # its training part: test/ is not in its place
     assert main(["evaluate", str(out), "--data-dir", str(mine / "test"), "--json"]) == 0  # as the note says

@@ -233,14 +233,14 @@ def _resume(args: argparse.Namespace, command: str | None) -> int:
     if args.dry_run:  # what the run would continue with, decided as the run decides it; nothing is written
         cfg, meta = planned_config(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every,
                                    data_dir=data_dir)
-        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": cfg.epochs}, cfg)
+        return _dry_run({"out": str(run), "resume_at_step": meta["step"], "epochs": cfg.epochs}, cfg, resuming=True)
     with distributed.process_group(resolve_device(args.device)) as device, _stop_on_signals() as stop:
         train(None, run, resume=True, epochs=args.epochs, checkpoint_every=args.checkpoint_every, command=command,
               device=device, stop=stop, data_dir=data_dir)
     return 0
 
 
-def _dry_run(report: dict, cfg) -> int:
+def _dry_run(report: dict, cfg, *, resuming: bool = False) -> int:
     """`nin train --dry-run`: the config as the run would take it and the data files it would read, found but not
     read (`nin.engine.data_files`); where one is missing the config is still printed, then the problem in one
     line and exit 1. An image folder's images are counted, not listed."""
@@ -249,7 +249,7 @@ def _dry_run(report: dict, cfg) -> int:
     from nin.errors import NinError
 
     try:
-        files, problem = [str(f) for f in data_files(cfg)], None
+        files, problem = [str(f) for f in data_files(cfg, resuming=resuming)], None
     except NinError as error:
         files, problem = None, error
     if files is not None and cfg.dataset == "folder":  # the folder and its image count, not every image's name

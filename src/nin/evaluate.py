@@ -206,10 +206,11 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
         if size_args.get("val_split") and split != "train":
             if not by_record:  # by_record: checked already
                 _check_held_out(weights, meta, data_dir, split, size_args)
-            if (resolve_root(data_dir) / split).is_dir():  # added since the run began: not what is scored
-                warnings.warn(NinNote(f"scoring the {size_args['val_split']:.0%} of each class {weights} held out "
-                                      f"from training; {resolve_root(data_dir) / split} came since: "
-                                      f"--data-dir {resolve_root(data_dir) / split} scores it"), stacklevel=2)
+            folder = resolve_root(data_dir) / split
+            if folder.is_dir():  # added since the run began, or another split than the run's: not what is scored
+                warnings.warn(NinNote(f"{weights} is scored on the {size_args['val_split']:.0%} of each class it "
+                                      f"held out from training, not on the images in {folder}/ (--data-dir "
+                                      f"{folder} scores those)"), stacklevel=2)
         data = load_dataset(dataset, split, data_dir, **size_args)
     check_image_shape(data.images, config, str(weights), f"{dataset} {split}")
     theirs = meta.get("classes")
@@ -237,8 +238,8 @@ def evaluate_weights(weights: str | os.PathLike, *, dataset: str | None = None, 
         precision: "auto" (bf16 where the hardware runs it fast), "fp32" or "bf16".
 
     Warns:
-        NinNote: A folder run is scored on the part it held out while its folder now has a sub-folder for
-            ``split`` (added since training), which is not what is scored.
+        NinNote: A folder run is scored on the part it held out while its folder has a sub-folder for
+            ``split`` (added since training, say), which is not what is scored.
     """
     if batch_size < 1:
         raise NinError(f"--batch-size must be at least 1, got {batch_size}")

@@ -63,7 +63,7 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
     if resume and saved_meta.get("data_sha256") not in (None, identity):
         raise NinError(f"{cfg.data_dir or 'the data folder'}: its {cfg.dataset} {cfg.train_split} images are not the "
                        f"ones this run trained on (sha256 differs); point --data-dir at the run's own data")
-    cfg = _fit_to_data(cfg, classes, log)
+    cfg = _fit_to_data(cfg, classes, log, out)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = _build_model(cfg, classes, train_data, source, log, whiten=cfg.whiten_init and not resume)
     model = model.to(device).to(memory_format=memory_format)
@@ -150,16 +150,17 @@ def _held_out_split(cfg: TrainConfig, *, new_run: bool = True) -> TrainConfig:
 DEFAULT_VAL_SPLIT = 0.1  # of each class, for an image folder without a test/ sub-folder
 
 
-def data_files(cfg: TrainConfig) -> list[Path]:
+def data_files(cfg: TrainConfig, *, resuming: bool = False) -> list[Path]:
     """The files a run of ``cfg`` reads, found but not read: its training and evaluation splits
     (`nin.data.dataset_files`, an image folder's held-out split decided as the run decides it) and
-    ``extra_eval``. What `nin train --dry-run` checks before a long run.
+    ``extra_eval``. What `nin train --dry-run` checks before a long run. ``resuming``: ``cfg`` is a run's own
+    (`planned_config`), whose held-out part stays its held-out part where a sub-folder for it was added since.
 
     Raises:
         DataError: A file the run needs is missing (the message names it), or an image folder the run would
             refuse.
     """
-    cfg = _held_out_split(cfg, new_run=False)  # a new run's --val-split was checked where it was planned
+    cfg = _held_out_split(cfg, new_run=not resuming)
     files = dataset_files(cfg.dataset, cfg.data_dir, (cfg.train_split, cfg.eval_split), val_split=cfg.val_split or 0.0,
                           seed=cfg.seed)
     return files + ([Path(cfg.extra_eval).expanduser()] if cfg.extra_eval else [])  # `validate` found it
@@ -185,7 +186,7 @@ def _note_missing_svhn_extra(cfg: TrainConfig, log) -> None:
             "model trained on train + extra; `nin download svhn-extra` fetches it, 1.3 GB)")
 
 
-def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
+def _fit_to_data(cfg: TrainConfig, classes: list[str], log, out: Path) -> TrainConfig:
     """A user's folder decides the class count (and is told which images its test error is measured on)."""
     if cfg.dataset != "folder":
         return cfg
@@ -194,7 +195,7 @@ def _fit_to_data(cfg: TrainConfig, classes: list[str], log) -> TrainConfig:
     if distributed.is_main() and cfg.val_split and (root / cfg.eval_split).is_dir():  # added since the run began
         log(f"nin: note: {root / cfg.eval_split} was added since this run began: the run goes on measuring its "
             f"{cfg.eval_split} error on the {cfg.val_split:.0%} of each class it held out, one curve to its end; "
-            f"`nin evaluate RUN --data-dir {root / cfg.eval_split}` scores those images")
+            f"`nin evaluate {out} --data-dir {root / cfg.eval_split}` scores {cfg.eval_split}/")
     elif distributed.is_main() and not (root / cfg.eval_split).is_dir():
         if cfg.val_split:
             log(f"nin: note: {root} has no {cfg.eval_split}/ sub-folder: the {cfg.eval_split} error is measured on "

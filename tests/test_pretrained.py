@@ -51,7 +51,7 @@ def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
         entry.load()
 
 
-@pytest.mark.parametrize("tag", ["fast-mnist", "paper-mnist"])
+@pytest.mark.parametrize("tag", ["fast-mnist"])  # paper-mnist: the test below, on MNIST's own test file
 def test_mnist_weights_by_tag_reproduce_their_recorded_accuracy(tag, data_root, capsys):
     import json
 
@@ -78,6 +78,8 @@ def test_paper_mnist_weights_file_scores_as_recorded_on_the_idx_file_and_predict
     assert main(["evaluate", str(REPO / record["weights"]), "--data-file", str(test_file), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 10_000 and agrees_with_record(result["correct"], 10_000, 1 - record["final_error"])
+    recorded = get_weights("paper-mnist").accuracy["MNIST test (10,000)"]  # what the tag's registry entry says
+    assert agrees_with_record(result["correct"], 10_000, recorded), (result["correct"], recorded)
     alone = tmp_path / test_file.name  # an IDX images file without its labels file beside it
     alone.write_bytes(test_file.read_bytes())
     assert main(["evaluate", "paper-mnist", "--data-file", str(alone)]) == 1
@@ -91,14 +93,21 @@ def test_paper_mnist_weights_file_scores_as_recorded_on_the_idx_file_and_predict
     assert [row["top"][0]["class"] for row in rows] == [str(label) for label in test.labels[:4].tolist()]
 
 
-def test_installed_wheel_scores_as_recorded(tmp_path, data_root):
+def test_installed_wheel_computes_what_the_checkout_computes(tmp_path, data_root):
     """Built as a wheel and installed into a fresh virtual environment (not this checkout), the package's
-    shipped CIFAR-10 weights load through get_model / Classifier by tag and score what the registry records."""
+    shipped CIFAR-10 weights load through get_model / Classifier by tag and give, on 200 of the exact test images,
+    the logits and probabilities this checkout gives. (That these weights score their recorded number on all
+    1,000: tests/test_folder.py::test_one_answer_for_the_same_weights_everywhere.)"""
     import json
     import site
     import subprocess
     import sys
     import sysconfig
+
+    import torch
+
+    from nin.classifier import Classifier
+    from nin.data import load_dataset
 
     if not (data_root / "cifar-10-test-lossless-first1000").is_dir():
         pytest.skip("the pixel-exact CIFAR-10 test images are not in the data folder")
@@ -122,27 +131,29 @@ from nin.classifier import Classifier
 from nin.data import load_dataset
 from nin import get_model
 from nin.pretrained import get_weights
-test = load_dataset("cifar10-lossless-first1000", "test", {str(data_root)!r})
+torch.set_num_threads({torch.get_num_threads()})   # as this process: the same kernels, the same sums
+images = load_dataset("cifar10-lossless-first1000", "test", {str(data_root)!r}).images[:200]
 model = get_model("nin_cifar10", weights="fast-cifar10")   # fp32, the plain model with the shipped weights
-prep = get_weights("fast-cifar10").transforms()
 with torch.no_grad():
-    x = prep(test.images)
-    logits = model(x) + model(x.flip(-1))                       # the weights' test-time flips
-print(json.dumps({{"file": nin.__file__, "plain": (logits.argmax(1) == test.labels).double().mean().item(),
-                  "classifier": (Classifier.load("fast-cifar10").predict(test.images).argmax(1)
-                                 == test.labels).double().mean().item()}}))
+    logits = model(get_weights("fast-cifar10").transforms()(images))
+print(json.dumps({{"file": nin.__file__, "plain": logits.tolist(),
+                  "classifier": Classifier.load("fast-cifar10").predict(images).tolist()}}))
 """
     out = subprocess.run([str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(result["file"]).is_relative_to(target)  # the installed package, not the checkout
-    from nin.pretrained import EXACT_1000
 
-    recorded = get_weights("fast-cifar10").accuracy[EXACT_1000]
-    # nin's inference path: the recorded number, to within what another CPU's bf16 kernels may move it
-    assert agrees_with_record(round(result["classifier"] * 1000), 1000, recorded), (result["classifier"], recorded)
-    assert abs(result["plain"] - recorded) <= 0.003  # plain fp32: within 3 images of 1,000 of it
+    test = load_dataset("cifar10-lossless-first1000", "test", data_root)
+    images = test.images[:200]
+    model = get_model("nin_cifar10", weights="fast-cifar10")
+    with torch.no_grad():
+        logits = model(get_weights("fast-cifar10").transforms()(images))
+    torch.testing.assert_close(torch.tensor(result["plain"]), logits, rtol=0, atol=1e-4)
+    probabilities = Classifier.load("fast-cifar10").predict(images)  # nin's inference path (bf16 where fast)
+    torch.testing.assert_close(torch.tensor(result["classifier"]), probabilities, rtol=0, atol=1e-4)
+    assert (probabilities.argmax(1) == test.labels[:200]).double().mean() > 0.8  # a classifier, not noise
 
 
 def test_data_file_tells_idx_from_cifar_by_content(data_root, tmp_path, capsys):

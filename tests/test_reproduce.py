@@ -350,14 +350,21 @@ def test_cpu_estimates_scale_a_run_of_this_cpu_kind_only(monkeypatch):
     assert report._reference_rate(resumed) == 63.0 and report._reference_rate({"images_per_s": 50.0}) == 50.0
 
 
-def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path):
+def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path, capsys):
     """experiments/plateau_trend.py: replaying PlateauRule at the runs' patience on a recorded curve finds the epoch
-    where the run divided its lr; on a made-up run it reports the slope it was built with and the plateau it has."""
+    where the run divided its lr; on a made-up run it reports the slope it was built with and the plateau it has.
+    Its main() in this process (each script run would import torch again); the script itself for the error."""
+    import importlib.util
+
     tool = REPO / "experiments" / "plateau_trend.py"
+    spec = importlib.util.spec_from_file_location("plateau_trend", tool)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
 
     def run(*args):
-        done = subprocess.run([sys.executable, str(tool), *map(str, args)], capture_output=True, text=True, timeout=60)
-        return done.returncode, done.stdout, done.stderr
+        code = script.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
 
     for path in (REPO / "results" / "mnist-paper.json", REPO / "results" / "lost" / "cifar10-paper-run1.json"):
         record = json.loads(path.read_text())
@@ -378,5 +385,6 @@ def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_
     assert "patience   5: divides the lr after epoch 17" in out and "patience  10: no drop by epoch 18" in out
     assert "lr 0.01: epochs 19-23" in out and "slope -0.200 points/epoch, scatter 0.000" in out
 
-    code, out, err = run(tmp_path / "missing.json")
-    assert code == 1 and "missing.json" in err and err.count("\n") == 1
+    done = subprocess.run([sys.executable, str(tool), str(tmp_path / "missing.json")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "missing.json" in done.stderr and done.stderr.count("\n") == 1

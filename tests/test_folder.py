@@ -381,11 +381,26 @@ def test_evaluate_refuses_a_held_out_part_its_folder_no_longer_gives(flat, tmp_p
     assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 1  # had recorded the new part
     assert "its held-out images are not the ones this run held out" in capsys.readouterr().err
     renamed.rename(held)
+
+    # a trained image copied over a held-out one under its name: the same names, a trained image scored as held out
+    original, trained = held.read_bytes(), _folder_samples(mine, "train", None, 0.1, 0)[0][0][0]
+    held.write_bytes(trained.read_bytes())
+    moved = tmp_path / "moved"
+    shutil.copytree(mine, moved)  # the run's folder, moved: found by its held-out names, then checked the same way
+    for flags in ([], ["--data-dir", str(moved)]):
+        assert main(["evaluate", str(out), "--json", *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "changed since training (images added, removed, renamed or rewritten)" in err
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--device", "cpu"]) == 1
+    assert "renamed or rewritten since it began" in capsys.readouterr().err
+    held.write_bytes(original)
+    assert main(["evaluate", str(out), "--json"]) == 0 and json.loads(capsys.readouterr().out)["n"] == 18
+
     cat = mine / "cat"
     shutil.copy(next(cat.iterdir()), cat / "0-new.png")
     assert main(["evaluate", str(out), "--json"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "changed since training (images added, removed or renamed)" in err
+    assert err.count("\n") == 1 and "changed since training (images added, removed, renamed or rewritten)" in err
     assert main(["evaluate", str(out), "--split", "train", "--json"]) == 0  # its training part is not checked
 
 

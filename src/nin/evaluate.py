@@ -9,6 +9,7 @@ summed over ranks, so the numbers equal a single process's.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterable
@@ -160,15 +161,17 @@ def _holds_the_held_out_part(meta: dict, data_dir, split: str) -> bool:
         return False
 
 
-def _check_held_out(weights, meta: dict, data_dir, split: str, size_args: dict) -> None:
+def _check_held_out(weights, meta: dict, data_dir, split: str, size_args: dict, *, names: bool = True) -> None:
     """The held-out part of a run's own folder is the one it held out: no image added, removed or renamed since
-    (runs from before the record was kept are not checked)."""
-    recorded = meta.get("held_out_sha256")
-    if recorded and folder_split_digest(data_dir, split, val_split=size_args["val_split"], seed=size_args["seed"],
-                                        classes=size_args["classes"]) != recorded:
-        raise NinError(f"{weights}: {resolve_root(data_dir)} changed since training (images added, removed or renamed), "
-                       f"so its held-out {size_args['val_split']:.0%} is no longer the part the run held out and "
-                       "could hold trained images; score a folder of new images with --data-dir")
+    (``names``; a moved folder was found by them already), and none written over (runs from before either record
+    was kept are not checked for it)."""
+    digest = functools.partial(folder_split_digest, data_dir, split, val_split=size_args["val_split"],
+                               seed=size_args["seed"], classes=size_args["classes"])
+    if (names and meta.get("held_out_sha256") and digest() != meta["held_out_sha256"]) or \
+            (meta.get("held_out_files_sha256") and digest(contents=True) != meta["held_out_files_sha256"]):
+        raise NinError(f"{weights}: {resolve_root(data_dir)} changed since training (images added, removed, renamed "
+                       f"or rewritten), so its held-out {size_args['val_split']:.0%} is no longer the part the run "
+                       "held out and could hold trained images; score a folder of new images with --data-dir")
 
 
 def load_matching_dataset(weights, config, meta: dict, dataset: str | None, split: str, data_dir=None,
@@ -204,8 +207,7 @@ def load_matching_dataset(weights, config, meta: dict, dataset: str | None, spli
                          "val_split": (train.get("val_split") or 0.0) if own_folder else 0.0,
                          "seed": train.get("seed", 0)}
         if size_args.get("val_split") and split != "train":
-            if not by_record:  # by_record: checked already
-                _check_held_out(weights, meta, data_dir, split, size_args)
+            _check_held_out(weights, meta, data_dir, split, size_args, names=not by_record)  # by_record: found by them
             folder = resolve_root(data_dir) / split
             if folder.is_dir():  # added since the run began, or another split than the run's: not what is scored
                 warnings.warn(NinNote(f"{weights} is scored on the {size_args['val_split']:.0%} of each class it "

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from nin.data.folders import check_class_count, first_names, holds_images, list_image_classes, list_image_folder
 from nin.data.images import read_image
 from nin.data.readers import (
+    file_digest,
     read_cifar_binary,
     read_cifar_python,
     read_cifar_python_names,
@@ -412,15 +413,17 @@ def _load_folder(root: Path, split: str, image_size: int, channels: int, classes
 
 
 def folder_split_digest(root: str | os.PathLike, split: str, *, val_split: float = 0.0, seed: int = 0,
-                        classes: list[str] | None = None) -> str:
+                        classes: list[str] | None = None, contents: bool = False) -> str:
     """sha256 of which files make an image folder's ``split`` (names relative to the folder, and labels), listed
     but not read: what a run records of its held-out part, so that scoring it later can tell whether images were
-    added, removed or renamed since (a moved folder keeps its digest)."""
+    added, removed or renamed since (a moved folder keeps its digest). ``contents``: each file's bytes too (their
+    sha256), so that an image written over another under its name tells as well."""
     root = resolve_root(root)
     samples, _ = _folder_samples(root, split, classes, val_split, seed)
     digest = hashlib.sha256()
     for path, label in samples:
-        digest.update(f"{path.relative_to(root).as_posix()}\t{label}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\t{label}".encode())
+        digest.update(f"\t{file_digest(path, 'sha256')}\n".encode() if contents else b"\n")
     return digest.hexdigest()
 
 

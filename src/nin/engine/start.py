@@ -98,15 +98,18 @@ def start_run(cfg: TrainConfig | None, out: Path, *, resume: bool, epochs: int |
 
 
 def _held_out_record(cfg: TrainConfig, saved_meta: dict) -> dict:
-    """An image folder's held-out part, as files (`folder_split_digest`), for `nin evaluate` to find again; on a
-    resume, the one the run began with."""
+    """An image folder's held-out part, as files (`folder_split_digest`: their names and labels, and also their
+    bytes), for `nin evaluate` to find again; on a resume, the one the run began with (a run from before the bytes
+    were recorded records them from here on)."""
     if cfg.dataset != "folder" or not cfg.val_split:
         return {}
-    digest = folder_split_digest(cfg.data_dir, cfg.eval_split, val_split=cfg.val_split, seed=cfg.seed)
-    if saved_meta.get("held_out_sha256") not in (None, digest):
-        raise NinError(f"{cfg.data_dir}: its held-out images are not the ones this run held out (added, removed "
-                       "or renamed since it began); point --data-dir at the run's own data")
-    return {"held_out_sha256": digest}
+    record = {key: folder_split_digest(cfg.data_dir, cfg.eval_split, val_split=cfg.val_split, seed=cfg.seed,
+                                       contents=contents)
+              for key, contents in (("held_out_sha256", False), ("held_out_files_sha256", True))}
+    if any(saved_meta.get(key) not in (None, digest) for key, digest in record.items()):
+        raise NinError(f"{cfg.data_dir}: its held-out images are not the ones this run held out (added, removed, "
+                       "renamed or rewritten since it began); point --data-dir at the run's own data")
+    return record
 
 
 def _run_config(cfg: TrainConfig | None, out: Path, saved: dict | None, saved_meta: dict, *, epochs: int | None,

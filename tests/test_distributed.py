@@ -290,3 +290,44 @@ def test_resume_with_more_processes_restarts_the_interrupted_epoch(data_root, dd
     _, after = load_state(ddp_out / "single-for-2" / "checkpoint.safetensors")
     assert (after["epoch"], after["batches_done"], after["step"], after["world_size"]) == (2, 0, 12, 2)
     assert [r["epoch"] for r in _metrics(ddp_out / "single-for-2")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# A launch where one process stops: its error once, the others one line each, no traceback per rank
+# ---------------------------------------------------------------------------------------------
+
+def test_lost_peer_names_a_collective_failed_by_another_process(monkeypatch):
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:59554. This is typically caused by a remote worker crashing.")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.lost_peer(gloo) is None  # one process: nothing to lose, the error stays what it is
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    line = distributed.lost_peer(gloo)
+    assert line.startswith("rank 3 of 4: another process of this run stopped first") and "Connection closed by peer" in line
+    assert "pair.cc" not in line and "\n" not in line
+    assert distributed.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug stays one
+    assert distributed.lost_peer(ValueError("Connection closed by peer")) is None
+    store = dist.DistStoreError("wait timeout after 30000ms, keys: /rank0\nmore")
+    assert distributed.lost_peer(store) == "rank 3 of 4: the process group failed: wait timeout after 30000ms, keys: /rank0 more"
+
+
+def test_a_torchrun_launch_with_missing_data_says_so_once(tmp_path):
+    """Under torchrun, rank 0 stops on the missing data while rank 1 waits for it in a barrier: before, rank 1
+    printed a 40-line gloo traceback ("[rank1]: ... Connection closed by peer") beside rank 0's one line."""
+    import subprocess
+
+    missing = tmp_path / "no-data"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "nin", "train", "--dataset", "mnist", "--epochs", "1", "--data-dir", str(missing),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("nin train: error:")]
+    assert sum(str(missing) in line for line in errors) == 1, output  # rank 0's, once
+    assert all(str(missing) in line or line.startswith("nin train: error: rank 1 of 2: another process of this run "
+                                                       "stopped first") for line in errors), output
+    assert "[rank1]:" not in output and "[rank0]:" not in output, output
+    assert not (tmp_path / "run").exists()

@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -423,6 +424,18 @@ def _run_command(args: argparse.Namespace) -> int:
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"nin {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # under torchrun: another process stopped, and this one's collective failed
+        from nin.distributed import lost_peer
+
+        line = lost_peer(e)
+        if line is None:
+            raise
+        # The process that stopped first exits now (it left the group before printing its error). Waiting a
+        # second lets torchrun see it go first, name it the root cause and stop this one; where torchrun does not
+        # (another node's agent learns it later), this one says why it stopped.
+        time.sleep(1.0)
+        print(f"nin {args.command}: error: {line}", file=sys.stderr)
         return 1
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["setup", "cleanup", "process_group", "launched_by_torchrun", "launch_rank", "is_distributed", "rank", "world_size", "is_main", "main_first",
-           "all_reduce_sum", "all_true", "broadcast_object", "broadcast_buffers", "barrier"]
+           "all_reduce_sum", "all_true", "broadcast_object", "broadcast_buffers", "barrier", "lost_peer"]
 
 
 def setup(device: torch.device | None = None) -> torch.device:
@@ -46,6 +46,32 @@ def cleanup() -> None:
 def launched_by_torchrun() -> bool:
     """True in a process that torchrun started as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+# What gloo says when the process at the other end of a connection has gone (it stopped on an error, or torchrun
+# stopped it); a collective this process was in, or entered after, raises a RuntimeError with one of these.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The one line to print when ``error`` is a collective failing under torchrun, else None.
+
+    When one process of a launch stops (its own error says why), the others fail in their next collective: gloo
+    raises a RuntimeError with a C++ source path and "Connection closed by peer". That is said as "rank R of W:
+    another process of this run stopped first, ...", not as a traceback per rank; any other error of the process
+    group (torch.distributed.DistError: a store or backend failure) as "rank R of W: the process group failed: ..."
+    """
+    if not launched_by_torchrun() or not isinstance(error, RuntimeError):
+        return None
+    text = " ".join(str(error).split())
+    where = f"rank {launch_rank()} of {os.environ['WORLD_SIZE']}"
+    gone = next((phrase for phrase in _PEER_GONE if phrase in text), None)
+    if gone is not None:
+        return (f"{where}: another process of this run stopped first, so this one stops too ({gone}); "
+                "that process's own error says why")
+    if isinstance(error, dist.DistError):
+        return f"{where}: the process group failed: {text[:300]}"
+    return None
 
 
 def launch_rank() -> int:

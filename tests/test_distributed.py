@@ -304,12 +304,38 @@ def test_lost_peer_names_a_collective_failed_by_another_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     line = distributed.lost_peer(gloo)
-    assert line.startswith("rank 3 of 4: another process of this run stopped first") and "Connection closed by peer" in line
+    assert line.startswith("rank 3 of 4: lost its connection to another process of this run (connection closed by "
+                           "peer), so it stops too")
     assert "pair.cc" not in line and "\n" not in line
+    assert distributed.lost_peer(RuntimeError("recv: Connection reset by peer")).startswith("rank 3 of 4: lost its")
     assert distributed.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug stays one
+    assert distributed.lost_peer(dist.DistBackendError("NCCL error: invalid usage")) is None  # ours, perhaps: traceback
     assert distributed.lost_peer(ValueError("Connection closed by peer")) is None
     store = dist.DistStoreError("wait timeout after 30000ms, keys: /rank0\nmore")
     assert distributed.lost_peer(store) == "rank 3 of 4: the process group failed: wait timeout after 30000ms, keys: /rank0 more"
+
+
+def test_the_cli_says_a_lost_peer_in_one_line_even_when_interrupted_meanwhile(monkeypatch, capsys):
+    """The peer line waits a second (torchrun names the first process to stop); a Ctrl-C in that second used to
+    raise inside the except clause: the gloo traceback, "During handling of the above exception", exit 130."""
+    from nin import cli
+
+    def lose_peer(args):
+        raise RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:59554")
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", lose_peer)
+    monkeypatch.setattr(cli.time, "sleep", interrupted)
+    assert cli.main(["evaluate", "fast-mnist"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nin evaluate: error: rank 1 of 2: lost its connection") and err.count("\n") == 1
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", lambda args: 1 / 0)  # not a collective: the traceback, as before
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["evaluate", "fast-mnist"])
 
 
 def test_a_torchrun_launch_with_missing_data_says_so_once(tmp_path):
@@ -327,7 +353,7 @@ def test_a_torchrun_launch_with_missing_data_says_so_once(tmp_path):
     assert done.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("nin train: error:")]
     assert sum(str(missing) in line for line in errors) == 1, output  # rank 0's, once
-    assert all(str(missing) in line or line.startswith("nin train: error: rank 1 of 2: another process of this run "
-                                                       "stopped first") for line in errors), output
+    assert all(str(missing) in line or line.startswith("nin train: error: rank 1 of 2: lost its connection to another "
+                                                       "process of this run") for line in errors), output
     assert "[rank1]:" not in output and "[rank0]:" not in output, output
     assert not (tmp_path / "run").exists()

@@ -433,8 +433,11 @@ def _run_command(args: argparse.Namespace) -> int:
             raise
         # The process that stopped first exits now (it left the group before printing its error). Waiting a
         # second lets torchrun see it go first, name it the root cause and stop this one; where torchrun does not
-        # (another node's agent learns it later), this one says why it stopped.
-        time.sleep(1.0)
+        # (another node's agent learns it later), this one says why it stopped. A Ctrl-C cuts the wait short.
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
         print(f"nin {args.command}: error: {line}", file=sys.stderr)
         return 1
 

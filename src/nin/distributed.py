@@ -48,29 +48,32 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
-# What gloo says when the process at the other end of a connection has gone (it stopped on an error, or torchrun
-# stopped it); a collective this process was in, or entered after, raises a RuntimeError with one of these.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# What gloo (or the rendezvous store) says when the process at the other end of a connection has gone: it stopped
+# on an error, was killed, or its machine dropped off the network. A collective this process was in, or entered
+# after, raises a RuntimeError with one of these.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
 
 
 def lost_peer(error: BaseException) -> str | None:
     """The one line to print when ``error`` is a collective failing under torchrun, else None.
 
-    When one process of a launch stops (its own error says why), the others fail in their next collective: gloo
-    raises a RuntimeError with a C++ source path and "Connection closed by peer". That is said as "rank R of W:
-    another process of this run stopped first, ...", not as a traceback per rank; any other error of the process
-    group (torch.distributed.DistError: a store or backend failure) as "rank R of W: the process group failed: ..."
+    When one process of a launch stops, the others fail in their next collective: gloo raises a RuntimeError with
+    a C++ source path and "Connection closed by peer". That is said as "rank R of W: lost its connection to
+    another process of this run ...", not as a traceback per rank; the rendezvous store failing
+    (torch.distributed's DistStoreError, DistNetworkError) as "rank R of W: the process group failed: ...". Any
+    other error, a backend's included (NCCL's DistBackendError can be a bug of ours), keeps its traceback.
     """
     if not launched_by_torchrun() or not isinstance(error, RuntimeError):
         return None
     text = " ".join(str(error).split())
     where = f"rank {launch_rank()} of {os.environ['WORLD_SIZE']}"
-    gone = next((phrase for phrase in _PEER_GONE if phrase in text), None)
+    gone = next((phrase for phrase in _PEER_GONE if phrase in text.lower()), None)
     if gone is not None:
-        return (f"{where}: another process of this run stopped first, so this one stops too ({gone}); "
-                "that process's own error says why")
-    if isinstance(error, dist.DistError):
-        return f"{where}: the process group failed: {text[:300]}"
+        return (f"{where}: lost its connection to another process of this run ({gone}), so it stops too: that "
+                "process stopped on its own error, was killed, or its machine is unreachable (torchrun's summary "
+                "says which)")
+    if isinstance(error, (dist.DistStoreError, dist.DistNetworkError)):
+        return f"{where}: the process group failed: {text}"
     return None
 
 

@@ -101,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
     if args.experiment is None:
         args.reproduce_parser.print_help()
         return 2
+    from nin.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and not getattr(args, "dry_run", False):
+        raise NinError("under torchrun: it starts `nin train` itself and records each run once, so every "
+                       "process would train and write the same records; run it without torchrun, or put the commands "
+                       "that `nin reproduce EXPERIMENT --dry-run` prints under torchrun (`torchrun ... -m nin train "
+                       "...`) and record each run after with `nin reproduce record`")
     if args.experiment == "record":
         results_dir, weights_dir = _record_dirs(args, Path(args.run_dir).parent)
         record_run(args.run_dir, args.name, results_dir, weights_dir, data_dir=args.data_dir,

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from itertools import groupby
+from pathlib import Path
 
 import numpy as np
 
@@ -29,16 +30,28 @@ from nin.errors import NinError
 ERRORS = (("train_error", "training"), ("test_error", "test"), ("extra_error", "extra test"))
 
 
-def read_curve(path: str) -> list[dict]:
-    """Per-epoch records of a run folder (its metrics.jsonl) or of a record written by `nin reproduce record`."""
+def read_records(path: str, *, strict: bool = False) -> list[dict]:
+    """Every per-epoch record of a run folder (its metrics.jsonl, or that file named) or of a record written by
+    `nin reproduce record` (its curve). ``strict``: a run folder's log with a damaged line before its last is
+    refused (`read_metrics`), not read around."""
     if path.endswith(".json"):
         try:
             curve = json.loads(open(path).read())["curve"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise NinError(f"{path}: not a record of `nin reproduce record` with a curve ({e})") from None
-    else:
-        curve = read_metrics(path)
-    return [r for r in curve if isinstance(r, dict) and r.get("train_error") is not None and r.get("lr")]
+        if not isinstance(curve, list):
+            raise NinError(f"{path}: not a record of `nin reproduce record` with a curve (its curve is "
+                           f"{type(curve).__name__}, expected a list of epochs)")
+        return [r for r in curve if isinstance(r, dict) and "epoch" in r]
+    folder = Path(path)
+    if folder.name == "metrics.jsonl" and folder.is_file():
+        folder = folder.parent
+    return read_metrics(folder, strict=strict)
+
+
+def read_curve(path: str) -> list[dict]:
+    """The epochs of `read_records` with a training error and an lr: the ones the plateau rule reads."""
+    return [r for r in read_records(path) if r.get("train_error") is not None and r.get("lr")]
 
 
 def phases(records: list[dict]) -> list[list[dict]]:

@@ -177,7 +177,17 @@ def test_report_without_matplotlib_or_results(tmp_path, capsys, monkeypatch):
     assert main(["reproduce", "report", "--results-dir", str(tmp_path / "results"), "--output",
                  str(tmp_path / "R.md")]) == 0
     assert "| ours | MNIST, fast recipe |" in (tmp_path / "R.md").read_text()
+    assert "lost/" not in (tmp_path / "R.md").read_text()
     assert not (tmp_path / "results" / "curves").exists()
+    # a lost run's record (results/lost/) is named below the introduction, not shown in a table
+    (tmp_path / "results" / "lost").mkdir()
+    shutil.copy(REPO / "results" / "lost" / "cifar10-paper-run2.json", tmp_path / "results" / "lost")
+    (tmp_path / "results" / "lost" / "damaged.json").write_text("{")
+    assert main(["reproduce", "report", "--results-dir", str(tmp_path / "results"), "--output",
+                 str(tmp_path / "R.md")]) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "`cifar10-paper-run2` (recorded at epoch 76: 18.73%)" in text and "`damaged`" in text
+    assert "| Table 1 |" in text and "cifar10-paper-run2.png" not in text and "18.73%**" not in text
     assert main(["reproduce", "report", "--results-dir", str(tmp_path / "none"), "--output",
                  str(tmp_path / "S.md")]) == 1
     assert "none: no such folder" in capsys.readouterr().err and not (tmp_path / "S.md").exists()
@@ -388,3 +398,72 @@ def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_
     done = subprocess.run([sys.executable, str(tool), str(tmp_path / "missing.json")], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 1 and "missing.json" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_same_curve_finds_the_first_epoch_two_runs_differ(tmp_path, capsys):
+    """experiments/same_curve.py: two curves the same in every logged value (timings aside) exit 0; a difference
+    names its first epoch and the largest differences from there; NaN equals NaN, a null or a missing epoch is a
+    difference; the lost Table 1 runs (bf16 and fp32) differ from their first epoch."""
+    import importlib.util
+
+    tool = REPO / "experiments" / "same_curve.py"
+    spec = importlib.util.spec_from_file_location("same_curve", tool)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run_folder(name, losses, seconds, epochs=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        with open(folder / "metrics.jsonl", "w") as f:
+            for epoch, loss, time_s in zip(epochs or range(1, len(losses) + 1), losses, seconds):
+                f.write(json.dumps({"epoch": epoch, "step": 10 * epoch, "lr": 0.1, "train_error": 0.1 * epoch,
+                                    "train_loss": loss, "train_time_s": time_s, "images_per_s": 1 / time_s}) + "\n")
+        return str(folder)
+
+    def compared(first, second):
+        code = script.main([first, second])
+        return code, capsys.readouterr().out
+
+    losses = [0.9, 0.8, 0.7, 0.6]
+    a = run_folder("a", losses, [10, 11, 12, 13])
+    b = run_folder("b", losses[:3], [20, 21, 22])  # another host's speed, one epoch fewer
+    c = run_folder("c", losses[:2] + [0.7 + 1e-9, 0.55], [10, 11, 12, 13])
+    nan = run_folder("nan", losses[:2] + [float("nan"), 0.6], [10, 11, 12, 13])
+    null = run_folder("null", losses[:2] + [None, 0.6], [10, 11, 12, 13])
+    gap = run_folder("gap", [0.9, 0.6], [10, 13], epochs=[1, 4])
+    code, out = compared(a, b)
+    assert code == 0 and out.splitlines() == ["epochs 1-3: 3 in both; compared: lr, step, train_error, train_loss",
+                                              f"  the first goes on to epoch 4 ({a})",
+                                              "the same in every value compared"]
+    code, out = compared(a, c)
+    assert code == 1 and "the same through epoch 2; first difference at epoch 3\n" in out
+    assert "train_loss   largest difference from epoch 3 on: 0.05\n" in out and "time" not in out
+    assert compared(nan, nan)[0] == 0
+    code, out = compared(a, nan)
+    assert code == 1 and "train_loss   from epoch 3 on: at epoch 3 the first has 0.7, the second nan" in out
+    code, out = compared(a, null)
+    assert code == 1 and "at epoch 3 the first has 0.7, the second None" in out
+    code, out = compared(a, gap)
+    assert code == 1 and "epochs in one curve only: 2, 3\n" in out and "first difference at epoch 2" in out
+
+    lost = REPO / "results" / "lost"
+    code, out = compared(str(lost / "cifar10-paper-run1.json"), str(lost / "cifar10-paper-run2.json"))
+    assert code == 1 and "different from the first epoch; first difference at epoch 1" in out
+    assert out.startswith("epochs 1-76: 76 in both;") and "the first goes on to epoch 151" in out
+    (tmp_path / "null.json").write_text(json.dumps({"curve": None}))
+    for bad in (tmp_path / "missing.json", tmp_path / "null.json"):
+        assert script.main([str(bad), a]) == 2
+        assert bad.name in capsys.readouterr().err
+
+
+def test_reproduce_refuses_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
+    """Under torchrun each process ran nin reproduce: each started its own `nin train` (the children paired up as a
+    DDP group by chance, from the inherited environment) and each recorded the same json and weights."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["reproduce", "fast-mnist", "--out-root", str(tmp_path), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nin reproduce: error: under torchrun: it starts `nin train` itself") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    assert main(["reproduce", "fast-mnist", "--out-root", str(tmp_path), "--dry-run"]) == 0  # the commands to launch
+    assert capsys.readouterr().out.startswith("nin train --dataset mnist")

@@ -290,7 +290,24 @@ def _intro(results_dir: Path) -> list[str]:
         "exact pixels (the CIFAR-10 copy here went through JPEG q75, which lowers every model's score on its "
         "10,000; the exact 1,000 are the images the paper's numbers compare with, ±1 point of sampling noise).",
         "",
+        *_lost(results_dir),
     ]
+
+
+def _lost(results_dir: Path) -> list[str]:
+    """A paragraph naming the records in RESULTS_DIR/lost/: runs whose folders were lost before they ended."""
+    lost = []
+    for path in sorted((results_dir / "lost").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            lost.append(f"`{path.stem}` (recorded at epoch {record['epochs']}: {record['final_error']:.2%})")
+        except (OSError, ValueError, KeyError, TypeError):
+            lost.append(f"`{path.stem}`")
+    if not lost:
+        return []
+    return [f"Runs whose folders (checkpoint and all) were lost with their machines before the runs ended are not "
+            f"in the tables; their records and curves stay in `{results_dir.as_posix()}/lost/` (its README.md says "
+            f"what happened): {', '.join(lost)}.", ""]
 
 
 def _other_runs(records: dict[str, dict]) -> list[str]:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,22 @@ def test_metrics_csv_keeps_the_test_columns_when_the_first_epoch_is_not_evaluate
     assert rows[0]["test_error"] == "" and rows[0]["train_loss"] == "2.0"
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert header == "epoch,train_loss,test_loss,test_error,eval_time_s"  # as the records order them
+
+
+def test_a_resumed_log_missing_epochs_its_checkpoint_covers_says_so(tmp_path):
+    """The log is appended before the checkpoint is written, so a kill never leaves a checkpoint past the log; a
+    damaged last line did, and the resume dropped that epoch from the curve without a word."""
+    from nin.engine.metrics import MetricsLog
+    from nin.errors import NinNote
+
+    records = [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, 6)]
+    lines = [json.dumps(r) for r in records]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:1] + lines[3:4]) + "\n" + lines[4][:9])
+    with pytest.warns(NinNote, match=r"has no record of epochs 2-3, 5 that the checkpoint covers"):
+        log = MetricsLog(tmp_path, keep_epochs=5)
+    assert [r["epoch"] for r in log.records] == [1, 4]
+    log.close()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[4][:9])  # a kill's torn line after them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetricsLog(tmp_path, keep_epochs=5).close()

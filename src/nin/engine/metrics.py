@@ -15,12 +15,24 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
-from nin.errors import NinError
+from nin.errors import NinError, NinNote
 from nin.files import atomic_write_bytes
 
 __all__ = ["MetricsLog", "read_metrics", "json_number"]
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] as "1-3, 7"."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 def json_number(value: float) -> float | None:
@@ -82,6 +94,12 @@ class MetricsLog:
         self.records: list[dict] = []
         if (self.out / "metrics.jsonl").exists():
             self.records = [r for r in read_metrics(self.out, strict=True) if r["epoch"] <= keep_epochs]
+        missing = sorted(set(range(1, keep_epochs + 1)) - {r["epoch"] for r in self.records})
+        if missing:  # not a kill's doing (the log is appended before the checkpoint is written): a damaged last line
+            warnings.warn(NinNote(f"{self.out / 'metrics.jsonl'} has no record of epoch"
+                                  f"{'s' if len(missing) > 1 else ''} {_ranges(missing)} that the checkpoint covers (a "
+                                  "damaged or removed line): the run goes on, and its curve lacks "
+                                  f"{'them' if len(missing) > 1 else 'it'}"))
         # rewritten atomically: a kill mid-rewrite must not lose the earlier epochs
         atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
         self._write_csv()

@@ -146,6 +146,25 @@ def test_train_from_python_records_its_data_place_absolute(data_root, tmp_path, 
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
 
 
+def test_a_run_whose_folder_is_removed_or_moved_while_training_stops(data_root, tmp_path):
+    """Before, the next write made the folder again (the atomic writes make their folder): a checkpoint and a
+    log, no config.json, and training went on into a folder the user had removed."""
+    import shutil
+
+    def move_as_the_second_epoch_ends(line):  # logged after the epoch's metrics line, before its checkpoint
+        if line.startswith("epoch   2/"):
+            shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+
+    with pytest.raises(NinError, match=r"run: the run folder is gone \(its config.json is not there any more"):
+        train(_tiny(tmp_path, epochs=3, train_subset=256, eval_subset=100, checkpoint_every=0), tmp_path / "run",
+              log=move_as_the_second_epoch_ends)
+    assert not (tmp_path / "run").exists()
+    moved = [json.loads(line) for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in moved] == [1, 2]  # epoch 2's checkpoint was not written: it is trained again
+    train(None, tmp_path / "moved", resume=True, log=lambda *_: None)  # the moved run goes on from its checkpoint
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_short_real_run_learns_and_writes_its_files(data_root, tmp_path):
     out = tmp_path / "run"
     record = train(_tiny(tmp_path, epochs=3), out, log=lambda *_: None)

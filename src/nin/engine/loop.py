@@ -36,7 +36,7 @@ from nin.engine.run_folder import run_folder_lock
 from nin.engine.schedule import lr_at
 from nin.engine.start import start_run, write_config_json
 from nin.engine.state import Run, RunState
-from nin.errors import CheckpointError, NonFiniteLoss, TrainingStalled
+from nin.errors import CheckpointError, NinError, NonFiniteLoss, TrainingStalled
 from nin.evaluate import evaluate
 from nin.runtime import autocast, keep_freed_memory
 
@@ -86,9 +86,19 @@ def _stop_requested(run: Run) -> bool:
     return not distributed.all_true(not run.stop.is_set(), run.device)
 
 
+def check_run_folder(run: Run) -> None:
+    """Before the main rank writes to the run folder: refuse one that is gone (removed or moved while the run
+    trained), rather than make it again holding a checkpoint and no config.json."""
+    if distributed.is_main() and not (run.out / "config.json").is_file():
+        raise NinError(f"{run.out}: the run folder is gone (its config.json is not there any more: removed or moved "
+                       "while training); stopped without writing to it. A moved folder continues from its last "
+                       "checkpoint with `nin train --resume NEW_PLACE`")
+
+
 def save(run: Run, state: RunState) -> None:
     """Checkpoint the run (all ranks call: the epoch's counts are summed; the main rank writes)."""
     tensors = state.state_dict()
+    check_run_folder(run)
     if distributed.is_main():
         try:
             save_checkpoint(run.checkpoint_path, tensors, run.preprocessing, run.meta)
@@ -186,6 +196,7 @@ def end_epoch(run: Run, state: RunState) -> dict:
     record["eval_time_s"] = time.perf_counter() - eval_tick
     state.epoch, state.batches_done, state.partial_time = state.epoch + 1, 0, 0.0
     state.totals.zero_()
+    check_run_folder(run)
     if run.metrics is not None:
         run.metrics.append(record)
         run.log(_epoch_line(record, cfg, state, event))
@@ -257,6 +268,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
 
 def _finish(run: Run, state: RunState, record: dict) -> None:
     """The final weights (model.safetensors) and the closing line, on the main rank."""
+    check_run_folder(run)
     if run.metrics is not None:
         final = state.ema.model if state.ema is not None else state.model
         save_weights(run.out / "model.safetensors", final, run.preprocessing,

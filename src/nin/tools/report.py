@@ -415,9 +415,11 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
         *_table(OUR_ROWS, records, data_root, reference, plotted),
     ]
     if reference is not None:
+        segments = len(reference.get("segments", []))
+        over = f"the fastest of its {segments} segments" if segments > 1 else "over the whole run"
         lines += ["", f"CPU estimates scale `{reference['name']}`'s measured training throughput "
-                      f"({_reference_rate(reference):.0f} images/s, {reference['model']}; a resumed run's fastest "
-                      f"segment) by multiply-adds per image; "
+                      f"({_reference_rate(reference):.0f} images/s, {reference['model']}, {over}) by multiply-adds "
+                      f"per image; "
                       f"the paper recipe's plateau rule can end a run before its {PAPER_EPOCHS}-epoch cap."]
     lines += _other_runs(records)
     lines += ["", "Reproduce a row: `nin reproduce <experiment>` (see `docs/reproduce.md`); on a GPU, "

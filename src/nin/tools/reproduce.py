@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nin.distributed import launched_by_torchrun
 from nin.errors import NinError, path_arg, positive_int
 from nin.tools.experiments import EXPERIMENTS, PlannedRun, RunSpec, plan
 from nin.tools.report import PAPER_ROWS, TABLE5_SMALL_ROWS, write_report
@@ -101,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
     if args.experiment is None:
         args.reproduce_parser.print_help()
         return 2
-    from nin.distributed import launched_by_torchrun
-
     if launched_by_torchrun() and not getattr(args, "dry_run", False):
         raise NinError("under torchrun: it starts `nin train` itself and records each run once, so every "
                        "process would train and write the same records; run it without torchrun, or put the commands "

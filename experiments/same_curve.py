@@ -41,9 +41,10 @@ def _logged(record: dict) -> dict:
 
 
 def _same(x, y) -> bool:
-    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-        return True
-    return type(x) is type(y) and x == y or _number(x) and _number(y) and x == y
+    """Equal values: numbers by value (NaN equals NaN, 1 equals 1.0), anything else (a string, null) by type too."""
+    if _number(x) and _number(y):
+        return x == y or (math.isnan(x) and math.isnan(y))
+    return type(x) is type(y) and x == y
 
 
 def _number(x) -> bool:

@@ -467,3 +467,64 @@ def test_reproduce_refuses_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
     assert main(["reproduce", "fast-mnist", "--out-root", str(tmp_path), "--dry-run"]) == 0  # the commands to launch
     assert capsys.readouterr().out.startswith("nin train --dataset mnist")
+
+
+def test_slim_state_saves_a_run_without_its_zca_and_restores_it_bit_for_bit(data_root, tmp_path, capsys):
+    """experiments/slim_state.py: a run's resume state less its fitted ZCA (kept in git for Table 1's long run)
+    restores a run folder that `nin train --resume` finishes exactly as the uninterrupted run; a refit that differs
+    from the run's is refused unless accepted; an existing folder or a folder without a checkpoint is refused."""
+    import importlib.util
+
+    import torch
+
+    from nin.checkpoint import load_state, save_state
+    from small_models import TINY_NIN_BLOCKS
+
+    spec = importlib.util.spec_from_file_location("slim_state", REPO / "experiments" / "slim_state.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = dataclasses.replace(recipe("fast", "mnist"), data_dir=str(data_root), preprocessing="gcn_zca",
+                              train_subset=1024, eval_subset=200, batch_size=64, epochs=2, eval_every=1,
+                              checkpoint_every=5, model_args={**recipe("fast", "mnist").model_args, "dropout": 0.5,
+                                                              "blocks": TINY_NIN_BLOCKS})
+    full, cut, state = tmp_path / "full", tmp_path / "cut", tmp_path / "state"
+    train(cfg, full, log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cut, log=lambda *_: None, interrupt_after=23)  # a checkpoint at step 20, mid-epoch 2
+    assert script.main(["save", str(cut), str(state)]) == 0
+    assert "epoch 1, step 20" in capsys.readouterr().out
+    kept, meta = load_state(state / "state.safetensors")
+    assert not [k for k in kept if k.startswith("preprocess.")] and "preprocess.zca.matrix" in meta["dropped"]
+    assert (state / "metrics.jsonl").read_bytes() == (cut / "metrics.jsonl").read_bytes()
+    original = load_state(cut / "checkpoint.safetensors")
+
+    (cut / "model.safetensors").write_bytes(b"")  # a user's file: restore never writes into an existing folder
+    assert script.main(["restore", str(state), str(cut)]) == 2
+    assert f"{cut}: already exists" in capsys.readouterr().err and (cut / "model.safetensors").exists()
+    import shutil
+
+    shutil.rmtree(cut)
+    assert script.main(["restore", str(state), str(cut), "--data-dir", str(data_root)]) == 0
+    assert "fitted again: the same to the last bit" in capsys.readouterr().out
+    restored = load_state(cut / "checkpoint.safetensors")
+    assert restored[1] == original[1] and sorted(restored[0]) == sorted(original[0])
+    assert all(torch.equal(restored[0][k], original[0][k]) for k in original[0])
+    train(None, cut, resume=True, log=lambda *_: None)
+    a, _ = load_state(full / "checkpoint.safetensors")
+    b, _ = load_state(cut / "checkpoint.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "optim.")))
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if "time" not in k and "per_s" not in k}
+                          for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert strip(cut) == strip(full) and len(strip(full)) == 2
+
+    meta["dropped"]["preprocess.zca.mean"]["sha256"] = "0" * 64  # as if fitted on another kind of host
+    save_state(state / "state.safetensors", kept, {k: v for k, v in meta.items() if k != "format"})
+    other = tmp_path / "other"
+    assert script.main(["restore", str(state), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the run's in preprocess.zca.mean" in err and "--accept-refit" in err and not other.exists()
+    assert script.main(["restore", str(state), str(other), "--accept-refit"]) == 0
+    assert "differs, accepted" in capsys.readouterr().out and (other / "checkpoint.safetensors").is_file()
+    assert script.main(["save", str(tmp_path), str(tmp_path / "nothing")]) == 2
+    assert "checkpoint.safetensors: no training checkpoint there" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists() and not list(tmp_path.glob(".nothing*"))

@@ -472,8 +472,9 @@ def test_reproduce_refuses_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
 def test_slim_state_saves_a_run_without_its_zca_and_restores_it_bit_for_bit(data_root, tmp_path, capsys):
     """experiments/slim_state.py: a run's resume state less its fitted ZCA (kept in git for Table 1's long run)
     restores a run folder that `nin train --resume` finishes exactly as the uninterrupted run; a refit that differs
-    from the run's is refused unless accepted; an existing folder or a folder without a checkpoint is refused."""
+    from the run's is refused unless accepted; nothing a user has is replaced, and damaged states are refused."""
     import importlib.util
+    import shutil
 
     import torch
 
@@ -491,8 +492,16 @@ def test_slim_state_saves_a_run_without_its_zca_and_restores_it_bit_for_bit(data
     train(cfg, full, log=lambda *_: None)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, cut, log=lambda *_: None, interrupt_after=23)  # a checkpoint at step 20, mid-epoch 2
-    assert script.main(["save", str(cut), str(state)]) == 0
-    assert "epoch 1, step 20" in capsys.readouterr().out
+    for out in (cut, full, tmp_path / "notes.txt", cut / "state"):  # the run itself, another run, a user's file
+        (tmp_path / "notes.txt").write_text("mine")
+        assert script.main(["save", str(cut), str(out)]) == 2
+        assert str(out) in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (full / "model.safetensors").is_file()
+    (tmp_path / ".state.old").mkdir()  # a user's folder named like a leftover
+    for _ in range(2):  # a new folder, then the one it wrote: replaced
+        assert script.main(["save", str(cut), str(state)]) == 0
+        assert "epoch 1, step 20" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.old", "cut", "full", "notes.txt", "state"]
     kept, meta = load_state(state / "state.safetensors")
     assert not [k for k in kept if k.startswith("preprocess.")] and "preprocess.zca.matrix" in meta["dropped"]
     assert (state / "metrics.jsonl").read_bytes() == (cut / "metrics.jsonl").read_bytes()
@@ -501,11 +510,10 @@ def test_slim_state_saves_a_run_without_its_zca_and_restores_it_bit_for_bit(data
     (cut / "model.safetensors").write_bytes(b"")  # a user's file: restore never writes into an existing folder
     assert script.main(["restore", str(state), str(cut)]) == 2
     assert f"{cut}: already exists" in capsys.readouterr().err and (cut / "model.safetensors").exists()
-    import shutil
-
     shutil.rmtree(cut)
     assert script.main(["restore", str(state), str(cut), "--data-dir", str(data_root)]) == 0
-    assert "fitted again: the same to the last bit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fitted again: the same to the last bit" in out and f"--resume {cut} --data-dir {data_root}" in out
     restored = load_state(cut / "checkpoint.safetensors")
     assert restored[1] == original[1] and sorted(restored[0]) == sorted(original[0])
     assert all(torch.equal(restored[0][k], original[0][k]) for k in original[0])
@@ -517,14 +525,45 @@ def test_slim_state_saves_a_run_without_its_zca_and_restores_it_bit_for_bit(data
                           for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert strip(cut) == strip(full) and len(strip(full)) == 2
 
-    meta["dropped"]["preprocess.zca.mean"]["sha256"] = "0" * 64  # as if fitted on another kind of host
-    save_state(state / "state.safetensors", kept, {k: v for k, v in meta.items() if k != "format"})
-    other = tmp_path / "other"
-    assert script.main(["restore", str(state), str(other)]) == 2
-    err = capsys.readouterr().err
-    assert "differs from the run's in preprocess.zca.mean" in err and "--accept-refit" in err and not other.exists()
-    assert script.main(["restore", str(state), str(other), "--accept-refit"]) == 0
-    assert "differs, accepted" in capsys.readouterr().out and (other / "checkpoint.safetensors").is_file()
+    def refused(changed_state, says, *flags):
+        other = tmp_path / "other"
+        assert script.main(["restore", str(changed_state), str(other), *flags]) == 2
+        assert says in capsys.readouterr().err and not other.exists()
+
+    clean = json.loads(json.dumps({k: v for k, v in meta.items() if k != "format"}))
+    other_host = json.loads(json.dumps(clean))
+    other_host["dropped"]["preprocess.zca.mean"]["sha256"] = "0" * 64  # as if fitted on another kind of host
+    save_state(state / "state.safetensors", kept, other_host)
+    refused(state, "differs from the run's in preprocess.zca.mean (the same images: another kind of host); "
+                   "--accept-refit goes on with it")
+    assert script.main(["restore", str(state), str(tmp_path / "accepted"), "--accept-refit"]) == 0
+    assert "differs, accepted" in capsys.readouterr().out and (tmp_path / "accepted" / "checkpoint.safetensors").is_file()
+    save_state(state / "state.safetensors", kept, clean)
+    fake = tmp_path / "fake" / "mnist"  # other images under MNIST's names: refused, accepted refit or not
+    fake.mkdir(parents=True)
+    for part in data_root.joinpath("fashion-mnist").iterdir():
+        (fake / part.name).symlink_to(part)
+    refused(state, f"{fake.parent}: not the images the run trained on", "--data-dir", str(fake.parent),
+            "--accept-refit")
+    damaged = dict(kept)
+    first = sorted(k for k in kept if k.startswith("model."))[0]
+    damaged[first] = kept[first] + 1  # a flipped value in a kept tensor
+    save_state(state / "state.safetensors", damaged, clean)
+    refused(state, "damaged (its tensors do not match")
+    save_state(state / "state.safetensors", kept, {k: v for k, v in clean.items() if k != "epoch"})
+    refused(state, "damaged training state (no epoch)")
+    save_state(state / "state.safetensors", kept, clean)
+    (state / "metrics.jsonl").unlink()
+    refused(state, "metrics.jsonl: missing")
     assert script.main(["save", str(tmp_path), str(tmp_path / "nothing")]) == 2
     assert "checkpoint.safetensors: no training checkpoint there" in capsys.readouterr().err
-    assert not (tmp_path / "nothing").exists() and not list(tmp_path.glob(".nothing*"))
+
+    def appears(tmp):  # a user makes the folder while restore fits: restore must not replace it
+        (tmp_path / "late").mkdir()
+        (tmp_path / "late" / "notes.txt").write_text("mine")
+        return {}
+
+    with pytest.raises(script.NinError, match="late: appeared meanwhile"):
+        script._publish(tmp_path / "late", appears, replace=False)
+    assert (tmp_path / "late" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".state.old"]

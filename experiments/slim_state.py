@@ -26,6 +26,7 @@ Exit status: 0 done, 2 bad input (one line naming the file or folder and what wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -40,8 +41,10 @@ import torch
 from nin.checkpoint import load_checkpoint, load_state, read_meta, save_state
 from nin.data.datasets import recorded_root
 from nin.engine.config import TrainConfig
+from nin.engine.optim import load_optimizer_state, make_optimizer
 from nin.engine.start import _checkpoint_config, _held_out_split, _prepare_data  # the code path `nin train` fits with
 from nin.errors import NinError
+from nin.models import get_model
 
 STATE = "state.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
@@ -77,7 +80,8 @@ def save(run_dir: Path, out: Path) -> dict:
     def fill(tmp: Path) -> dict:
         copy = tmp / CHECKPOINT  # one read of the file as it is now; the run may replace it any moment
         shutil.copyfile(checkpoint, copy)
-        tensors, meta = load_state(copy)
+        with _named(copy, checkpoint):
+            tensors, meta = load_state(copy)
         copy.unlink()
         if meta.get("kind") != "checkpoint":
             raise NinError(f"{checkpoint}: not a training checkpoint (its kind is {meta.get('kind')!r})")
@@ -92,7 +96,7 @@ def save(run_dir: Path, out: Path) -> dict:
         return {"epoch": meta.get("epoch"), "step": meta.get("step"), "dropped": sorted(dropped),
                 "bytes": sum(f.stat().st_size for f in tmp.iterdir())}
 
-    return _publish(out, fill, replace=True)
+    return _publish(out, fill, replaceable=_own_state)
 
 
 def restore(state_dir: Path, run_dir: Path, data_dir: str | None, accept_refit: bool) -> dict:
@@ -137,13 +141,38 @@ def restore(state_dir: Path, run_dir: Path, data_dir: str | None, accept_refit: 
 
     def fill(tmp: Path) -> dict:
         save_state(tmp / CHECKPOINT, {**kept, **refit}, {**meta, "kind": "checkpoint"})
-        state, _, written = load_checkpoint(tmp / CHECKPOINT)  # what `nin train --resume` will check first
+        with _named(tmp / CHECKPOINT, path):
+            state, _, written = load_checkpoint(tmp / CHECKPOINT)  # what `nin train --resume` checks first
+            _check_resumable(cfg, state, path)
         for name in LOGS:
             if (state_dir / name).is_file():
                 shutil.copyfile(state_dir / name, tmp / name)
         return {"epoch": written["epoch"], "step": written["step"], "refit_differs": differ}
 
-    return _publish(run_dir, fill, replace=False)
+    return _publish(run_dir, fill)
+
+
+@contextlib.contextmanager
+def _named(temporary: Path, given: Path):
+    """An error about the temporary copy ``temporary`` names the file it stands for, ``given``."""
+    try:
+        yield
+    except NinError as e:
+        raise NinError(str(e).replace(str(temporary), str(given))) from None
+
+
+def _check_resumable(cfg: TrainConfig, state: dict, path: Path) -> None:
+    """What `nin train --resume` loads first takes the state: the model's tensors, a momentum buffer for each
+    of its parameters (or none), a CPU RNG state of the size torch keeps."""
+    model = get_model(cfg.model, **cfg.model_args)
+    try:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(make_optimizer(model, cfg), state["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        raise NinError(f"{path}: damaged ({' '.join(str(e).split())[:200]})") from None
+    if state["rng"]["cpu"].shape != torch.get_rng_state().shape:
+        raise NinError(f"{path}: damaged (its RNG state has {state['rng']['cpu'].numel()} bytes, torch keeps "
+                       f"{torch.get_rng_state().numel()})")
 
 
 def _absolute(folder: Path) -> Path:
@@ -178,48 +207,50 @@ def _check_parent(folder: Path) -> None:
         raise NinError(f"{folder}: cannot be made there: {ancestor} is not writable")
 
 
-def _publish(folder: Path, fill, *, replace: bool) -> dict:
+def _publish(folder: Path, fill, *, replaceable=None) -> dict:
     """Fill a new temporary folder beside ``folder`` with ``fill(tmp)``, then move it into ``folder``'s place.
 
-    With ``replace``, an existing ``folder`` (checked by the caller) is set aside first and put back if the move
-    fails; without, the folder must still not exist at the move, which a rename onto it would not ensure (a
-    rename replaces an empty folder), so the folder is made first and the files moved into it.
+    A ``folder`` there by then is replaced only where ``replaceable(folder)`` says so (set aside first, put back if
+    the move fails); else the folder must still not exist, which a rename onto it would not ensure (a rename
+    replaces an empty folder), so it is made first and the files moved into it.
     """
     _check_parent(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    work = None
     try:
-        tmp = work / "new"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tmp, aside = work / "new", work / "old"
         tmp.mkdir()
         done = fill(tmp)
-        if replace:
-            aside = work / "old"
-            if folder.is_dir():
-                folder.rename(aside)
+        if replaceable is not None and os.path.lexists(folder):
+            if not replaceable(folder):
+                raise NinError(f"{folder}: appeared meanwhile, and is not a folder this script wrote; left as it is")
             try:
+                folder.rename(aside)
                 tmp.rename(folder)
             except BaseException:
-                if aside.is_dir():
+                if aside.is_dir() and not os.path.lexists(folder):
                     aside.rename(folder)
                 raise
-        else:
-            try:
-                folder.mkdir()
-            except FileExistsError:
-                raise NinError(f"{folder}: appeared meanwhile; restore writes a new run folder only") from None
-            try:
-                for name in sorted(os.listdir(tmp), key=lambda n: n == CHECKPOINT):  # the checkpoint last
-                    (tmp / name).rename(folder / name)
-            except BaseException:
-                for name in os.listdir(folder):
-                    (folder / name).rename(tmp / name)
-                folder.rmdir()
-                raise
+            return done
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise NinError(f"{folder}: appeared meanwhile; left as it is") from None
+        try:
+            for name in sorted(os.listdir(tmp), key=lambda n: n == CHECKPOINT):  # a run's checkpoint last
+                (tmp / name).rename(folder / name)
+        except BaseException:
+            for name in os.listdir(folder):
+                (folder / name).rename(tmp / name)
+            folder.rmdir()
+            raise
         return done
     except OSError as e:
         raise NinError(f"{folder}: cannot write it ({e.strerror or e})") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -422,6 +422,10 @@ def test_resume_damaged_or_foreign_checkpoints(capsys, tmp_path, baseline, weigh
         "unknown-field": _rewrite(checkpoint, tmp_path / "x" / "unknown-field", train_config={**train_config, "wd": 1}),
         "no-train-config": _rewrite(checkpoint, tmp_path / "x" / "no-train-config", train_config=None),
         "no-position": _rewrite(checkpoint, tmp_path / "x" / "no-position", step=None),
+        # a momentum buffer lost, or cut short (copy_ would broadcast a 1-element one over its parameter)
+        **{name: _rewrite(checkpoint, tmp_path / "x" / name, tensors=change(dict(load_state(checkpoint)[0])))
+           for name, change in (("no-momentum-buffer", lambda t: {k: v for k, v in t.items() if k != "optim.0.1"}),
+                                ("short-momentum-buffer", lambda t: {**t, "optim.0.1": t["optim.0.1"].flatten()[:1]}))},
     }
     for name, source in cases.items():
         run = tmp_path / "runs" / name

@@ -550,20 +550,31 @@ def test_slim_state_saves_a_run_without_its_zca_and_restores_it_bit_for_bit(data
     damaged[first] = kept[first] + 1  # a flipped value in a kept tensor
     save_state(state / "state.safetensors", damaged, clean)
     refused(state, "damaged (its tensors do not match")
+    no_buffer = {k: v for k, v in kept.items() if k != "optim.0.1"}  # as saved from a damaged checkpoint
+    save_state(state / "state.safetensors", no_buffer, {**clean, "kept_sha256": script.digest(no_buffer)})
+    refused(state, f"{state / 'state.safetensors'}: damaged (momentum buffer 0.1 is missing)")
     save_state(state / "state.safetensors", kept, {k: v for k, v in clean.items() if k != "epoch"})
-    refused(state, "damaged training state (no epoch)")
+    refused(state, f"{state / 'state.safetensors'}: damaged training state (no epoch)")
     save_state(state / "state.safetensors", kept, clean)
     (state / "metrics.jsonl").unlink()
     refused(state, "metrics.jsonl: missing")
     assert script.main(["save", str(tmp_path), str(tmp_path / "nothing")]) == 2
     assert "checkpoint.safetensors: no training checkpoint there" in capsys.readouterr().err
+    torn = tmp_path / "torn"
+    shutil.copytree(full, torn)
+    (torn / "checkpoint.safetensors").write_bytes((full / "checkpoint.safetensors").read_bytes()[:100_000])
+    assert script.main(["save", str(torn), str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith(f"slim_state.py save: {torn / 'checkpoint.safetensors'}: ")
+    assert not (tmp_path / "nothing").exists()
 
-    def appears(tmp):  # a user makes the folder while restore fits: restore must not replace it
-        (tmp_path / "late").mkdir()
-        (tmp_path / "late" / "notes.txt").write_text("mine")
+    def appears(tmp):  # a user makes the folder while restore fits, or save reads: neither replaces it
+        (tmp.parents[1] / "late").mkdir()
+        (tmp.parents[1] / "late" / "notes.txt").write_text("mine")
         return {}
 
-    with pytest.raises(script.NinError, match="late: appeared meanwhile"):
-        script._publish(tmp_path / "late", appears, replace=False)
-    assert (tmp_path / "late" / "notes.txt").read_text() == "mine"
+    for replaceable in (None, script._own_state):
+        with pytest.raises(script.NinError, match="late: appeared meanwhile"):
+            script._publish(tmp_path / "late", appears, replaceable=replaceable)
+        assert (tmp_path / "late" / "notes.txt").read_text() == "mine"
+        shutil.rmtree(tmp_path / "late")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".state.old"]

@@ -52,11 +52,27 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, buffers: dict[str, torch.Tensor]) -> None:
-    for g, group in enumerate(optimizer.param_groups):
-        for j, p in enumerate(group["params"]):
-            if f"{g}.{j}" in buffers:
-                # empty_like keeps the parameter's memory format (channels_last): the fused step walks raw memory
-                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffers[f"{g}.{j}"])
+    """Put back the buffers `optimizer_state` took: one for every parameter (every nin model trains them all),
+    or none (a run checkpointed before its first step, or without momentum).
+
+    Raises:
+        ValueError: Buffers for some parameters only, for parameters the optimizer does not have, or of
+            another shape than their parameter's (a damaged checkpoint, or another model's).
+    """
+    params = {f"{g}.{j}": p for g, group in enumerate(optimizer.param_groups) for j, p in enumerate(group["params"])}
+    if buffers:
+        unknown, missing = sorted(set(buffers) - set(params)), sorted(set(params) - set(buffers))
+        if unknown or missing:
+            raise ValueError(f"momentum buffer {(unknown or missing)[0]} "
+                             f"{'has no parameter' if unknown else 'is missing'}")
+        wrong = [k for k, p in params.items() if buffers[k].shape != p.shape]
+        if wrong:
+            raise ValueError(f"momentum buffer {wrong[0]} has shape {tuple(buffers[wrong[0]].shape)}, "
+                             f"its parameter {tuple(params[wrong[0]].shape)}")
+    for key, p in params.items():
+        if key in buffers:
+            # empty_like keeps the parameter's memory format (channels_last): the fused step walks raw memory
+            optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffers[key])
 
 
 class Ema:

@@ -119,10 +119,6 @@ def restore(state_dir: Path, run_dir: Path, data_dir: str | None, accept_refit: 
         raise NinError(f"{path}: not a state written by `slim_state.py save` (its kind is {meta.get('kind')!r})")
     if digest(kept) != meta.get("kept_sha256"):
         raise NinError(f"{path}: damaged (its tensors do not match the sha256 recorded when it was saved)")
-    try:
-        cfg = TrainConfig.from_dict(meta["train_config"])
-    except (KeyError, TypeError, ValueError, NinError) as e:
-        raise NinError(f"{path}: damaged (no train_config it can read: {e})") from None
     cfg = _checkpoint_config(path, {"model": {k[6:]: v for k, v in kept.items() if k.startswith("model.")}}, meta)
     cfg = _held_out_split(cfg, new_run=False)
     root = data_dir or recorded_root(cfg.data_dir, cfg.dataset)

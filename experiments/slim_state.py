@@ -12,8 +12,8 @@ what it keeps and of each tensor it drops, plus the run's config.json, metrics.j
 the checkpoint once, so a run training meanwhile (which replaces its checkpoint every few minutes) is saved
 whole, as of one moment. OUT must be new, or a folder an earlier ``save`` wrote, which it replaces.
 
-``restore`` checks what was kept, reads the training images as `nin train` does (the run's data folder, else
---data-dir, $NIN_DATA or the cache; the images' sha256 must be the run's), fits the preprocessing again with
+``restore`` checks what was kept, reads the training images as `nin train --resume` does (--data-dir, else the
+run's data folder, else $NIN_DATA or the cache; the images' sha256 must be the run's), fits the preprocessing again with
 nin's own code and compares it with the digests: a refit that differs (another kind of host) is refused unless
 ``--accept-refit``, because the run would go on with other inputs than it trained on so far. It then writes a
 new run folder whose checkpoint is the saved one bit for bit, so that `nin train --resume` continues exactly.

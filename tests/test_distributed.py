@@ -3,7 +3,8 @@
 One spawn (a module fixture) runs every distributed job; the workers write what they computed into a
 temporary folder and the tests compare it with one process doing the same work. Checks: sharding, DDP
 optimizer steps == steps on the global batch, every test image counted once, bit-exact resume under DDP,
-and resuming with a different number of processes. About 35 s of CPU time.
+resuming with a different number of processes, and torchrun launches (missing data, a graceful stop). About 50 s of
+CPU time.
 """
 
 from __future__ import annotations
@@ -336,6 +337,98 @@ def test_the_cli_says_a_lost_peer_in_one_line_even_when_interrupted_meanwhile(mo
     monkeypatch.setitem(cli.COMMANDS, "evaluate", lambda args: 1 / 0)  # not a collective: the traceback, as before
     with pytest.raises(ZeroDivisionError):
         cli.main(["evaluate", "fast-mnist"])
+
+
+class _Held:
+    """Stands for the DDP model a stopped command's frames hold."""
+
+
+@pytest.mark.parametrize("outcome, code, said", [
+    ("stop", 130, "nin train: interrupted: stopped at step 7"),
+    ("nin-error", 1, "nin train: error: bad flag"),
+    ("lost-peer", 1, "nin train: error: rank 1 of 2: lost its connection"),
+    ("bug", 1, "ZeroDivisionError"),
+    ("done", 0, ""),
+])
+def test_a_torchrun_worker_leaves_with_its_exception_still_alive(monkeypatch, capsys, outcome, code, said):
+    """A torchrun worker run as a program ends in os._exit once its outcome is printed, before the exception that
+    stopped it is freed: freeing it (its frames hold the DDP model, and through it the gloo group) hung a stopped
+    worker in the group's destructor until torchrun killed it 30 s later."""
+    import weakref
+
+    from nin import cli
+    from nin.errors import NinError
+
+    held = []
+
+    def command(args):
+        model = _Held()
+        held.append(weakref.ref(model))
+        if outcome == "stop":
+            raise KeyboardInterrupt("stopped at step 7")
+        if outcome == "nin-error":
+            raise NinError("bad flag")
+        if outcome == "lost-peer":
+            raise RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:59554")
+        if outcome == "bug":
+            return 1 / 0
+        return 0
+
+    class Left(BaseException):
+        pass
+
+    def exit_now(status):
+        seen.append((status, held[0]() is not None))
+        raise Left
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setitem(cli.COMMANDS, "train", command)
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(sys, "argv", ["nin", "train", "--dataset", "mnist"])
+    with pytest.raises(Left):
+        cli.main()  # as the `nin` program is: no argv
+    assert seen == [(code, outcome != "done")]  # the exception (and what its frames hold) alive at the exit
+    assert said in capsys.readouterr().err
+    seen.clear()
+    if outcome != "bug":  # called as a function (argv given), main returns as before
+        assert cli.main(["train", "--dataset", "mnist"]) == code and seen == []
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no group, nothing to leave early
+    held.clear()
+    if outcome in ("stop", "nin-error"):
+        assert cli.main(["train", "--dataset", "mnist"]) == code and seen == []
+
+
+def test_a_graceful_stop_under_torchrun_ends_every_worker_at_once(data_root, tmp_path):
+    """SIGTERM to torchrun: every worker checkpoints after the same step, says so and exits; torchrun never has to
+    kill one ("Unable to shutdown process ... forcefully exiting via SIGKILL", 30 s later: the hang above)."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "nin", "train", "--dataset", "mnist", "--epochs", "4", "--train-subset", "2000",
+                               "--data-dir", str(data_root), "--out", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    for line in launch.stdout:  # stop it during its second epoch
+        lines.append(line)
+        if line.startswith("epoch   1/4"):
+            break
+    launch.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    rest, _ = launch.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert "forcefully exiting" not in output, output
+    assert time.monotonic() - stopped < 25, output  # torchrun waits 30 s before it kills a worker
+    said = [line for line in output.splitlines() if line.startswith("nin train: interrupted: stopped at step")]
+    assert len(said) == 2 and said[0] == said[1], output  # both ranks, after the same step
+    step = int(said[0].split("stopped at step ")[1].split()[0])
+    assert step > 8  # in epoch 2 (8 steps an epoch per rank)
+    assert load_state(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == step
 
 
 def test_a_torchrun_launch_with_missing_data_says_so_once(tmp_path):

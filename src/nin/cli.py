@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from nin.__about__ import __version__
 from nin.data.datasets import DATA_DIR_OF_MODEL_HELP, DATASET_NAMES
@@ -389,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.simplefilter("always", NinNote)
         warnings.showwarning = _note_or_warning(args.command, warnings.showwarning)
-        return _run_command(args)
+        leave = None
+        if argv is None and "WORLD_SIZE" in os.environ:  # the `nin` program, perhaps a torchrun worker
+            from nin.distributed import launched_by_torchrun
+
+            leave = _leave if launched_by_torchrun() else None
+        return _run_command(args, leave=leave)
 
 
 def _note_or_warning(command: str, show):
@@ -404,33 +410,43 @@ def _note_or_warning(command: str, show):
     return showwarning
 
 
-def _run_command(args: argparse.Namespace) -> int:
+def _run_command(args: argparse.Namespace, leave=None) -> int:
+    """Run the command; its errors as one line each and an exit code. ``leave(code)``, when given (a torchrun
+    worker run as a program), ends the process there, with the exception that stopped the command still alive."""
+    done = leave or (lambda code: code)
     if args.debug:
-        return COMMANDS[args.command](args)
+        if leave is None:
+            return COMMANDS[args.command](args)
+        try:
+            return done(COMMANDS[args.command](args))
+        except (Exception, KeyboardInterrupt) as e:  # the traceback Python would print, then leave as below
+            return done(_print_traceback(130 if isinstance(e, KeyboardInterrupt) else 1))
     from nin.errors import NinError
 
     try:
-        return COMMANDS[args.command](args)
+        return done(COMMANDS[args.command](args))
     except NinError as e:
         message = " ".join(str(e).split())  # one line, even when a library's message had several
         print(f"nin {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        return done(1)
     except KeyboardInterrupt as e:
         print(f"nin {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
-        return 130
+        return done(130)
     except BrokenPipeError:  # the reader closed the pipe (`| head`): nothing left to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return done(141)
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"nin {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return done(1)
     except RuntimeError as e:  # under torchrun: another process stopped, and this one's collective failed
         from nin.distributed import lost_peer
 
         line = lost_peer(e)
         if line is None:
-            raise
+            if leave is None:
+                raise
+            return done(_print_traceback(1))
         # The process that stopped first exits now (it left the group before printing its error). Waiting a
         # second lets torchrun see it go first, name it the root cause and stop this one; where torchrun does not
         # (another node's agent learns it later), this one says why it stopped. A Ctrl-C cuts the wait short.
@@ -439,7 +455,35 @@ def _run_command(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         print(f"nin {args.command}: error: {line}", file=sys.stderr)
-        return 1
+        return done(1)
+    except Exception:  # a bug: its traceback, as Python prints it
+        if leave is None:
+            raise
+        return done(_print_traceback(1))
+
+
+def _print_traceback(code: int) -> int:
+    import traceback
+
+    traceback.print_exc()
+    return code
+
+
+def _leave(code: int) -> NoReturn:
+    """End a torchrun worker now: its output flushed, its files closed, nothing left for the interpreter's teardown.
+
+    That teardown could hang. The exception that stopped a command (a graceful stop's KeyboardInterrupt) holds, in
+    its frames, the DDP model, and through it the gloo process group that `destroy_process_group` has let go of.
+    Freeing it runs the group's destructor with the GIL held; the destructor joins gloo's worker thread, which may
+    still be releasing the last collective's tensors and wait for the GIL to do so. That deadlock held a worker
+    until torchrun killed it 30 s later (a 2-process CPU run stopped by SIGTERM, on a busy 2-core host: 2 to 3
+    times in 5; the rank that hung was the one that writes nothing, so it reached the teardown right after the last
+    collective).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

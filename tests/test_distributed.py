@@ -345,6 +345,7 @@ class _Held:
 
 @pytest.mark.parametrize("outcome, code, said", [
     ("stop", 130, "nin train: interrupted: stopped at step 7"),
+    ("stop, stderr a closed pipe", 130, ""),  # `torchrun ... 2>&1 | tee log`, then Ctrl-C: tee is gone
     ("nin-error", 1, "nin train: error: bad flag"),
     ("lost-peer", 1, "nin train: error: rank 1 of 2: lost its connection"),
     ("bug", 1, "ZeroDivisionError"),
@@ -364,7 +365,7 @@ def test_a_torchrun_worker_leaves_with_its_exception_still_alive(monkeypatch, ca
     def command(args):
         model = _Held()
         held.append(weakref.ref(model))
-        if outcome == "stop":
+        if outcome.startswith("stop"):
             raise KeyboardInterrupt("stopped at step 7")
         if outcome == "nin-error":
             raise NinError("bad flag")
@@ -377,8 +378,9 @@ def test_a_torchrun_worker_leaves_with_its_exception_still_alive(monkeypatch, ca
     class Left(BaseException):
         pass
 
-    def exit_now(status):
-        seen.append((status, held[0]() is not None))
+    def exit_now(status):  # os._exit returns never; this one raises, and main's guard would leave again
+        if not seen:
+            seen.append((status, held[0]() is not None))
         raise Left
 
     seen = []
@@ -388,10 +390,21 @@ def test_a_torchrun_worker_leaves_with_its_exception_still_alive(monkeypatch, ca
     monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
     monkeypatch.setattr(cli.os, "_exit", exit_now)
     monkeypatch.setattr(sys, "argv", ["nin", "train", "--dataset", "mnist"])
-    with pytest.raises(Left):
-        cli.main()  # as the `nin` program is: no argv
+    with monkeypatch.context() as closed:
+        if outcome == "stop, stderr a closed pipe":
+            class ClosedPipe:
+                def write(self, text):
+                    raise BrokenPipeError(32, "Broken pipe")
+
+                def flush(self):
+                    raise BrokenPipeError(32, "Broken pipe")
+            closed.setattr(sys, "stderr", ClosedPipe())
+        with pytest.raises(Left):
+            cli.main()  # as the `nin` program is: no argv
     assert seen == [(code, outcome != "done")]  # the exception (and what its frames hold) alive at the exit
     assert said in capsys.readouterr().err
+    if outcome == "stop, stderr a closed pipe":
+        return
     seen.clear()
     if outcome != "bug":  # called as a function (argv given), main returns as before
         assert cli.main(["train", "--dataset", "mnist"]) == code and seen == []

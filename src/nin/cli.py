@@ -395,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
             from nin.distributed import launched_by_torchrun
 
             leave = _leave if launched_by_torchrun() else None
-        return _run_command(args, leave=leave)
+        if leave is None:
+            return _run_command(args)
+        try:
+            return _run_command(args, leave=leave)
+        except BaseException as e:  # its outcome could not be printed (stderr a pipe whose reader is gone): leave
+            leave(130 if any(isinstance(x, KeyboardInterrupt) for x in _chain(e)) else 1)
 
 
 def _note_or_warning(command: str, show):
@@ -467,6 +472,13 @@ def _print_traceback(code: int) -> int:
 
     traceback.print_exc()
     return code
+
+
+def _chain(error: BaseException | None):
+    """The error and those it was raised while handling (``__context__``)."""
+    while error is not None:
+        yield error
+        error = error.__context__
 
 
 def _leave(code: int) -> NoReturn:

@@ -399,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run_command(args)
         try:
             return _run_command(args, leave=leave)
-        except BaseException as e:  # its outcome could not be printed (stderr a pipe whose reader is gone): leave
+        except BaseException as e:  # a bug, `--debug`, or an outcome that could not be printed (a closed pipe)
+            import traceback
+
+            with contextlib.suppress(Exception):  # the traceback Python would print, where stderr still takes it
+                traceback.print_exc()
             leave(130 if any(isinstance(x, KeyboardInterrupt) for x in _chain(e)) else 1)
 
 
@@ -417,15 +421,11 @@ def _note_or_warning(command: str, show):
 
 def _run_command(args: argparse.Namespace, leave=None) -> int:
     """Run the command; its errors as one line each and an exit code. ``leave(code)``, when given (a torchrun
-    worker run as a program), ends the process there, with the exception that stopped the command still alive."""
+    worker run as a program), ends the process there, with the exception that stopped the command still alive;
+    what escapes, `main` prints and leaves with."""
     done = leave or (lambda code: code)
     if args.debug:
-        if leave is None:
-            return COMMANDS[args.command](args)
-        try:
-            return done(COMMANDS[args.command](args))
-        except (Exception, KeyboardInterrupt) as e:  # the traceback Python would print, then leave as below
-            return done(_print_traceback(130 if isinstance(e, KeyboardInterrupt) else 1))
+        return done(COMMANDS[args.command](args))
     from nin.errors import NinError
 
     try:
@@ -449,9 +449,7 @@ def _run_command(args: argparse.Namespace, leave=None) -> int:
 
         line = lost_peer(e)
         if line is None:
-            if leave is None:
-                raise
-            return done(_print_traceback(1))
+            raise
         # The process that stopped first exits now (it left the group before printing its error). Waiting a
         # second lets torchrun see it go first, name it the root cause and stop this one; where torchrun does not
         # (another node's agent learns it later), this one says why it stopped. A Ctrl-C cuts the wait short.
@@ -461,17 +459,6 @@ def _run_command(args: argparse.Namespace, leave=None) -> int:
             pass
         print(f"nin {args.command}: error: {line}", file=sys.stderr)
         return done(1)
-    except Exception:  # a bug: its traceback, as Python prints it
-        if leave is None:
-            raise
-        return done(_print_traceback(1))
-
-
-def _print_traceback(code: int) -> int:
-    import traceback
-
-    traceback.print_exc()
-    return code
 
 
 def _chain(error: BaseException | None):

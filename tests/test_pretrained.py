@@ -11,7 +11,7 @@ from nin.data.readers import file_digest
 from nin.errors import NinError
 from nin.inference import agrees_with_record
 from nin import get_model
-from nin.pretrained import PRETRAINED, get_weights, list_pretrained
+from nin.pretrained import EXACT_1000, JPEG_10000, PRETRAINED, get_weights, list_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +91,44 @@ def test_paper_mnist_weights_file_scores_as_recorded_on_the_idx_file_and_predict
                  "--top-k", "1"]) == 0
     rows = json.loads(capsys.readouterr().out)["predictions"]
     assert [row["top"][0]["class"] for row in rows] == [str(label) for label in test.labels[:4].tolist()]
+
+
+def test_paper_cifar10_weights_file_scores_as_recorded_on_both_test_files_and_predicts(data_root, tmp_path, capsys):
+    """Table 1's run to its end: its weights in weights/ give its recorded errors with `nin evaluate --data-file` on
+    the JPEG copy's test batch (10,000) and on the exact first 1,000, the tag is that file, and `nin predict
+    paper-cifar10 IMAGE` names what the exact images show (GCN + ZCA inside)."""
+    import json
+
+    from PIL import Image
+
+    from nin.data import load_dataset
+
+    record = json.loads((REPO / "results" / "cifar10-paper.json").read_text())
+    weights = get_weights("paper-cifar10")
+    assert not record["in_progress"] and record["weights_sha256"] == weights.sha256
+    assert get_model("nin_cifar10", weights="paper-cifar10").state_dict().keys() == \
+        get_model("nin_cifar10").state_dict().keys()
+    jpeg = data_root / "cifar-10-batches-bin" / "test_batch.bin"
+    exact = data_root / "cifar-10-test-lossless-first1000" / "test_batch_first1000.bin"
+    if not (jpeg.is_file() and exact.is_file()):
+        pytest.skip("the CIFAR-10 test files are not in the data folder")
+    for test_file, n, recorded, tag_says in ((jpeg, 10_000, 1 - record["final_error"], weights.accuracy[JPEG_10000]),
+                                             (exact, 1_000, 1 - record["exact_1000_error"],
+                                              weights.accuracy[EXACT_1000])):
+        assert main(["evaluate", str(REPO / record["weights"]), "--data-file", str(test_file), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["n"] == n
+        assert agrees_with_record(result["correct"], n, recorded), (test_file.name, result["correct"], recorded)
+        assert agrees_with_record(result["correct"], n, tag_says), (test_file.name, result["correct"], tag_says)
+    test = load_dataset("cifar10-lossless-first1000", "test", data_root)
+    classes = weights.meta["categories"]
+    for i in range(8):
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(tmp_path / f"image{i}.png")
+    assert main(["predict", "paper-cifar10", *(str(tmp_path / f"image{i}.png") for i in range(8)), "--json",
+                 "--top-k", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    right = sum(row["top"][0]["class"] == classes[label] for row, label in zip(rows, test.labels[:8].tolist()))
+    assert right >= 6, [row["top"][0]["class"] for row in rows]  # 7 of 8 on this host (a ship read as a car)
 
 
 def test_installed_wheel_computes_what_the_checkout_computes(tmp_path, data_root):

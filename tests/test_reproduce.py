@@ -358,6 +358,32 @@ def test_cpu_estimates_scale_a_run_of_this_cpu_kind_only(monkeypatch):
     assert report._cpu_reference([bf16, fp32]) is None
     resumed = {"images_per_s": 34.0, "segments": [{"images_per_s": 33.0}, {"images_per_s": 63.0}, {}]}
     assert report._reference_rate(resumed) == 63.0 and report._reference_rate({"images_per_s": 50.0}) == 50.0
+    # resumed across kinds: a reference for each kind it has segments of, at those segments' rate alone
+    mixed = run("mixed", 149, "none", images_per_s=120.0)
+    mixed["segments"] = [{"host": {"bf16": "none"}, "images_per_s": 95.0},
+                         {"host": {"bf16": "AVX-512 BF16"}, "images_per_s": 456.0}]
+    for units, rate in (("none", 95.0), ("AVX-512 BF16", 456.0)):
+        monkeypatch.setattr(report, "bf16_units", lambda units=units: units)
+        assert report._cpu_reference([bf16, fp32, mixed]) is mixed
+        assert report._reference_rate(mixed, units) == rate
+    monkeypatch.setattr(report, "bf16_units", lambda: "AMX")
+    assert report._cpu_reference([mixed]) is None
+
+
+def test_a_paper_run_this_cpu_trains_in_a_day_is_not_run_yet_not_a_gpus_job(data_root, monkeypatch):
+    from nin.tools import report
+
+    row = next(r for r in report.PAPER_ROWS if r.experiment == "table1-aug")
+    if not (data_root / "cifar-10-batches-bin").is_dir():
+        pytest.skip("no CIFAR-10 in the data folder")
+    reference = {"name": "r", "model": "nin_cifar10", "images_per_s": 456.0, "segments": []}
+    text = report._not_run(row, data_root, reference)
+    hours = 260 * 50_000 / 456.0 / 3600
+    assert text == f"not run yet: `nin reproduce table1-aug` (the paper recipe's 260 epochs ≈ {hours:.0f} h on this CPU)"
+    slow = dict(reference, images_per_s=95.0)
+    assert report._not_run(row, data_root, slow) == \
+        f"not run here: needs a GPU (the paper recipe's 260 epochs ≈ {260 * 50_000 / 95.0 / 3600:.0f} h on this CPU)"
+    assert report._not_run(row, data_root, None) == "not run here: needs a GPU (the paper recipe's 260 epochs)"
 
 
 def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path, capsys):

@@ -53,6 +53,54 @@ def test_parameter_groups_follow_the_authors_caffe_definition():
     assert set(lr_of(fast)[::2]) == {fast.lr}
 
 
+def test_paper_recipe_and_model_follow_the_authors_prototxt_layer_by_layer(data_root):
+    """Read from the authors' own CIFAR-10 definition, every convolution in order: its lr multipliers (blobs_lr),
+    weight-decay multipliers and Gaussian init std are what `--recipe paper` gives the same layer of nin_cifar10
+    (base lr 0.1, weight decay 1e-4); its biases start at zero; dropout 0.5 follows the first and second blocks."""
+    from nin.engine.optim import param_groups
+    from nin.models import NiN, model_config
+    from nin.tools.caffe_format import _parse_text
+
+    prototxt = data_root / "caffe-nin-cifar10" / "cifar10_nin_train_val.prototxt"
+    if not prototxt.is_file():
+        pytest.skip("the authors' Caffe definition is not in the data folder")
+
+    def values(entries, key):
+        return [value for k, value in entries if k == key]
+
+    convs, dropouts = [], []
+    for layer in values(_parse_text(prototxt.read_text(), str(prototxt)), "layers"):
+        kind = values(layer, "type")[0]
+        if kind == "CONVOLUTION":
+            conv = values(layer, "convolution_param")[0]
+            filler = values(values(conv, "weight_filler")[0], "std")
+            convs.append((values(layer, "name")[0], [float(v) for v in values(layer, "blobs_lr")],
+                          [float(v) for v in values(layer, "weight_decay")], float(filler[0])))
+        elif kind == "DROPOUT":
+            dropouts.append((len(convs), float(values(values(layer, "dropout_param")[0], "dropout_ratio")[0])))
+    assert [name for name, *_ in convs] == ["conv1", "cccp1", "cccp2", "conv2", "cccp3", "cccp4", "conv3", "cccp5",
+                                            "cccp6"]
+
+    cfg = recipe("paper", "cifar10")
+    torch.manual_seed(0)
+    model = NiN(model_config("nin_cifar10", **cfg.model_args))
+    groups = {id(p): (group["lr"], group["weight_decay"]) for group in param_groups(model, cfg)
+              for p in group["params"]}
+    ours = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(ours) == len(convs)
+    for (name, blobs_lr, decay, std), conv in zip(convs, ours):
+        for param, lr_mult, decay_mult in ((conv.weight, blobs_lr[0], decay[0]), (conv.bias, blobs_lr[1], decay[1])):
+            assert groups[id(param)] == pytest.approx((cfg.lr * lr_mult, cfg.weight_decay * decay_mult)), name
+        assert conv.weight.std().item() == pytest.approx(std, rel=0.05), name  # N(0, std^2)
+        assert not conv.bias.any(), name
+    ends = [3, 6]  # the convolutions before each block's pooling
+    assert dropouts == [(end, 0.5) for end in ends]
+    drops = [m for m in model.drops]
+    assert [type(m).__name__ for m in drops] == ["Dropout", "Dropout", "Identity"]
+    assert [m.p for m in drops[:2]] == [0.5, 0.5]
+    assert [len(block.convs) for block in model.blocks] == [3, 3, 3]
+
+
 def test_data_set_model_changes_add_to_the_fast_recipe():
     c10 = recipe("fast", "cifar10")
     assert c10.model_args == {**FAST.model_args, "dropout": 0.0}  # CIFAR-10 drops dropout, keeps batch norm etc.

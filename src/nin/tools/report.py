@@ -4,7 +4,7 @@
 
 Each row gives the paper's number, the best public port's, and ours: the recorded error, the exact 1,000's, the
 error evaluated again from the weights file, wall time, where it ran (each segment of a resumed run) and the
-command; or why there is none (needs data, needs a GPU with the CPU estimate, in progress).
+command; or why there is none (needs data, not run yet or needs a GPU with the CPU estimate, in progress).
 """
 
 from __future__ import annotations
@@ -80,11 +80,12 @@ def _cpu_reference(records: list[dict]) -> dict | None:
     """A full CPU run recorded on this machine: its throughput scales to other models by multiply-adds.
 
     "This machine" is the CPU's model name and its bf16 units: one name ("AMD EPYC") covers hosts with AVX-512 BF16
-    and hosts with AVX2 alone, which train nin's models about 3x apart. A run whose segments recorded other units
-    is never the reference; one that recorded these units comes before one recorded before units were."""
+    and hosts with AVX2 alone, which train nin's models about 3-5x apart. A run with no segment on these units is
+    never the reference (one resumed across kinds is, by its segments on these units); one that recorded units comes
+    before one recorded before units were."""
     here, units = machine_name("cpu"), bf16_units()
     cpu = [r for r in records if str(r.get("device", "")).startswith("cpu") and r.get("machine") == here
-           and not r.get("train_subset") and _record_units(r) in (None, {units})]
+           and not r.get("train_subset") and (_record_units(r) is None or units in _record_units(r))]
     return max(cpu, key=lambda r: (_record_units(r) is not None, r["epochs"])) if cpu else None
 
 
@@ -94,11 +95,21 @@ def _record_units(record: dict) -> set[str] | None:
     return units or None
 
 
-def _reference_rate(reference: dict) -> float:
-    """The reference run's images/s: its fastest segment's, where it was resumed (a segment that shared the host, or
-    was paused, is slower than this CPU is), else the run's own."""
-    rates = [s["images_per_s"] for s in reference.get("segments", []) if s.get("images_per_s")]
-    return max([*rates, reference["images_per_s"]])
+def _reference_segments(reference: dict, units: str | None) -> list[dict]:
+    """The reference run's segments on hosts with ``units`` (all of them where none recorded its units)."""
+    segments = reference.get("segments", [])
+    if units is None or _record_units(reference) is None:
+        return segments
+    return [s for s in segments if (s.get("host") or {}).get("bf16") == units]
+
+
+def _reference_rate(reference: dict, units: str | None = None) -> float:
+    """The reference run's images/s on hosts with ``units``: its fastest segment's there, where it was resumed (a
+    segment that shared the host, or was paused, is slower than this CPU is), else the run's own (which is not this
+    kind's where the run was resumed across kinds)."""
+    rates = [s["images_per_s"] for s in _reference_segments(reference, units) if s.get("images_per_s")]
+    whole = [] if units is not None and _record_units(reference) not in (None, {units}) else [reference["images_per_s"]]
+    return max([*rates, *whole])
 
 
 def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:
@@ -107,7 +118,8 @@ def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:
         return None
     cfg = recipe(spec.recipe, spec.dataset)
     model = spec.model or cfg.model
-    rate = _reference_rate(reference) * multiply_adds(get_model(reference["model"])) / multiply_adds(get_model(model))
+    rate = (_reference_rate(reference, bf16_units()) * multiply_adds(get_model(reference["model"]))
+            / multiply_adds(get_model(model)))
     epochs = spec.epochs or (PAPER_EPOCHS if spec.recipe == "paper" else cfg.epochs)
     return epochs * (spec.train_subset or dataset_info(spec.dataset).train_images) / rate / 3600
 
@@ -131,6 +143,9 @@ def _spec(name: str) -> RunSpec | None:
     return _found(name)[1]
 
 
+CPU_HOURS = 24  # a paper-recipe run estimated longer than this on this CPU is a GPU's job
+
+
 def _not_run(row: Row, data_root: Path, reference: dict | None) -> str:
     spec = _spec(row.results[0])
     if spec is None:  # weights made elsewhere (imported), not a run of ours
@@ -140,6 +155,9 @@ def _not_run(row: Row, data_root: Path, reference: dict | None) -> str:
         return NEEDS_DATA
     hours = _estimate_hours(spec, reference)
     if spec.recipe == "paper":
+        if hours is not None and hours <= CPU_HOURS:  # a few sessions of background training on this CPU
+            return (f"not run yet: `nin reproduce {row.experiment}` (the paper recipe's {PAPER_EPOCHS} epochs ≈ "
+                    f"{hours:.0f} h on this CPU)")
         estimate = f" ≈ {hours:.0f} h on this CPU" if hours is not None else ""
         return f"not run here: needs a GPU (the paper recipe's {PAPER_EPOCHS} epochs{estimate})"
     estimate = f" (≈ {hours:.1f} h on this CPU)" if hours is not None else ""
@@ -415,10 +433,13 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
         *_table(OUR_ROWS, records, data_root, reference, plotted),
     ]
     if reference is not None:
-        segments = len(reference.get("segments", []))
-        over = f"the fastest of its {segments} segments" if segments > 1 else "over the whole run"
+        units = bf16_units()
+        segments, kinds = len(_reference_segments(reference, units)), _record_units(reference) or set()
+        on = " on this kind of host" if len(kinds) > 1 else ""
+        over = f"the fastest of its {segments} segments{on}" if segments > 1 else \
+            f"its segment{on}" if on else "over the whole run"
         lines += ["", f"CPU estimates scale `{reference['name']}`'s measured training throughput "
-                      f"({_reference_rate(reference):.0f} images/s, {reference['model']}, {over}) by multiply-adds "
+                      f"({_reference_rate(reference, units):.0f} images/s, {reference['model']}, {over}) by multiply-adds "
                       f"per image; "
                       f"the paper recipe's plateau rule can end a run before its {PAPER_EPOCHS}-epoch cap."]
     lines += _other_runs(records)

@@ -338,13 +338,14 @@ def test_a_run_in_progress_between_evaluations_is_recorded_with_its_last_scored_
 
 
 def test_cpu_estimates_scale_a_run_of_this_cpu_kind_only(monkeypatch):
-    """One CPU name covers hosts with and without bf16 units, which train about 3x apart: the estimates' reference is
-    a run recorded with this host's units, else one recorded before units were, never one with other units."""
+    """One CPU name covers hosts with and without bf16 units, which train about 3-5x apart: the estimates' reference
+    is a run recorded with this host's units, else one recorded before units were, never one with other units."""
     from nin.tools import report
 
     def run(name, epochs, units=None, machine="AMD EPYC", **extra):
         segments = [{"host": {"machine": machine, "bf16": units}}] if units else []
-        return {"name": name, "device": "cpu", "machine": machine, "epochs": epochs, "segments": segments, **extra}
+        return {"name": name, "device": "cpu", "machine": machine, "epochs": epochs, "segments": segments,
+                "images_per_s": 50.0, **extra}
 
     bf16 = run("bf16-run", 55, "AVX-512 BF16")
     fp32 = run("fp32-run", 3, "none")
@@ -368,6 +369,12 @@ def test_cpu_estimates_scale_a_run_of_this_cpu_kind_only(monkeypatch):
         assert report._reference_rate(mixed, units) == rate
     monkeypatch.setattr(report, "bf16_units", lambda: "AMX")
     assert report._cpu_reference([mixed]) is None
+    # a kind whose only segment never finished an epoch measured nothing there: not a reference for that kind
+    unfinished = run("unfinished", 152, "none", images_per_s=90.0)
+    unfinished["segments"] = [{"host": {"bf16": "none"}, "images_per_s": 90.0},
+                              {"host": {"bf16": "AMX"}, "images_per_s": None}]
+    assert report._reference_rate(unfinished, "AMX") is None
+    assert report._cpu_reference([unfinished, old]) is old
 
 
 def test_a_paper_run_this_cpu_trains_in_a_day_is_not_run_yet_not_a_gpus_job(data_root, monkeypatch):
@@ -384,6 +391,24 @@ def test_a_paper_run_this_cpu_trains_in_a_day_is_not_run_yet_not_a_gpus_job(data
     assert report._not_run(row, data_root, slow) == \
         f"not run here: needs a GPU (the paper recipe's 260 epochs ≈ {260 * 50_000 / 95.0 / 3600:.0f} h on this CPU)"
     assert report._not_run(row, data_root, None) == "not run here: needs a GPU (the paper recipe's 260 epochs)"
+    heads = next(r for r in report.PAPER_ROWS if r.results == ("table5-cnn_cifar10_gap",))
+    assert report._not_run(heads, data_root, reference).startswith(
+        "not run yet: `nin reproduce table5 --only table5-cnn_cifar10_gap` (the paper recipe's 260 epochs ≈ ")
+
+
+def test_a_run_resumed_across_host_kinds_records_each_kinds_autocast():
+    """precision auto picks bf16 per host on the CPU: the record says which epochs trained in which."""
+    from nin.tools.results import _autocast
+
+    def stretch(first, last, units):
+        return {"first_epoch": first, "last_epoch": last, "host": {"bf16": units}}
+
+    config = {"train_config": {"precision": "auto"}, "device": "cpu", "autocast": "bfloat16"}
+    stretches = [stretch(1, 9, "none"), stretch(10, 128, "none"), stretch(None, None, "AMX"),
+                 stretch(129, 149, "AVX-512 BF16")]
+    assert _autocast(config, stretches) == "fp32 (epochs 1–128), bfloat16 (epochs 129–149)"
+    assert _autocast(config, stretches[:2]) == "bfloat16"  # one kind: config.json's own value
+    assert _autocast({**config, "train_config": {"precision": "fp32"}, "autocast": "fp32"}, stretches) == "fp32"
 
 
 def test_plateau_trend_replays_the_recorded_lr_drops_and_measures_the_trend(tmp_path, capsys):

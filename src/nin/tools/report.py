@@ -85,7 +85,7 @@ def _cpu_reference(records: list[dict]) -> dict | None:
     before one recorded before units were."""
     here, units = machine_name("cpu"), bf16_units()
     cpu = [r for r in records if str(r.get("device", "")).startswith("cpu") and r.get("machine") == here
-           and not r.get("train_subset") and (_record_units(r) is None or units in _record_units(r))]
+           and not r.get("train_subset") and _reference_rate(r, units) is not None]
     return max(cpu, key=lambda r: (_record_units(r) is not None, r["epochs"])) if cpu else None
 
 
@@ -103,13 +103,15 @@ def _reference_segments(reference: dict, units: str | None) -> list[dict]:
     return [s for s in segments if (s.get("host") or {}).get("bf16") == units]
 
 
-def _reference_rate(reference: dict, units: str | None = None) -> float:
+def _reference_rate(reference: dict, units: str | None = None) -> float | None:
     """The reference run's images/s on hosts with ``units``: its fastest segment's there, where it was resumed (a
     segment that shared the host, or was paused, is slower than this CPU is), else the run's own (which is not this
-    kind's where the run was resumed across kinds)."""
+    kind's where the run was resumed across kinds); None where no finished epoch measured it on this kind."""
     rates = [s["images_per_s"] for s in _reference_segments(reference, units) if s.get("images_per_s")]
-    whole = [] if units is not None and _record_units(reference) not in (None, {units}) else [reference["images_per_s"]]
-    return max([*rates, *whole])
+    if units is None or _record_units(reference) in (None, {units}):  # the whole run ran on this kind
+        rates.append(reference.get("images_per_s"))
+    rates = [rate for rate in rates if rate]
+    return max(rates) if rates else None
 
 
 def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:
@@ -154,14 +156,16 @@ def _not_run(row: Row, data_root: Path, reference: dict | None) -> str:
     if not folder or not (data_root / folder).is_dir():
         return NEEDS_DATA
     hours = _estimate_hours(spec, reference)
+    experiment, _ = _found(spec.name)
+    command = f"nin reproduce {experiment}" + (f" --only {spec.name}" if len(EXPERIMENTS[experiment][1]) > 1 else "")
     if spec.recipe == "paper":
         if hours is not None and hours <= CPU_HOURS:  # a few sessions of background training on this CPU
-            return (f"not run yet: `nin reproduce {row.experiment}` (the paper recipe's {PAPER_EPOCHS} epochs ≈ "
-                    f"{hours:.0f} h on this CPU)")
+            return (f"not run yet: `{command}` (the paper recipe's {PAPER_EPOCHS} epochs ≈ {hours:.0f} h on this "
+                    f"CPU)")
         estimate = f" ≈ {hours:.0f} h on this CPU" if hours is not None else ""
         return f"not run here: needs a GPU (the paper recipe's {PAPER_EPOCHS} epochs{estimate})"
     estimate = f" (≈ {hours:.1f} h on this CPU)" if hours is not None else ""
-    return f"not run yet: `nin reproduce {row.experiment}`{estimate}"
+    return f"not run yet: `{command}`{estimate}"
 
 
 def plot_curve(record: dict, path: Path, reference: float | None = None) -> Path | None:

@@ -192,18 +192,40 @@ def _scored(epochs: list[dict], split: str) -> list[dict]:
     return [e for e in epochs if f"{split}_error" in e]
 
 
+def _autocast(config: dict, stretches: list[dict]) -> str | None:
+    """The run's autocast ("fp32", "bfloat16"). `precision: auto` picks per host on the CPU (bf16 where there are bf16
+    units), so a CPU run resumed across kinds of host gets one entry per kind, in order, with its epochs:
+    "fp32 (epochs 1–128), bfloat16 (epochs 129–149)". config.json's own value is the last start's."""
+    if config["train_config"].get("precision", "auto") != "auto" or not str(config.get("device", "")).startswith("cpu"):
+        return config.get("autocast")
+    kinds: list[list] = []  # [autocast, first epoch, last epoch]
+    for stretch in stretches:
+        units = (stretch.get("host") or {}).get("bf16")
+        if units is None or stretch["first_epoch"] is None:
+            continue
+        kind = "fp32" if units == "none" else "bfloat16"
+        if kinds and kinds[-1][0] == kind:
+            kinds[-1][2] = stretch["last_epoch"]
+        else:
+            kinds.append([kind, stretch["first_epoch"], stretch["last_epoch"]])
+    if len(kinds) < 2:
+        return config.get("autocast")
+    return ", ".join(f"{kind} (epochs {first}–{last})" for kind, first, last in kinds)
+
+
 def _run_fields(name: str, config: dict, epochs: list[dict], label: str) -> dict:
     cfg, split = config["train_config"], config["train_config"]["eval_split"]
     scored = _scored(epochs, split)[-1]  # the last epoch of a finished run; of a run still training, maybe earlier
     keys = ("epoch", "step", "train_error", f"{split}_error", "extra_error", "train_loss", f"{split}_loss", "lr")
     curve = [{k: e[k] for k in keys if k in e} for e in epochs]
+    stretches = segments(config, epochs)
     return {
-        "segments": segments(config, epochs), "lr_drops_after_epochs": lr_drops(curve),
+        "segments": stretches, "lr_drops_after_epochs": lr_drops(curve),
         "name": name, "command": runnable(config.get("command") or ""),
         "resumes": [{**r, "command": runnable(r.get("command") or "")} for r in config.get("resumes", [])],
         "git_revision": config.get("git_revision"), "machine": machine_name(config.get("device", "cpu")),
         "device": config.get("device"), "cores": os.cpu_count(), "world_size": config.get("world_size", 1),
-        "torch": config.get("torch"), "autocast": config.get("autocast"), "dataset": cfg["dataset"],
+        "torch": config.get("torch"), "autocast": _autocast(config, stretches), "dataset": cfg["dataset"],
         "dataset_label": label, "model": cfg["model"],
         "recipe_fields": {k: cfg[k] for k in ("preprocessing", "schedule", "augment", "batch_size", "lr")},
         "train_subset": cfg.get("train_subset", 0), "eval_split": split, "eval_subset": cfg.get("eval_subset", 0),

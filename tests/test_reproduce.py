@@ -396,6 +396,25 @@ def test_a_paper_run_this_cpu_trains_in_a_day_is_not_run_yet_not_a_gpus_job(data
         "not run yet: `nin reproduce table5 --only table5-cnn_cifar10_gap` (the paper recipe's 260 epochs ≈ ")
 
 
+def test_a_row_shows_its_finished_run_and_the_run_still_training_beside_it(tmp_path):
+    """Table 5's mlpconv + GAP row names table5-nin_cifar10 (the authors' schedule) before cifar10-paper (Table 1's
+    run): while the first still trains, the row keeps the finished run's numbers and shows the other's progress."""
+    from nin.tools import report
+
+    finished = json.loads((REPO / "results" / "cifar10-paper.json").read_text())
+    training = {**finished, "name": "table5-nin_cifar10", "in_progress": True, "epochs": 12, "final_error": 0.4012,
+                "final_error_epoch": 12, "lr_drops_after_epochs": [], "curve": finished["curve"][:12]}
+    row = next(r for r in report.PAPER_ROWS if r.results == ("table5-nin_cifar10", "cifar10-paper"))
+    for records in ({"cifar10-paper": finished, "table5-nin_cifar10": training},
+                    {"table5-nin_cifar10": training, "cifar10-paper": finished}):
+        line = report._table((row,), records, tmp_path, None, {})[-1]
+        assert f"| **{finished['final_error']:.2%}** ({finished['epochs']} epochs" in line
+        assert "still training beside it, `table5-nin_cifar10`: **40.12%** (in progress: epoch 12 of at most 260" in line
+        assert f"| {finished['exact_1000_error']:.1%} |" in line  # the finished run's exact 1,000
+    alone = report._table((row,), {"table5-nin_cifar10": training}, tmp_path, None, {})[-1]
+    assert "**40.12%** (in progress" in alone and "beside it" not in alone
+
+
 def test_a_run_resumed_across_host_kinds_records_each_kinds_autocast():
     """precision auto picks bf16 per host on the CPU: the record says which epochs trained in which."""
     from nin.tools.results import _autocast

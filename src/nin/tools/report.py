@@ -261,7 +261,8 @@ def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, ref
     lines = ["| table | experiment | paper | best public port | ours | exact 1,000 | `nin evaluate` again | wall time "
              "| machine | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        record = next((records[n] for n in row.results if n in records), None)
+        found = [records[n] for n in row.results if n in records]  # a finished run before one still training
+        record = next((r for r in found if not r.get("in_progress")), found[0] if found else None)
         if record is None:
             lines.append(f"| {row.table} | {row.label} | {row.paper} | {row.port} | "
                          f"{_not_run(row, data_root, reference)} | | | | | `{_row_command(row)}` |")
@@ -272,6 +273,9 @@ def _table(rows: tuple[Row, ...], records: dict[str, dict], data_root: Path, ref
         same = "equal" if apart == 0 else f"{apart} image{'s' * (apart > 1)} apart from the run's log"
         again = "not yet: still training" if record.get("in_progress") else f"{record['evaluated_error']:.2%} ({same})"
         exact = f"{record['exact_1000_error']:.1%}" if "exact_1000_error" in record else "–"
+        for other in (r for r in found if r is not record):  # still training: shown beside the finished run
+            link = f" [curve]({curves[other['name']]})" if other["name"] in curves and other["curve"] else ""
+            curve += f"; still training beside it, `{other['name']}`: {_ours(other)}{link}"
         lines.append(f"| {row.table} | {row.label} | {row.paper} | {row.port} | {_ours(record)}{curve} | {exact} | "
                      f"{again} | {_wall(record)} | {_machines(record)} | {_command(record)} |")
     return lines
@@ -414,7 +418,7 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
         *_table(PAPER_ROWS, records, data_root, reference, plotted),
         "",
         "Table 5 runs share one fixed schedule (the authors' CIFAR-10 run: lr / 10 after 200 and 230 of 260 "
-        "epochs), so the six heads see the same training. Until `table5-nin_cifar10` is recorded, the mlpconv + "
+        "epochs), so the six heads see the same training. Until `table5-nin_cifar10` has finished, the mlpconv + "
         "GAP row shows Table 1's run (the paper recipe's plateau rule, not that schedule), as the paper's 10.41% "
         "there is its Table 1 model. The paper does not publish its conventional CNN "
         "beyond \"3 conv + 1 locally connected layer\"; ours are three plain convolutions in NiN's layout "

@@ -409,7 +409,7 @@ def test_a_row_shows_its_finished_run_and_the_run_still_training_beside_it(tmp_p
                     {"table5-nin_cifar10": training, "cifar10-paper": finished}):
         line = report._table((row,), records, tmp_path, None, {})[-1]
         assert f"| **{finished['final_error']:.2%}** ({finished['epochs']} epochs" in line
-        assert "still training beside it, `table5-nin_cifar10`: **40.12%** (in progress: epoch 12 of at most 260" in line
+        assert "still training beside it, `table5-nin_cifar10`: **40.12%** (in progress: epoch 12 of 260," in line
         assert f"| {finished['exact_1000_error']:.1%} |" in line  # the finished run's exact 1,000
     alone = report._table((row,), {"table5-nin_cifar10": training}, tmp_path, None, {})[-1]
     assert "**40.12%** (in progress" in alone and "beside it" not in alone

@@ -200,8 +200,8 @@ def _ours(record: dict) -> str:
     if drops:
         notes.append(f"lr / 10 after epoch{'s' * (len(drops) > 1)} {' and '.join(map(str, drops))}")
     if record.get("in_progress"):
-        cap = f"at most {record['epochs_planned']}" if spec is not None and spec.recipe == "paper" else \
-            str(record["epochs_planned"])
+        plateau = spec is not None and spec.recipe == "paper" and not spec.fixed_schedule  # may end before its cap
+        cap = f"at most {record['epochs_planned']}" if plateau else str(record["epochs_planned"])
         scored = record.get("final_error_epoch", record["epochs"])
         at = "so far" if scored == record["epochs"] else f"at epoch {scored}, its last evaluation"
         notes = [f"in progress: epoch {record['epochs']} of {cap}, {record['final_error']:.2%} {at}", *notes[1:]]

@@ -162,9 +162,9 @@ PRETRAINED: dict[str, Weights] = {w.tag: w for w in (
                   "1-128 trained in fp32 (an AMD EPYC with AVX2 only), 129-149 under bf16 autocast (an AMD EPYC "
                   "with AVX-512 BF16): 10 segments, 23 h 42 min. 14.90% test error on the JPEG copy's 10,000 and "
                   "13.0% on the first 1,000 official test images at exact pixels (paper: 10.41%; the authors' own "
-                  "weights: 19.38% on the JPEG 10,000, 10.4% on the exact 1,000). Where it falls short, the evidence (docs/training.md) points to the "
-                  "plateau rule leaving lr 0.1 after 83 epochs where the authors trained 200; "
-                  "results/cifar10-paper.json has the curve and each segment's host."),
+                  "weights: 19.38% on the JPEG 10,000, 10.4% on the exact 1,000). Where it falls short, the "
+                  "evidence (docs/training.md) points to the plateau rule leaving lr 0.1 after 83 epochs where the "
+                  "authors trained 200; results/cifar10-paper.json has the curve and each segment's host."),
     Weights("caffe-authors-cifar10", "nin_cifar10_caffe", "cifar10", "the authors' own (Caffe Model Zoo)",
             "nin import-caffe cifar10_nin.caffemodel --arch nin_cifar10_caffe --data-dir DATA "
             "--out caffe-authors-cifar10.safetensors",

@@ -114,6 +114,18 @@ def _reference_rate(reference: dict, units: str | None = None) -> float | None:
     return max(rates) if rates else None
 
 
+def _estimates_note(reference: dict) -> str:
+    """The sentence under the tables that says what the CPU estimates scale from."""
+    units = bf16_units()
+    segments, kinds = len(_reference_segments(reference, units)), _record_units(reference) or set()
+    on = " on this kind of host" if len(kinds) > 1 else ""
+    over = f"the fastest of its {segments} segments{on}" if segments > 1 else f"its segment{on}" if on else \
+        "over the whole run"
+    return (f"CPU estimates scale `{reference['name']}`'s measured training throughput "
+            f"({_reference_rate(reference, units):.0f} images/s, {reference['model']}, {over}) by multiply-adds per "
+            f"image; the paper recipe's plateau rule can end a run before its {PAPER_EPOCHS}-epoch cap.")
+
+
 def _estimate_hours(spec: RunSpec, reference: dict | None) -> float | None:
     """Hours for ``spec`` on this CPU, from a recorded CPU run's images/s scaled by multiply-adds per image."""
     if reference is None:
@@ -441,15 +453,7 @@ def write_report(results_dir: str | os.PathLike = "results", output: str | os.Pa
         *_table(OUR_ROWS, records, data_root, reference, plotted),
     ]
     if reference is not None:
-        units = bf16_units()
-        segments, kinds = len(_reference_segments(reference, units)), _record_units(reference) or set()
-        on = " on this kind of host" if len(kinds) > 1 else ""
-        over = f"the fastest of its {segments} segments{on}" if segments > 1 else \
-            f"its segment{on}" if on else "over the whole run"
-        lines += ["", f"CPU estimates scale `{reference['name']}`'s measured training throughput "
-                      f"({_reference_rate(reference, units):.0f} images/s, {reference['model']}, {over}) by multiply-adds "
-                      f"per image; "
-                      f"the paper recipe's plateau rule can end a run before its {PAPER_EPOCHS}-epoch cap."]
+        lines += ["", _estimates_note(reference)]
     lines += _other_runs(records)
     lines += ["", "Reproduce a row: `nin reproduce <experiment>` (see `docs/reproduce.md`); on a GPU, "
                   "`experiments/gpu_reproduce.sh` runs the paper recipes in pieces of at most 10 minutes.", ""]
